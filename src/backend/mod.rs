@@ -1,0 +1,6 @@
+//! Concrete backends. Each one implements [`StorageBackend`](crate::StorageBackend) with
+//! the same semantics and passes the same conformance suite.
+
+pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
