@@ -39,6 +39,14 @@ pub mod model;
 pub mod storage;
 pub mod validate;
 
+/// The traits of the contract, for `use aiecs_storage::prelude::*;`.
+pub mod prelude {
+    pub use crate::storage::{
+        CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextExt,
+        TaskContextStorage,
+    };
+}
+
 pub use backend::memory::MemoryBackend;
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite::SqliteBackend;

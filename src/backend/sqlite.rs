@@ -1,0 +1,1027 @@
+//! The embedded default backend: SQLite in WAL mode, one writer and a few readers.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
+use serde_json::{json, Value};
+use tokio::sync::OnceCell;
+use tokio_rusqlite::Connection;
+
+use crate::error::{Result, StorageError};
+use crate::model::{
+    now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata,
+    MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics,
+    SessionPage, SessionQuery, SessionUpdate, WriteInput,
+};
+use crate::storage::{
+    CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
+};
+use crate::validate;
+
+/// Schema migrations, applied in order inside one transaction; `PRAGMA user_version`
+/// records how many ran, so a file written by an older version is brought forward on
+/// `initialize()` and a file from a newer version is refused rather than misread.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE sessions (
+    session_id            TEXT PRIMARY KEY,
+    user_id               TEXT NOT NULL,
+    created_at            INTEGER NOT NULL,
+    updated_at            INTEGER NOT NULL,
+    status                TEXT NOT NULL,
+    metadata              TEXT NOT NULL,
+    request_count         INTEGER NOT NULL DEFAULT 0,
+    total_processing_time REAL NOT NULL DEFAULT 0,
+    error_count           INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX sessions_by_updated_at ON sessions (updated_at);
+CREATE INDEX sessions_by_user ON sessions (user_id, session_id);
+
+-- seq is the rowid: always above every existing row, so it orders messages by arrival.
+CREATE TABLE messages (
+    seq        INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
+    message_id TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    content    TEXT NOT NULL,
+    timestamp  INTEGER NOT NULL,
+    metadata   TEXT NOT NULL,
+    UNIQUE (session_id, message_id)
+);
+CREATE INDEX messages_by_session ON messages (session_id, seq);
+
+CREATE TABLE checkpoints (
+    seq                  INTEGER PRIMARY KEY,
+    thread_id            TEXT NOT NULL,
+    checkpoint_ns        TEXT NOT NULL,
+    checkpoint_id        TEXT NOT NULL,
+    parent_checkpoint_id TEXT,
+    data                 TEXT NOT NULL,
+    metadata             TEXT NOT NULL,
+    created_at           INTEGER NOT NULL,
+    UNIQUE (thread_id, checkpoint_ns, checkpoint_id)
+);
+CREATE INDEX checkpoints_by_thread ON checkpoints (thread_id, checkpoint_ns, seq);
+
+CREATE TABLE checkpoint_writes (
+    seq           INTEGER PRIMARY KEY,
+    thread_id     TEXT NOT NULL,
+    checkpoint_ns TEXT NOT NULL,
+    checkpoint_id TEXT NOT NULL,
+    task_id       TEXT NOT NULL,
+    idx           INTEGER NOT NULL,
+    channel       TEXT NOT NULL,
+    value         TEXT NOT NULL,
+    UNIQUE (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
+);
+
+CREATE TABLE task_contexts (
+    session_id TEXT PRIMARY KEY,
+    context    TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+"#];
+
+const SESSION_COLUMNS: &str = "session_id, user_id, created_at, updated_at, status, metadata, \
+     request_count, total_processing_time, error_count";
+const CHECKPOINT_COLUMNS: &str =
+    "thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, data, metadata, created_at";
+
+/// Stores everything in one SQLite file (or in memory), created and migrated on
+/// `initialize()` (or on first use).
+///
+/// The file is opened in WAL mode with `synchronous=NORMAL`: one writer connection
+/// serializes writes (counters are added in SQL, multi-statement steps run in one
+/// `BEGIN IMMEDIATE` transaction) while reader connections serve reads concurrently. An
+/// acknowledged write survives the process being killed; a power loss may drop the last
+/// few. `:memory:` uses a single connection.
+///
+/// Each connection runs on its own thread (tokio-rusqlite), so calls never block the
+/// async runtime.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+/// use aiecs_storage::{prelude::*, SqliteBackend};
+/// let dir = tempfile::tempdir().unwrap();
+/// let storage = SqliteBackend::new(dir.path().join("agent.db")).with_readers(2);
+/// storage.initialize().await?;
+/// storage.create_session("s1", "alice", &Default::default()).await?;
+/// storage.close().await?;
+///
+/// // The data survives reopening the file.
+/// let reopened = SqliteBackend::new(dir.path().join("agent.db"));
+/// assert!(reopened.get_session("s1").await?.is_some());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct SqliteBackend {
+    path: Option<PathBuf>,
+    readers: usize,
+    busy_timeout: Duration,
+    state: OnceCell<Connections>,
+    closed: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Connections {
+    writer: Connection,
+    readers: Vec<Connection>,
+    next_reader: AtomicUsize,
+}
+
+impl Connections {
+    fn reader(&self) -> &Connection {
+        if self.readers.is_empty() {
+            return &self.writer;
+        }
+        let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+        &self.readers[i]
+    }
+}
+
+/// An error inside a connection's thread: SQLite's own, or one of ours. `?` works on
+/// both, and the boundary turns either into a [`StorageError`].
+enum Failure {
+    Sql(rusqlite::Error),
+    Storage(StorageError),
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(e: rusqlite::Error) -> Self {
+        Failure::Sql(e)
+    }
+}
+
+impl From<StorageError> for Failure {
+    fn from(e: StorageError) -> Self {
+        Failure::Storage(e)
+    }
+}
+
+impl From<serde_json::Error> for Failure {
+    fn from(e: serde_json::Error) -> Self {
+        Failure::Storage(e.into())
+    }
+}
+
+fn sql_error(e: rusqlite::Error) -> StorageError {
+    use rusqlite::ErrorCode;
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) =>
+        {
+            StorageError::backend("sqlite database is busy", true, e)
+        }
+        rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::CannotOpen => {
+            StorageError::Connection {
+                message: "could not open the sqlite database file".into(),
+                source: Some(Box::new(e)),
+            }
+        }
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => {
+            StorageError::serialization("stored sqlite record has an unexpected type", e)
+        }
+        _ => StorageError::backend("sqlite error", false, e),
+    }
+}
+
+impl From<Failure> for StorageError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Sql(e) => sql_error(e),
+            Failure::Storage(e) => e,
+        }
+    }
+}
+
+type Sql<T> = std::result::Result<T, Failure>;
+
+fn timestamp(micros: i64) -> Sql<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros).ok_or_else(|| {
+        Failure::Storage(StorageError::Serialization {
+            message: format!("stored timestamp {micros} is out of range"),
+            source: None,
+        })
+    })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Sql<T> {
+    serde_json::from_str(text).map_err(|e| {
+        Failure::Storage(StorageError::serialization(
+            format!("stored {what} is not valid JSON"),
+            e,
+        ))
+    })
+}
+
+fn count(value: i64) -> Sql<u64> {
+    u64::try_from(value).map_err(|_| {
+        Failure::Storage(StorageError::Serialization {
+            message: format!("stored counter {value} is negative"),
+            source: None,
+        })
+    })
+}
+
+fn session_from_row(row: &Row<'_>) -> Sql<Session> {
+    Ok(Session {
+        session_id: row.get(0)?,
+        user_id: row.get(1)?,
+        created_at: timestamp(row.get(2)?)?,
+        updated_at: timestamp(row.get(3)?)?,
+        status: row.get(4)?,
+        metadata: decode("session metadata", &row.get::<_, String>(5)?)?,
+        metrics: SessionMetrics {
+            request_count: count(row.get(6)?)?,
+            total_processing_time: row.get(7)?,
+            error_count: count(row.get(8)?)?,
+        },
+    })
+}
+
+fn checkpoint_from_row(row: &Row<'_>, metadata: Metadata) -> Sql<Checkpoint> {
+    Ok(Checkpoint {
+        thread_id: row.get(0)?,
+        checkpoint_ns: row.get(1)?,
+        checkpoint_id: row.get(2)?,
+        parent_checkpoint_id: row.get(3)?,
+        data: decode("checkpoint data", &row.get::<_, String>(4)?)?,
+        metadata,
+        created_at: timestamp(row.get(6)?)?,
+    })
+}
+
+fn checkpoint_metadata(row: &Row<'_>) -> Sql<Metadata> {
+    decode("checkpoint metadata", &row.get::<_, String>(5)?)
+}
+
+fn upsert_session(
+    conn: &rusqlite::Connection,
+    session_id: &str,
+    user_id: &str,
+    metadata: &str,
+    at: i64,
+) -> Sql<Session> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "INSERT INTO sessions (session_id, user_id, created_at, updated_at, status, metadata) \
+         VALUES (?1, ?2, ?3, ?3, 'active', ?4) \
+         ON CONFLICT (session_id) DO UPDATE SET user_id = excluded.user_id, \
+         metadata = excluded.metadata, updated_at = excluded.updated_at \
+         RETURNING {SESSION_COLUMNS}"
+    ))?;
+    let mut rows = stmt.query(params![session_id, user_id, at, metadata])?;
+    match rows.next()? {
+        Some(row) => session_from_row(row),
+        None => Err(Failure::Storage(StorageError::Backend {
+            message: "sqlite upsert returned no row".into(),
+            transient: false,
+            source: None,
+        })),
+    }
+}
+
+/// Appends one message inside the caller's transaction; `NotFound` leaves nothing
+/// written.
+fn append_message(
+    conn: &rusqlite::Connection,
+    session_id: &str,
+    message: &NewMessage,
+    at: i64,
+) -> Sql<String> {
+    let touched = conn
+        .prepare_cached("UPDATE sessions SET updated_at = ?2 WHERE session_id = ?1")?
+        .execute(params![session_id, at])?;
+    if touched == 0 {
+        return Err(StorageError::not_found("session", session_id).into());
+    }
+    let message_id = message.id_or_generate();
+    conn.prepare_cached(
+        "INSERT INTO messages (session_id, message_id, role, content, timestamp, metadata) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (session_id, message_id) DO NOTHING",
+    )?
+    .execute(params![
+        session_id,
+        message_id,
+        message.role,
+        message.content,
+        at,
+        serde_json::to_string(&message.metadata)?
+    ])?;
+    Ok(message_id)
+}
+
+fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+impl SqliteBackend {
+    /// A backend on the file at `path` (created if missing). `":memory:"` gives a private
+    /// in-memory database. Nothing is opened until `initialize()` or the first call.
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        let path = path.as_ref();
+        SqliteBackend {
+            path: (path != Path::new(":memory:")).then(|| path.to_owned()),
+            readers: 4,
+            busy_timeout: Duration::from_secs(5),
+            state: OnceCell::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// A private in-memory database, gone when the backend closes.
+    pub fn in_memory() -> Self {
+        Self::new(":memory:")
+    }
+
+    /// Sets how many reader connections serve reads concurrently with the writer
+    /// (default 4; 0 sends reads to the writer). Ignored in memory.
+    pub fn with_readers(mut self, readers: usize) -> Self {
+        self.readers = readers;
+        self
+    }
+
+    /// Sets how long a connection waits for a lock held by another process before it
+    /// reports a transient busy error (default 5 s).
+    pub fn with_busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// The database file, or `None` in memory.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    async fn connections(&self) -> Result<&Connections> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        self.state.get_or_try_init(|| self.open()).await
+    }
+
+    async fn open_one(&self, pragmas: String) -> Result<Connection> {
+        let conn = match &self.path {
+            Some(p) => Connection::open(p).await,
+            None => Connection::open_in_memory().await,
+        }
+        .map_err(|e| StorageError::Connection {
+            message: format!("could not open sqlite database {}", self.location()),
+            source: Some(Box::new(e)),
+        })?;
+        call(&conn, move |c| {
+            c.execute_batch(&pragmas)?;
+            Ok(())
+        })
+        .await?;
+        Ok(conn)
+    }
+
+    async fn open(&self) -> Result<Connections> {
+        let busy = self.busy_timeout.as_millis();
+        let wal = if self.path.is_some() {
+            "PRAGMA journal_mode = WAL;"
+        } else {
+            ""
+        };
+        let writer = self
+            .open_one(format!(
+                "PRAGMA busy_timeout = {busy}; {wal} PRAGMA synchronous = NORMAL; \
+                 PRAGMA foreign_keys = ON;"
+            ))
+            .await?;
+        call(&writer, migrate).await?;
+        let mut readers = Vec::new();
+        if self.path.is_some() {
+            for _ in 0..self.readers {
+                readers.push(
+                    self.open_one(format!(
+                        "PRAGMA busy_timeout = {busy}; PRAGMA query_only = ON;"
+                    ))
+                    .await?,
+                );
+            }
+        }
+        Ok(Connections {
+            writer,
+            readers,
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    fn location(&self) -> String {
+        match &self.path {
+            Some(p) => p.display().to_string(),
+            None => ":memory:".into(),
+        }
+    }
+
+    async fn write<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection) -> Sql<R> + Send + 'static,
+    {
+        call(&self.connections().await?.writer, f).await
+    }
+
+    async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection) -> Sql<R> + Send + 'static,
+    {
+        call(self.connections().await?.reader(), f).await
+    }
+}
+
+async fn call<R, F>(conn: &Connection, f: F) -> Result<R>
+where
+    R: Send + 'static,
+    F: FnOnce(&mut rusqlite::Connection) -> Sql<R> + Send + 'static,
+{
+    conn.call(f).await.map_err(|e| match e {
+        tokio_rusqlite::Error::ConnectionClosed => StorageError::Closed,
+        tokio_rusqlite::Error::Error(f) => f.into(),
+        tokio_rusqlite::Error::Close((_, e)) => sql_error(e),
+        // tokio-rusqlite's error is non-exhaustive; no other variant exists today.
+        _ => StorageError::Backend {
+            message: "unexpected sqlite connection error".into(),
+            transient: false,
+            source: None,
+        },
+    })
+}
+
+fn migrate(conn: &mut rusqlite::Connection) -> Sql<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StorageError::Backend {
+            message: format!(
+                "sqlite schema version {version} is newer than this library knows ({known}); \
+                 upgrade aiecs-storage"
+            ),
+            transient: false,
+            source: None,
+        }
+        .into());
+    }
+    for sql in &MIGRATIONS[version as usize..] {
+        tx.execute_batch(sql)?;
+    }
+    tx.pragma_update(None, "user_version", known)?;
+    tx.commit()?;
+    Ok(())
+}
+
+#[async_trait]
+impl SessionStorage for SqliteBackend {
+    async fn create_session(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        metadata: &Metadata,
+    ) -> Result<Session> {
+        validate::create_session(session_id, user_id, metadata)?;
+        let (id, user, meta) = (
+            session_id.to_owned(),
+            user_id.to_owned(),
+            serde_json::to_string(metadata)?,
+        );
+        self.write(move |c| upsert_session(c, &id, &user, &meta, micros(now())))
+            .await
+    }
+
+    async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
+        validate::id("session_id", session_id)?;
+        let id = session_id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?1"
+            ))?;
+            let mut rows = stmt.query([&id])?;
+            rows.next()?.map(session_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn update_session(&self, session_id: &str, update: &SessionUpdate) -> Result<bool> {
+        validate::session_update(session_id, update)?;
+        let id = session_id.to_owned();
+        let update = update.clone();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // Counters are added in SQL; only merged metadata is computed here, under the
+            // write lock this transaction holds, so no concurrent update is lost.
+            let metadata = if update.metadata.is_empty() {
+                None
+            } else {
+                let stored: Option<String> = tx
+                    .prepare_cached("SELECT metadata FROM sessions WHERE session_id = ?1")?
+                    .query_row([&id], |r| r.get(0))
+                    .optional()?;
+                let Some(stored) = stored else {
+                    return Ok(false);
+                };
+                let mut merged: Metadata = decode("session metadata", &stored)?;
+                merged.extend(update.metadata);
+                Some(serde_json::to_string(&merged)?)
+            };
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE sessions SET request_count = request_count + ?2, \
+                     total_processing_time = total_processing_time + ?3, \
+                     error_count = error_count + ?4, status = COALESCE(?5, status), \
+                     metadata = COALESCE(?6, metadata), updated_at = ?7 \
+                     WHERE session_id = ?1",
+                )?
+                .execute(params![
+                    id,
+                    update.add_requests as i64,
+                    update.add_processing_time,
+                    update.add_errors as i64,
+                    update.status,
+                    metadata,
+                    micros(now()),
+                ])?;
+            tx.commit()?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn end_session(&self, session_id: &str, status: &str) -> Result<bool> {
+        validate::id("session_id", session_id)?;
+        validate::status(status)?;
+        let (id, status) = (session_id.to_owned(), status.to_owned());
+        self.write(move |c| {
+            let changed = c
+                .prepare_cached(
+                    "UPDATE sessions SET status = ?2, updated_at = ?3 WHERE session_id = ?1",
+                )?
+                .execute(params![id, status, micros(now())])?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn batch_create_sessions(&self, sessions: &[NewSession]) -> Result<Vec<Session>> {
+        validate::new_sessions(sessions)?;
+        let rows = sessions
+            .iter()
+            .map(|s| {
+                Ok((
+                    s.session_id.clone(),
+                    s.user_id.clone(),
+                    serde_json::to_string(&s.metadata)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let at = micros(now());
+            let out = rows
+                .iter()
+                .map(|(id, user, meta)| upsert_session(&tx, id, user, meta, at))
+                .collect::<Sql<Vec<_>>>()?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
+        validate::batch("session_ids", session_ids.len())?;
+        for id in session_ids {
+            validate::id("session_ids", id)?;
+        }
+        let ids = session_ids.to_vec();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?1"
+            ))?;
+            ids.iter()
+                .map(|id| {
+                    let mut rows = stmt.query([id])?;
+                    rows.next()?.map(session_from_row).transpose()
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
+        validate::session_query(query)?;
+        let q = query.clone();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {SESSION_COLUMNS} FROM sessions \
+                 WHERE (?1 IS NULL OR session_id > ?1) AND (?2 IS NULL OR user_id = ?2) \
+                 AND (?3 IS NULL OR status = ?3) ORDER BY session_id LIMIT ?4"
+            ))?;
+            let mut rows = stmt.query(params![q.after, q.user_id, q.status, q.limit as i64 + 1])?;
+            let mut sessions = Vec::new();
+            while let Some(row) = rows.next()? {
+                sessions.push(session_from_row(row)?);
+            }
+            let more = sessions.len() > q.limit;
+            sessions.truncate(q.limit);
+            let next_cursor = more
+                .then(|| sessions.last().map(|s| s.session_id.clone()))
+                .flatten();
+            Ok(SessionPage {
+                sessions,
+                next_cursor,
+            })
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ConversationStorage for SqliteBackend {
+    async fn add_conversation_message(
+        &self,
+        session_id: &str,
+        message: &NewMessage,
+    ) -> Result<String> {
+        validate::new_message(session_id, message)?;
+        let (id, message) = (session_id.to_owned(), message.clone());
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let message_id = append_message(&tx, &id, &message, micros(now()))?;
+            tx.commit()?;
+            Ok(message_id)
+        })
+        .await
+    }
+
+    async fn batch_add_conversation_messages(
+        &self,
+        messages: &[(String, NewMessage)],
+    ) -> Result<Vec<Result<String>>> {
+        validate::batch("messages", messages.len())?;
+        let messages = messages.to_vec();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let at = micros(now());
+            let mut out = Vec::with_capacity(messages.len());
+            for (session_id, message) in &messages {
+                if let Err(e) = validate::new_message(session_id, message) {
+                    out.push(Err(e));
+                    continue;
+                }
+                out.push(match append_message(&tx, session_id, message, at) {
+                    Ok(id) => Ok(id),
+                    Err(Failure::Storage(e)) => Err(e),
+                    Err(sql) => return Err(sql),
+                });
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_conversation_history(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        validate::id("session_id", session_id)?;
+        validate::limit("limit", limit)?;
+        let id = session_id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT message_id, role, content, timestamp, metadata FROM \
+                 (SELECT * FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2) \
+                 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query(params![id, limit as i64])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(Message {
+                    message_id: row.get(0)?,
+                    role: row.get(1)?,
+                    content: row.get(2)?,
+                    timestamp: timestamp(row.get(3)?)?,
+                    metadata: decode("message metadata", &row.get::<_, String>(4)?)?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl CheckpointStorage for SqliteBackend {
+    async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
+        validate::new_checkpoint(checkpoint)?;
+        let cp = checkpoint.clone();
+        let data = serde_json::to_string(&cp.data)?;
+        let metadata = serde_json::to_string(&cp.metadata)?;
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
+                 parent_checkpoint_id, data, metadata, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET \
+                 parent_checkpoint_id = excluded.parent_checkpoint_id, data = excluded.data, \
+                 metadata = excluded.metadata",
+            )?
+            .execute(params![
+                cp.thread_id,
+                cp.checkpoint_ns,
+                cp.checkpoint_id,
+                cp.parent_checkpoint_id,
+                data,
+                metadata,
+                micros(now()),
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_checkpoint(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: Option<&str>,
+    ) -> Result<Option<Checkpoint>> {
+        validate::checkpoint_ref(thread_id, checkpoint_ns, checkpoint_id)?;
+        let (thread, ns, id) = (
+            thread_id.to_owned(),
+            checkpoint_ns.to_owned(),
+            checkpoint_id.map(str::to_owned),
+        );
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints \
+                 WHERE thread_id = ?1 AND checkpoint_ns = ?2 \
+                 AND (?3 IS NULL OR checkpoint_id = ?3) ORDER BY seq DESC LIMIT 1"
+            ))?;
+            let mut rows = stmt.query(params![thread, ns, id])?;
+            match rows.next()? {
+                Some(row) => Ok(Some(checkpoint_from_row(row, checkpoint_metadata(row)?)?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn list_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        filter: &CheckpointFilter,
+    ) -> Result<Vec<Checkpoint>> {
+        validate::checkpoint_filter(thread_id, checkpoint_ns, filter)?;
+        let (thread, ns, filter) = (
+            thread_id.to_owned(),
+            checkpoint_ns.to_owned(),
+            filter.clone(),
+        );
+        self.read(move |c| {
+            // With a metadata filter the rows are filtered here, newest first, until
+            // `limit` match; without one SQLite applies the limit itself.
+            let sql_limit = if filter.metadata.is_empty() {
+                filter.limit as i64
+            } else {
+                -1
+            };
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints \
+                 WHERE thread_id = ?1 AND checkpoint_ns = ?2 AND (?3 IS NULL OR seq < \
+                 (SELECT seq FROM checkpoints WHERE thread_id = ?1 AND checkpoint_ns = ?2 \
+                 AND checkpoint_id = ?3)) ORDER BY seq DESC LIMIT ?4"
+            ))?;
+            let mut rows = stmt.query(params![thread, ns, filter.before, sql_limit])?;
+            let mut out = Vec::new();
+            while out.len() < filter.limit {
+                let Some(row) = rows.next()? else { break };
+                let metadata = checkpoint_metadata(row)?;
+                if filter.matches(&metadata) {
+                    out.push(checkpoint_from_row(row, metadata)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn put_writes(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+        task_id: &str,
+        writes: &[WriteInput],
+    ) -> Result<()> {
+        validate::writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
+        let key = [thread_id, checkpoint_ns, checkpoint_id, task_id].map(str::to_owned);
+        let writes = writes
+            .iter()
+            .map(|w| Ok((w.channel.clone(), serde_json::to_string(&w.value)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO checkpoint_writes (thread_id, checkpoint_ns, checkpoint_id, \
+                     task_id, idx, channel, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                     ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) \
+                     DO UPDATE SET channel = excluded.channel, value = excluded.value",
+                )?;
+                for (idx, (channel, value)) in writes.iter().enumerate() {
+                    stmt.execute(params![
+                        key[0], key[1], key[2], key[3], idx as i64, channel, value
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_writes(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+    ) -> Result<Vec<PendingWrite>> {
+        validate::checkpoint_ref(thread_id, checkpoint_ns, Some(checkpoint_id))?;
+        let key = [thread_id, checkpoint_ns, checkpoint_id].map(str::to_owned);
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT task_id, idx, channel, value FROM checkpoint_writes \
+                 WHERE thread_id = ?1 AND checkpoint_ns = ?2 AND checkpoint_id = ?3 \
+                 ORDER BY seq",
+            )?;
+            let mut rows = stmt.query(params![key[0], key[1], key[2]])?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(PendingWrite {
+                    task_id: row.get(0)?,
+                    idx: row.get(1)?,
+                    channel: row.get(2)?,
+                    value: decode("pending write value", &row.get::<_, String>(3)?)?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_thread(&self, thread_id: &str) -> Result<()> {
+        validate::id("thread_id", thread_id)?;
+        let thread = thread_id.to_owned();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "DELETE FROM checkpoint_writes WHERE thread_id = ?1",
+                [&thread],
+            )?;
+            tx.execute("DELETE FROM checkpoints WHERE thread_id = ?1", [&thread])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl TaskContextStorage for SqliteBackend {
+    async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
+        validate::id("session_id", session_id)?;
+        let id = session_id.to_owned();
+        self.read(move |c| {
+            let text: Option<String> = c
+                .prepare_cached("SELECT context FROM task_contexts WHERE session_id = ?1")?
+                .query_row([&id], |r| r.get(0))
+                .optional()?;
+            text.map(|t| decode("task context", &t)).transpose()
+        })
+        .await
+    }
+
+    async fn store_task_context(&self, session_id: &str, context: &Value) -> Result<()> {
+        validate::task_context(session_id, context)?;
+        let (id, text) = (session_id.to_owned(), serde_json::to_string(context)?);
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO task_contexts (session_id, context, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (session_id) DO UPDATE SET context = excluded.context, \
+                 updated_at = excluded.updated_at",
+            )?
+            .execute(params![id, text, micros(now())])?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl StorageBackend for SqliteBackend {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn initialize(&self) -> Result<()> {
+        self.connections().await.map(|_| ())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        if let Some(conns) = self.state.get() {
+            // Queued calls run before the close message, so nothing accepted is dropped.
+            for conn in conns.readers.iter().chain([&conns.writer]) {
+                conn.clone().close().await.map_err(|e| match e {
+                    tokio_rusqlite::Error::Close((_, e)) => sql_error(e),
+                    other => StorageError::Backend {
+                        message: format!("could not close sqlite connection: {other}"),
+                        transient: false,
+                        source: None,
+                    },
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn health_check(&self) -> Result<HealthReport> {
+        let started = Instant::now();
+        let readers = self.connections().await?.readers.len();
+        let (journal_mode, schema_version, pages, page_size) = self
+            .read(|c| {
+                let journal: String = c.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
+                let version: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
+                let pages: i64 = c.pragma_query_value(None, "page_count", |r| r.get(0))?;
+                let size: i64 = c.pragma_query_value(None, "page_size", |r| r.get(0))?;
+                Ok((journal, version, pages, size))
+            })
+            .await?;
+        let mut details = Metadata::new();
+        details.insert("path".into(), json!(self.location()));
+        details.insert("journal_mode".into(), json!(journal_mode));
+        details.insert("schema_version".into(), json!(schema_version));
+        details.insert("size_bytes".into(), json!(pages * page_size));
+        details.insert("readers".into(), json!(readers));
+        Ok(HealthReport {
+            component: self.kind().to_owned(),
+            status: HealthStatus::Healthy,
+            latency: started.elapsed(),
+            checked_at: now(),
+            details,
+            components: Vec::new(),
+        })
+    }
+
+    async fn get_metrics(&self) -> Result<MetricsReport> {
+        let values = self
+            .read(|c| {
+                let mut values = Metadata::new();
+                for (name, table) in [
+                    ("sessions", "sessions"),
+                    ("messages", "messages"),
+                    ("checkpoints", "checkpoints"),
+                    ("pending_writes", "checkpoint_writes"),
+                    ("task_contexts", "task_contexts"),
+                ] {
+                    let n: i64 =
+                        c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?;
+                    values.insert(name.into(), json!(n));
+                }
+                Ok(values)
+            })
+            .await?;
+        Ok(MetricsReport {
+            component: self.kind().to_owned(),
+            values,
+            components: Vec::new(),
+        })
+    }
+
+    async fn cleanup_expired_sessions(&self, max_idle: Duration) -> Result<u64> {
+        let cutoff = micros(validate::idle_cutoff(max_idle)?);
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "DELETE FROM task_contexts WHERE session_id IN \
+                 (SELECT session_id FROM sessions WHERE updated_at < ?1)",
+                [cutoff],
+            )?;
+            // Messages go with their session through ON DELETE CASCADE.
+            let removed = tx.execute("DELETE FROM sessions WHERE updated_at < ?1", [cutoff])?;
+            tx.commit()?;
+            Ok(removed as u64)
+        })
+        .await
+    }
+}
