@@ -28,9 +28,15 @@ fn bench_backend(c: &mut Criterion, name: &str, storage: Arc<dyn StorageBackend>
             .iter(|| async { storage.get_session("bench").await.expect("get") })
     });
     group.bench_function("update_session", |b| {
-        let update = SessionUpdate::new().increment_requests().add_processing_time(0.01);
-        b.to_async(&rt)
-            .iter(|| async { storage.update_session("bench", &update).await.expect("update") })
+        let update = SessionUpdate::new()
+            .increment_requests()
+            .add_processing_time(0.01);
+        b.to_async(&rt).iter(|| async {
+            storage
+                .update_session("bench", &update)
+                .await
+                .expect("update")
+        })
     });
     group.bench_function("add_conversation_message", |b| {
         let message = NewMessage::new("user", "x".repeat(110));

@@ -12,8 +12,7 @@ use std::sync::Arc;
 
 use aiecs_storage::prelude::*;
 use aiecs_storage::{
-    CheckpointFilter, Metadata, NewCheckpoint, NewMessage, SessionUpdate, SqliteBackend,
-    WriteInput,
+    CheckpointFilter, Metadata, NewCheckpoint, NewMessage, SessionUpdate, SqliteBackend, WriteInput,
 };
 use serde_json::json;
 
@@ -66,7 +65,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     storage
         .add_conversation_message(
             "quickstart",
-            &NewMessage::new("user", format!("Hello from run {run}")).with_id(format!("run{run}-q")),
+            &NewMessage::new("user", format!("Hello from run {run}"))
+                .with_id(format!("run{run}-q")),
         )
         .await?;
     storage
@@ -108,7 +108,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
 
     storage
-        .store_task_context("quickstart", &json!({"runs": run, "plan": ["greet", "answer"]}))
+        .store_task_context(
+            "quickstart",
+            &json!({"runs": run, "plan": ["greet", "answer"]}),
+        )
         .await?;
 
     println!("\nconversation history (newest 50, oldest first):");
@@ -124,8 +127,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "\nlatest checkpoint: {} (parent {:?}) data={}",
         latest.checkpoint_id, latest.parent_checkpoint_id, latest.data
     );
-    for w in storage.get_writes(thread, "", &latest.checkpoint_id).await? {
-        println!("  pending write: task={} channel={} value={}", w.task_id, w.channel, w.value);
+    for w in storage
+        .get_writes(thread, "", &latest.checkpoint_id)
+        .await?
+    {
+        println!(
+            "  pending write: task={} channel={} value={}",
+            w.task_id, w.channel, w.value
+        );
     }
     let listed = storage
         .list_checkpoints(thread, "", &CheckpointFilter::new().limit(3))
@@ -135,7 +144,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         listed.iter().map(|c| &c.checkpoint_id).collect::<Vec<_>>()
     );
 
-    let session = storage.get_session("quickstart").await?.expect("created above");
+    let session = storage
+        .get_session("quickstart")
+        .await?
+        .expect("created above");
     println!(
         "\nsession metrics: {}",
         serde_json::to_string_pretty(&session)?

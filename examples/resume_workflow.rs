@@ -87,7 +87,9 @@ async fn run(
                 continue;
             }
             let writes = run_task(task, next, &state);
-            storage.put_writes(thread, "", &current, task, &writes).await?;
+            storage
+                .put_writes(thread, "", &current, task, &writes)
+                .await?;
             println!("  step {next}: task {task} ran");
             if crash_at == Some(next) {
                 println!("  step {next}: crash!");
