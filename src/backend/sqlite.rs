@@ -618,12 +618,25 @@ impl SessionStorage for SqliteBackend {
         validate::session_query(query)?;
         let q = query.clone();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {SESSION_COLUMNS} FROM sessions \
-                 WHERE (?1 IS NULL OR session_id > ?1) AND (?2 IS NULL OR user_id = ?2) \
-                 AND (?3 IS NULL OR status = ?3) ORDER BY session_id LIMIT ?4"
-            ))?;
-            let mut rows = stmt.query(params![q.after, q.user_id, q.status, q.limit as i64 + 1])?;
+            // Only the filters in use go into the SQL, so the cursor is an index range
+            // (`session_id > ?`) and paging through every session stays linear.
+            let mut sql = format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE 1 = 1");
+            let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
+            for (column, op, value) in [
+                ("session_id", ">", &q.after),
+                ("user_id", "=", &q.user_id),
+                ("status", "=", &q.status),
+            ] {
+                if let Some(v) = value {
+                    args.push(v);
+                    sql.push_str(&format!(" AND {column} {op} ?{}", args.len()));
+                }
+            }
+            let limit = q.limit as i64 + 1;
+            args.push(&limit);
+            sql.push_str(&format!(" ORDER BY session_id LIMIT ?{}", args.len()));
+            let mut stmt = c.prepare_cached(&sql)?;
+            let mut rows = stmt.query(args.as_slice())?;
             let mut sessions = Vec::new();
             while let Some(row) = rows.next()? {
                 sessions.push(session_from_row(row)?);
