@@ -64,7 +64,7 @@ pub trait SessionStorage: Send + Sync {
 
     /// The sessions with these ids, in input order, `None` for each missing one.
     async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
-        crate::validate::batch("session_ids", session_ids.len())?;
+        crate::validate::session_ids(session_ids)?;
         let mut out = Vec::with_capacity(session_ids.len());
         for id in session_ids {
             out.push(self.get_session(id).await?);

@@ -275,6 +275,13 @@ pub fn batch(field: &'static str, len: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks the input of `batch_get_sessions`: the batch size, then each id as a
+/// `session_id`.
+pub fn session_ids(ids: &[String]) -> Result<()> {
+    batch("session_ids", ids.len())?;
+    ids.iter().try_for_each(|s| id("session_id", s))
+}
+
 /// Checks the input of `list_sessions`.
 pub fn session_query(query: &SessionQuery) -> Result<()> {
     if let Some(u) = &query.user_id {

@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata,
-    MetricsReport, NewCheckpoint, NewMessage, PendingWrite, Session, SessionMetrics, SessionPage,
-    SessionQuery, SessionStatus, SessionUpdate, WriteInput,
+    MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics,
+    SessionPage, SessionQuery, SessionStatus, SessionUpdate, WriteInput,
 };
 use crate::storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
@@ -190,6 +190,28 @@ impl SessionStorage for MemoryBackend {
         entry.session.status = status.to_owned();
         entry.session.updated_at = now();
         Ok(true)
+    }
+
+    async fn batch_create_sessions(&self, sessions: &[NewSession]) -> Result<Vec<Session>> {
+        self.check_open()?;
+        validate::new_sessions(sessions)?;
+        let mut out = Vec::with_capacity(sessions.len());
+        for s in sessions {
+            out.push(
+                self.create_session(&s.session_id, &s.user_id, &s.metadata)
+                    .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
+        self.check_open()?;
+        validate::session_ids(session_ids)?;
+        Ok(session_ids
+            .iter()
+            .map(|id| self.sessions.get(id).map(|e| e.session.clone()))
+            .collect())
     }
 
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {

@@ -595,10 +595,7 @@ impl SessionStorage for SqliteBackend {
     }
 
     async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
-        validate::batch("session_ids", session_ids.len())?;
-        for id in session_ids {
-            validate::id("session_ids", id)?;
-        }
+        validate::session_ids(session_ids)?;
         let ids = session_ids.to_vec();
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!(
