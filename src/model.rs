@@ -509,6 +509,20 @@ pub struct HealthReport {
     pub components: Vec<HealthReport>,
 }
 
+impl HealthReport {
+    /// A healthy report of `component`, checked now, with no wrapped components.
+    pub fn healthy(component: impl Into<String>, latency: Duration, details: Metadata) -> Self {
+        HealthReport {
+            component: component.into(),
+            status: HealthStatus::Healthy,
+            latency,
+            checked_at: now(),
+            details,
+            components: Vec::new(),
+        }
+    }
+}
+
 /// What [`StorageBackend::get_metrics`](crate::StorageBackend::get_metrics) returns: the
 /// component's figures and those of the components it wraps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,9 +10,9 @@ use serde_json::{json, Value};
 
 use crate::error::{Result, StorageError};
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata,
-    MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics,
-    SessionPage, SessionQuery, SessionStatus, SessionUpdate, WriteInput,
+    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
+    SessionQuery, SessionStatus, SessionUpdate, WriteInput,
 };
 use crate::storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
@@ -79,6 +79,32 @@ impl MemoryBackend {
         Ok(())
     }
 
+    /// Creates the session or, if it exists, replaces its user and metadata.
+    fn upsert(&self, session_id: &str, user_id: &str, metadata: &Metadata) -> Session {
+        let t = now();
+        let mut entry = self
+            .sessions
+            .entry(session_id.to_owned())
+            .or_insert_with(|| SessionEntry {
+                session: Session {
+                    session_id: session_id.to_owned(),
+                    user_id: String::new(),
+                    created_at: t,
+                    updated_at: t,
+                    status: SessionStatus::ACTIVE.to_owned(),
+                    metadata: Metadata::new(),
+                    metrics: SessionMetrics::default(),
+                },
+                messages: Vec::new(),
+                message_ids: HashSet::new(),
+            });
+        let s = &mut entry.session;
+        s.user_id = user_id.to_owned();
+        s.metadata = metadata.clone();
+        s.updated_at = t;
+        s.clone()
+    }
+
     fn append(&self, session_id: &str, message: &NewMessage) -> Result<String> {
         validate::new_message(session_id, message)?;
         let mut entry = self
@@ -131,28 +157,7 @@ impl SessionStorage for MemoryBackend {
     ) -> Result<Session> {
         self.check_open()?;
         validate::create_session(session_id, user_id, metadata)?;
-        let t = now();
-        let mut entry = self
-            .sessions
-            .entry(session_id.to_owned())
-            .or_insert_with(|| SessionEntry {
-                session: Session {
-                    session_id: session_id.to_owned(),
-                    user_id: String::new(),
-                    created_at: t,
-                    updated_at: t,
-                    status: SessionStatus::ACTIVE.to_owned(),
-                    metadata: Metadata::new(),
-                    metrics: SessionMetrics::default(),
-                },
-                messages: Vec::new(),
-                message_ids: HashSet::new(),
-            });
-        let s = &mut entry.session;
-        s.user_id = user_id.to_owned();
-        s.metadata = metadata.clone();
-        s.updated_at = t;
-        Ok(s.clone())
+        Ok(self.upsert(session_id, user_id, metadata))
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
@@ -195,14 +200,10 @@ impl SessionStorage for MemoryBackend {
     async fn batch_create_sessions(&self, sessions: &[NewSession]) -> Result<Vec<Session>> {
         self.check_open()?;
         validate::new_sessions(sessions)?;
-        let mut out = Vec::with_capacity(sessions.len());
-        for s in sessions {
-            out.push(
-                self.create_session(&s.session_id, &s.user_id, &s.metadata)
-                    .await?,
-            );
-        }
-        Ok(out)
+        Ok(sessions
+            .iter()
+            .map(|s| self.upsert(&s.session_id, &s.user_id, &s.metadata))
+            .collect())
     }
 
     async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
@@ -465,14 +466,11 @@ impl StorageBackend for MemoryBackend {
         let mut details = Metadata::new();
         details.insert("sessions".into(), json!(self.sessions.len()));
         details.insert("threads".into(), json!(self.threads.len()));
-        Ok(HealthReport {
-            component: self.kind().to_owned(),
-            status: HealthStatus::Healthy,
-            latency: started.elapsed(),
-            checked_at: now(),
+        Ok(HealthReport::healthy(
+            self.kind(),
+            started.elapsed(),
             details,
-            components: Vec::new(),
-        })
+        ))
     }
 
     async fn get_metrics(&self) -> Result<MetricsReport> {

@@ -13,9 +13,9 @@ use tokio_rusqlite::Connection;
 
 use crate::error::{Result, StorageError};
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata,
-    MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics,
-    SessionPage, SessionQuery, SessionUpdate, WriteInput,
+    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
+    SessionQuery, SessionUpdate, WriteInput,
 };
 use crate::storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
@@ -983,14 +983,11 @@ impl StorageBackend for SqliteBackend {
         details.insert("schema_version".into(), json!(schema_version));
         details.insert("size_bytes".into(), json!(pages * page_size));
         details.insert("readers".into(), json!(readers));
-        Ok(HealthReport {
-            component: self.kind().to_owned(),
-            status: HealthStatus::Healthy,
-            latency: started.elapsed(),
-            checked_at: now(),
+        Ok(HealthReport::healthy(
+            self.kind(),
+            started.elapsed(),
             details,
-            components: Vec::new(),
-        })
+        ))
     }
 
     async fn get_metrics(&self) -> Result<MetricsReport> {
