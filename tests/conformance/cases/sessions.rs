@@ -249,7 +249,7 @@ async fn populate_for_listing(b: &Arc<dyn StorageBackend>) -> Vec<String> {
     });
     for id in &ids {
         let n: u32 = id[1..].parse().unwrap();
-        let user = if n % 2 == 0 { "even" } else { "odd" };
+        let user = if n.is_multiple_of(2) { "even" } else { "odd" };
         b.create_session(id, user, &md(json!({"n": n})))
             .await
             .unwrap();
