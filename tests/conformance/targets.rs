@@ -2,6 +2,8 @@
 //! initialized backend, so cases never see each other's data and may use plain ids.
 
 use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use aiecs_storage::{MemoryBackend, StorageBackend};
@@ -13,37 +15,76 @@ pub struct Target {
     // Dropped after `backend` (fields drop in declaration order), so a database file is
     // removed only once the backend that uses it is gone.
     _guard: Option<Box<dyn Any + Send + Sync>>,
+    /// Run after a case passes, to remove what a server-backed test left behind (its
+    /// schema or keys), so reruns need no manual cleanup.
+    cleanup: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl Target {
     async fn ready(
         backend: Arc<dyn StorageBackend>,
         guard: Option<Box<dyn Any + Send + Sync>>,
-    ) -> Target {
+    ) -> Option<Target> {
         backend.initialize().await.unwrap();
-        Target {
+        Some(Target {
             backend,
             _guard: guard,
+            cleanup: None,
+        })
+    }
+
+    /// Sets the cleanup run by [`Target::finish`].
+    #[allow(dead_code)]
+    fn with_cleanup(mut self, cleanup: impl Future<Output = ()> + Send + 'static) -> Target {
+        self.cleanup = Some(Box::pin(cleanup));
+        self
+    }
+
+    pub async fn finish(self) {
+        if let Some(cleanup) = self.cleanup {
+            cleanup.await;
         }
     }
 }
 
-pub async fn memory() -> Target {
+/// The URL of a test server from `var`. Unset: prints a notice and returns `None` so the
+/// case passes as skipped, unless `CI=true`, where a missing server must fail the run.
+#[allow(dead_code)]
+pub fn server_url(var: &str, target: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{var} is unset under CI=true: the {target} target needs its server")
+        }
+        _ => {
+            eprintln!("skipping {target} conformance case: {var} is unset");
+            None
+        }
+    }
+}
+
+/// A name no other test run uses, for a key prefix or a schema.
+#[allow(dead_code)]
+pub fn unique_name(kind: &str) -> String {
+    format!("aiecs_test_{kind}_{}", uuid::Uuid::now_v7().simple())
+}
+
+pub async fn memory() -> Option<Target> {
     Target::ready(Arc::new(MemoryBackend::new()), None).await
 }
 
 #[cfg(feature = "sqlite")]
-pub async fn sqlite() -> Target {
+pub async fn sqlite() -> Option<Target> {
     let dir = tempfile::TempDir::new().unwrap();
     let backend = aiecs_storage::SqliteBackend::new(dir.path().join("conformance.db"));
     Target::ready(Arc::new(backend), Some(Box::new(dir))).await
 }
 
 #[cfg(feature = "sqlite")]
-pub async fn sqlite_memory() -> Target {
+pub async fn sqlite_memory() -> Option<Target> {
     Target::ready(Arc::new(aiecs_storage::SqliteBackend::in_memory()), None).await
 }
 
 // Server backends (redis, postgres) and layer stacks go here, one constructor each plus
-// one `target!(name)` line in main.rs. A server target reads its URL from an env var
-// (e.g. `AIECS_TEST_REDIS_URL`) and, when it is unset, prints a notice and skips.
+// one `target!(name)` line in main.rs. A server target reads its URL with `server_url`,
+// isolates itself with `unique_name`, and removes its data with `with_cleanup`.
