@@ -49,6 +49,14 @@ pub enum StorageError {
         source: Option<BoxError>,
     },
 
+    /// The server refused the credentials. Not transient: the same credentials fail
+    /// again.
+    #[error("authentication failed: {message}")]
+    Authentication {
+        /// Which server refused, without credentials.
+        message: String,
+    },
+
     /// The operation did not finish within its deadline. Transient.
     #[error("`{operation}` timed out after {after:?}")]
     Timeout {
@@ -107,6 +115,8 @@ pub enum ErrorKind {
     NotFound,
     /// See [`StorageError::Connection`].
     Connection,
+    /// See [`StorageError::Authentication`].
+    Authentication,
     /// See [`StorageError::Timeout`].
     Timeout,
     /// See [`StorageError::Serialization`].
@@ -126,6 +136,7 @@ impl ErrorKind {
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::NotFound => "not_found",
             ErrorKind::Connection => "connection",
+            ErrorKind::Authentication => "authentication",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Serialization => "serialization",
             ErrorKind::Closed => "closed",
@@ -148,6 +159,7 @@ impl StorageError {
             StorageError::InvalidInput { .. } => ErrorKind::InvalidInput,
             StorageError::NotFound { .. } => ErrorKind::NotFound,
             StorageError::Connection { .. } => ErrorKind::Connection,
+            StorageError::Authentication { .. } => ErrorKind::Authentication,
             StorageError::Timeout { .. } => ErrorKind::Timeout,
             StorageError::Serialization { .. } => ErrorKind::Serialization,
             StorageError::Closed => ErrorKind::Closed,
@@ -169,6 +181,7 @@ impl StorageError {
             StorageError::Backend { transient, .. } => *transient,
             StorageError::InvalidInput { .. }
             | StorageError::NotFound { .. }
+            | StorageError::Authentication { .. }
             | StorageError::Serialization { .. }
             | StorageError::Closed => false,
         }

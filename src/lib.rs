@@ -48,6 +48,8 @@ pub mod prelude {
 }
 
 pub use backend::memory::MemoryBackend;
+#[cfg(feature = "redis")]
+pub use backend::redis::RedisBackend;
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite::SqliteBackend;
 pub use error::{BoxError, ErrorKind, Result, StorageError};

@@ -2,5 +2,7 @@
 //! the same semantics and passes the same conformance suite.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

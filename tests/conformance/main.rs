@@ -51,3 +51,7 @@ target!(memory);
 target!(sqlite);
 #[cfg(feature = "sqlite")]
 target!(sqlite_memory);
+#[cfg(feature = "redis")]
+target!(redis);
+#[cfg(feature = "redis")]
+target!(redis_cluster);

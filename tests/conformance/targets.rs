@@ -85,6 +85,30 @@ pub async fn sqlite_memory() -> Option<Target> {
     Target::ready(Arc::new(aiecs_storage::SqliteBackend::in_memory()), None).await
 }
 
+/// A Redis backend under a prefix of its own; its keys expire within the hour, so reruns
+/// need no cleanup and the suite runs in parallel.
+#[cfg(feature = "redis")]
+async fn redis_target(var: &str, target: &str) -> Option<Target> {
+    let url = server_url(var, target)?;
+    let ttl = Some(std::time::Duration::from_secs(3600));
+    let backend = aiecs_storage::RedisBackend::new(&url)
+        .unwrap()
+        .with_prefix(format!("{}:", unique_name(target)))
+        .with_session_ttl(ttl)
+        .with_checkpoint_ttl(ttl);
+    Target::ready(Arc::new(backend), None).await
+}
+
+#[cfg(feature = "redis")]
+pub async fn redis() -> Option<Target> {
+    redis_target("AIECS_TEST_REDIS_URL", "redis").await
+}
+
+#[cfg(feature = "redis")]
+pub async fn redis_cluster() -> Option<Target> {
+    redis_target("AIECS_TEST_REDIS_CLUSTER_URL", "redis_cluster").await
+}
+
 // Server backends (redis, postgres) and layer stacks go here, one constructor each plus
 // one `target!(name)` line in main.rs. A server target reads its URL with `server_url`,
 // isolates itself with `unique_name`, and removes its data with `with_cleanup`.

@@ -1,0 +1,191 @@
+//! The Redis key layout.
+//!
+//! Every key starts with the configured prefix (default `aiecs:`). All keys of one
+//! session share the hash tag `{s:<id>}` and all keys of one thread the tag `{t:<id>}`,
+//! so each lives in one cluster slot and multi-key steps can run as one Lua script.
+//! Ids are escaped (`%` `{` `}` `:` become `%25` `%7B` `%7D` `%3A`) so a caller's id can
+//! neither end a hash tag early nor make two different keys collide.
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `P{s:ID}:session` | hash | session fields; metadata key `k` as field `m:k` (JSON) |
+//! | `P{s:ID}:messages` | list | messages as JSON, oldest first (RPUSH) |
+//! | `P{s:ID}:message_ids` | set | ids already appended (dedupe) |
+//! | `P{s:ID}:context` | string | task context JSON |
+//! | `P{idx:N}:sessions_by_update` | sorted set | session id by last update (16 buckets) |
+//! | `P{cidx:N}:contexts` | set | session ids holding a task context (16 buckets) |
+//! | `P{tidx:N}:threads` | set | thread ids holding checkpoints or writes (16 buckets) |
+//! | `P{t:ID}:seq` | string | per-thread sequence: store order of checkpoints and writes |
+//! | `P{t:ID}:keys` | set | every other key of the thread, for `delete_thread` |
+//! | `P{t:ID}:ns:NS:order` | sorted set | checkpoint id by sequence |
+//! | `P{t:ID}:ns:NS:checkpoints` | hash | `r:<id>` record JSON, `c:<id>` created_at |
+//! | `P{t:ID}:ns:NS:writes:CP:order` | sorted set | `task\nidx` by sequence |
+//! | `P{t:ID}:ns:NS:writes:CP:values` | hash | `task\nidx` -> pending write JSON |
+
+use std::borrow::Cow;
+
+/// Buckets of the cleanup index: spread over slots, hence over every cluster master.
+pub const INDEX_BUCKETS: u32 = 16;
+
+/// Escapes the characters that would end a hash tag or split a key component.
+pub fn escape(id: &str) -> Cow<'_, str> {
+    if !id.contains(['%', '{', '}', ':']) {
+        return Cow::Borrowed(id);
+    }
+    let mut out = String::with_capacity(id.len() + 8);
+    for c in id.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            ':' => out.push_str("%3A"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The four keys of a session, in the order the Lua scripts expect them.
+pub struct SessionKeys {
+    /// The session hash.
+    pub session: String,
+    /// The message list.
+    pub messages: String,
+    /// The set of message ids.
+    pub message_ids: String,
+    /// The task context.
+    pub context: String,
+}
+
+impl SessionKeys {
+    /// The keys of `session_id` under `prefix`.
+    pub fn new(prefix: &str, session_id: &str) -> Self {
+        let base = format!("{prefix}{{s:{}}}", escape(session_id));
+        SessionKeys {
+            session: format!("{base}:session"),
+            messages: format!("{base}:messages"),
+            message_ids: format!("{base}:message_ids"),
+            context: format!("{base}:context"),
+        }
+    }
+
+    /// All four, as script KEYS.
+    pub fn all(&self) -> [&str; 4] {
+        [
+            &self.session,
+            &self.messages,
+            &self.message_ids,
+            &self.context,
+        ]
+    }
+}
+
+/// The indexes that let cleanup, listing, metrics and migration find records without
+/// `KEYS` or `SCAN`. Each is split into [`INDEX_BUCKETS`] keys with their own hash tags,
+/// so in a cluster they spread over every master.
+#[derive(Clone, Copy)]
+pub enum Index {
+    /// Sessions by last update (a sorted set).
+    Sessions,
+    /// Session ids with a task context (a set).
+    Contexts,
+    /// Thread ids with checkpoints or writes (a set).
+    Threads,
+}
+
+impl Index {
+    /// The bucket key of `id`: FNV-1a of the id, stable across processes and versions
+    /// (unlike std's hasher).
+    pub fn key_of(self, prefix: &str, id: &str) -> String {
+        let mut hash: u32 = 0x811c_9dc5;
+        for b in id.bytes() {
+            hash ^= u32::from(b);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+        self.bucket(prefix, hash % INDEX_BUCKETS)
+    }
+
+    /// The key of bucket `n`.
+    pub fn bucket(self, prefix: &str, n: u32) -> String {
+        match self {
+            Index::Sessions => format!("{prefix}{{idx:{n}}}:sessions_by_update"),
+            Index::Contexts => format!("{prefix}{{cidx:{n}}}:contexts"),
+            Index::Threads => format!("{prefix}{{tidx:{n}}}:threads"),
+        }
+    }
+
+    /// Every bucket key.
+    pub fn buckets(self, prefix: &str) -> impl Iterator<Item = String> + '_ {
+        (0..INDEX_BUCKETS).map(move |n| self.bucket(prefix, n))
+    }
+}
+
+/// Keys of one thread and namespace.
+pub struct ThreadKeys {
+    base: String,
+    ns: String,
+}
+
+impl ThreadKeys {
+    /// The keys of `thread_id` and `checkpoint_ns` under `prefix`.
+    pub fn new(prefix: &str, thread_id: &str, checkpoint_ns: &str) -> Self {
+        let base = format!("{prefix}{{t:{}}}", escape(thread_id));
+        let ns = format!("{base}:ns:{}", escape(checkpoint_ns));
+        ThreadKeys { base, ns }
+    }
+
+    /// The per-thread sequence.
+    pub fn seq(&self) -> String {
+        format!("{}:seq", self.base)
+    }
+
+    /// The registry of the thread's keys.
+    pub fn registry(&self) -> String {
+        format!("{}:keys", self.base)
+    }
+
+    /// Checkpoint ids by sequence.
+    pub fn order(&self) -> String {
+        format!("{}:order", self.ns)
+    }
+
+    /// Checkpoint records.
+    pub fn checkpoints(&self) -> String {
+        format!("{}:checkpoints", self.ns)
+    }
+
+    /// Pending writes of `checkpoint_id`: (order, values).
+    pub fn writes(&self, checkpoint_id: &str) -> (String, String) {
+        let w = format!("{}:writes:{}", self.ns, escape(checkpoint_id));
+        (format!("{w}:order"), format!("{w}:values"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_cannot_break_tags_or_collide() {
+        assert_eq!(escape("plain"), "plain");
+        assert_eq!(escape("a}b{c:d%"), "a%7Db%7Bc%3Ad%25");
+        let a = ThreadKeys::new("p:", "a", "b:w:c");
+        let b = ThreadKeys::new("p:", "a:ns:b", "w:c");
+        assert_ne!(a.order(), b.order());
+        assert_ne!(
+            a.writes("x").1,
+            ThreadKeys::new("p:", "a", "b").writes("w:x").1
+        );
+        let s = SessionKeys::new("p:", "x}y");
+        assert_eq!(s.session, "p:{s:x%7Dy}:session");
+    }
+
+    #[test]
+    fn index_buckets_are_stable() {
+        let key = |id: &str| Index::Sessions.key_of("p:", id);
+        assert_eq!(key("session-1"), key("session-1"));
+        let buckets: std::collections::HashSet<String> =
+            (0..200).map(|i| key(&format!("s{i}"))).collect();
+        assert_eq!(buckets.len(), INDEX_BUCKETS as usize);
+    }
+}

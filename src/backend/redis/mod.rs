@@ -1,0 +1,1157 @@
+//! Redis and Redis Cluster backend (feature `redis`).
+
+mod keys;
+mod scripts;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Value as RedisValue};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::OnceCell;
+
+use crate::error::{Result, StorageError};
+use crate::model::{
+    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
+    SessionQuery, SessionUpdate, WriteInput,
+};
+use crate::storage::{
+    CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
+};
+use crate::validate;
+use keys::{Index, SessionKeys, ThreadKeys};
+use scripts::Lua;
+
+/// How far the cleanup index may lag a session's `updated_at`. Refreshing it on every
+/// touch would double the commands of every write; a lagging score only makes cleanup
+/// look at a live session once and correct it.
+const INDEX_GRANULARITY_MICROS: i64 = 60_000_000;
+/// Candidates examined per cleanup round trip.
+const CLEANUP_PAGE: usize = 256;
+
+/// Stores everything in Redis, one node or a cluster.
+///
+/// URLs: `redis://[:password@]host:port[/db]`, `rediss://...` (TLS via rustls), and for a
+/// cluster `redis+cluster://[:password@]h1:7000,h2:7001` (or `rediss+cluster://`) with
+/// any number of seed nodes. A single node uses one multiplexed, auto-reconnecting
+/// connection (`ConnectionManager`); a cluster uses the async cluster client, which
+/// follows MOVED and ASK. Concurrent calls share the connection and are pipelined.
+///
+/// Keys live under a prefix (default `aiecs:`); every key of a session or a thread
+/// carries the same hash tag, so multi-key steps run as one Lua script in one slot. A
+/// session and its keys expire after a TTL (default 24 hours, as in the spec) refreshed
+/// on every write to the session; checkpoints do not expire unless
+/// [`RedisBackend::with_checkpoint_ttl`] says so. `cleanup_expired_sessions` walks an
+/// index of sessions by last update (16 sorted sets spread over the cluster's masters),
+/// never `KEYS` or `SCAN`.
+///
+/// The password never appears in errors or `Debug` output.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+/// use aiecs_storage::{prelude::*, RedisBackend};
+/// let storage = RedisBackend::new("redis://127.0.0.1:6379")?.with_prefix("myapp:");
+/// storage.initialize().await?;
+/// storage.create_session("s1", "alice", &Default::default()).await?;
+/// # Ok(()) }
+/// ```
+pub struct RedisBackend {
+    target: Target,
+    redacted: String,
+    password: Option<String>,
+    prefix: String,
+    session_ttl: Option<Duration>,
+    checkpoint_ttl: Option<Duration>,
+    conn: OnceCell<Conn>,
+    closed: AtomicBool,
+}
+
+enum Target {
+    Node(Box<redis::Client>),
+    Cluster(Vec<String>),
+}
+
+#[derive(Clone)]
+enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("url", &self.redacted)
+            .field("prefix", &self.prefix)
+            .field("session_ttl", &self.session_ttl)
+            .field("checkpoint_ttl", &self.checkpoint_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The URL with its password replaced by `***`, and the password itself (to scrub it
+/// from any error text the client library produces).
+fn redact(url: &str) -> (String, Option<String>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let Some((userinfo, hosts)) = authority.rsplit_once('@') else {
+        return (url.to_owned(), None);
+    };
+    match userinfo.split_once(':') {
+        Some((user, password)) if !password.is_empty() => (
+            format!("{scheme}://{user}:***@{hosts}{path}"),
+            Some(password.to_owned()),
+        ),
+        _ => (url.to_owned(), None),
+    }
+}
+
+fn invalid_url(reason: impl Into<String>) -> StorageError {
+    StorageError::invalid_input("url", reason)
+}
+
+impl RedisBackend {
+    /// A backend for `url` (see the type docs for the forms). Nothing connects until
+    /// `initialize()` or the first call.
+    pub fn new(url: &str) -> Result<Self> {
+        let (redacted, password) = redact(url);
+        let target = if let Some(rest) = url
+            .strip_prefix("redis+cluster://")
+            .map(|r| ("redis", r))
+            .or_else(|| url.strip_prefix("rediss+cluster://").map(|r| ("rediss", r)))
+        {
+            let (scheme, rest) = rest;
+            let (authority, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            let (userinfo, hosts) = match authority.rsplit_once('@') {
+                Some((u, h)) => (format!("{u}@"), h),
+                None => (String::new(), authority),
+            };
+            let nodes: Vec<String> = hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("{scheme}://{userinfo}{h}{path}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(invalid_url(format!(
+                    "cluster URL {redacted} names no seed node"
+                )));
+            }
+            for node in &nodes {
+                redis::Client::open(node.as_str())
+                    .map_err(|_| invalid_url(format!("cannot parse cluster URL {redacted}")))?;
+            }
+            Target::Cluster(nodes)
+        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+            Target::Node(Box::new(redis::Client::open(url).map_err(|_| {
+                invalid_url(format!("cannot parse Redis URL {redacted}"))
+            })?))
+        } else {
+            return Err(invalid_url(format!(
+                "{redacted} is not a redis://, rediss://, redis+cluster:// or \
+                 rediss+cluster:// URL"
+            )));
+        };
+        Ok(RedisBackend {
+            target,
+            redacted,
+            password,
+            prefix: "aiecs:".to_owned(),
+            session_ttl: Some(Duration::from_secs(24 * 3600)),
+            checkpoint_ttl: None,
+            conn: OnceCell::new(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Sets the key prefix (default `aiecs:`). Backends with different prefixes share a
+    /// server without seeing each other's data.
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets how long a session and its keys live after their last write (default 24
+    /// hours; `None` keeps them until cleanup).
+    pub fn with_session_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.session_ttl = ttl;
+        self
+    }
+
+    /// Sets how long a thread's checkpoints and writes live after their last write
+    /// (default `None`: until `delete_thread`).
+    pub fn with_checkpoint_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.checkpoint_ttl = ttl;
+        self
+    }
+
+    /// The URL with the password masked.
+    pub fn redacted_url(&self) -> &str {
+        &self.redacted
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
+    }
+
+    fn ttl_ms(ttl: Option<Duration>) -> u64 {
+        ttl.map_or(0, |t| t.as_millis().max(1) as u64)
+    }
+
+    /// Turns a client error into a [`StorageError`] of the right kind, with the password
+    /// scrubbed from its text.
+    fn error(&self, e: redis::RedisError) -> StorageError {
+        use redis::{ErrorKind, ServerErrorKind};
+        let mut text = e.to_string();
+        if let Some(p) = &self.password {
+            text = text.replace(p.as_str(), "***");
+        }
+        let message = format!("redis at {}: {text}", self.redacted);
+        match e.kind() {
+            ErrorKind::AuthenticationFailed => StorageError::Authentication {
+                message: format!("redis at {} refused the credentials", self.redacted),
+            },
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ReadOnly,
+            ) => StorageError::Unavailable { message },
+            _ if e.is_timeout() => StorageError::Connection {
+                message,
+                source: None,
+            },
+            _ if e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal()
+                || e.is_cluster_error() =>
+            {
+                StorageError::Connection {
+                    message,
+                    source: None,
+                }
+            }
+            _ => StorageError::Backend {
+                message,
+                transient: false,
+                source: None,
+            },
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn> {
+        let conn = match &self.target {
+            Target::Node(client) => {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(3);
+                ConnectionManager::new_with_config((**client).clone(), config)
+                    .await
+                    .map(Conn::Node)
+            }
+            Target::Cluster(nodes) => {
+                match redis::cluster::ClusterClient::builder(nodes.clone())
+                    .connection_timeout(Duration::from_secs(5))
+                    .build()
+                {
+                    Ok(client) => client.get_async_connection().await.map(Conn::Cluster),
+                    Err(e) => Err(e),
+                }
+            }
+        }
+        .map_err(|e| self.error(e))?;
+        let mut c = conn.clone();
+        load_scripts(&mut c).await.map_err(|e| self.error(e))?;
+        Ok(conn)
+    }
+
+    async fn conn(&self) -> Result<Conn> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        self.conn.get_or_try_init(|| self.connect()).await.cloned()
+    }
+
+    /// Runs one command; reloads the scripts once if the server lost them (a restart or
+    /// failover empties its script cache).
+    async fn run<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let mut conn = self.conn().await?;
+        match conn.query::<T>(cmd).await {
+            Err(e) if is_noscript(&e) => {
+                load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
+                conn.query::<T>(cmd).await.map_err(|e| self.error(e))
+            }
+            other => other.map_err(|e| self.error(e)),
+        }
+    }
+
+    /// Runs many commands in one round trip: one pipeline on a node; on a cluster,
+    /// concurrent commands that the client pipelines per master.
+    async fn many(&self, cmds: &[Cmd]) -> Result<Vec<RedisValue>> {
+        if cmds.is_empty() {
+            self.conn().await?;
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        match conn.many(cmds).await {
+            Err(e) if is_noscript(&e) => {
+                load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
+                conn.many(cmds).await.map_err(|e| self.error(e))
+            }
+            other => other.map_err(|e| self.error(e)),
+        }
+    }
+
+    fn session_keys(&self, session_id: &str) -> SessionKeys {
+        SessionKeys::new(&self.prefix, session_id)
+    }
+
+    fn index_cmd(&self, session_id: &str, score: i64) -> Cmd {
+        let mut c = redis::cmd("ZADD");
+        c.arg(Index::Sessions.key_of(&self.prefix, session_id))
+            .arg("GT")
+            .arg(score)
+            .arg(session_id);
+        c
+    }
+
+    fn thread_index_cmd(&self, op: &str, thread_id: &str) -> Cmd {
+        let mut c = redis::cmd(op);
+        c.arg(Index::Threads.key_of(&self.prefix, thread_id))
+            .arg(thread_id);
+        c
+    }
+
+    /// Every id in every bucket of `index` (sorted sets and sets alike).
+    async fn index_members(&self, index: Index) -> Result<Vec<String>> {
+        let cmds: Vec<Cmd> = index
+            .buckets(&self.prefix)
+            .map(|key| {
+                let mut c = match index {
+                    Index::Sessions => redis::cmd("ZRANGE"),
+                    Index::Contexts | Index::Threads => redis::cmd("SMEMBERS"),
+                };
+                c.arg(key);
+                if let Index::Sessions = index {
+                    c.arg(0).arg(-1);
+                }
+                c
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for reply in self.many(&cmds).await? {
+            ids.extend(from_value::<Vec<String>>(reply)?);
+        }
+        Ok(ids)
+    }
+
+    fn create_cmd(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        metadata: &Metadata,
+        at: i64,
+    ) -> Result<Cmd> {
+        let keys = self.session_keys(session_id);
+        let mut c = evalsha(&scripts::CREATE_SESSION, &keys.all());
+        c.arg(user_id).arg(at).arg(Self::ttl_ms(self.session_ttl));
+        metadata_args(&mut c, metadata)?;
+        Ok(c)
+    }
+
+    fn add_message_cmd(
+        &self,
+        session_id: &str,
+        message: &NewMessage,
+        at: DateTime<Utc>,
+    ) -> Result<(String, Cmd)> {
+        let message_id = message.id_or_generate();
+        let stored = StoredMessage {
+            message_id: &message_id,
+            role: &message.role,
+            content: &message.content,
+            timestamp: at,
+            metadata: &message.metadata,
+        };
+        let keys = self.session_keys(session_id);
+        let mut c = evalsha(&scripts::ADD_MESSAGE, &keys.all());
+        c.arg(&message_id)
+            .arg(serde_json::to_string(&stored)?)
+            .arg(at.timestamp_micros())
+            .arg(Self::ttl_ms(self.session_ttl))
+            .arg(INDEX_GRANULARITY_MICROS);
+        Ok((message_id, c))
+    }
+
+    /// Runs a session-touching script and refreshes the cleanup index when it asks.
+    /// Returns `false` when the session is missing.
+    async fn touch_session(&self, session_id: &str, cmd: &Cmd, at: i64) -> Result<bool> {
+        match self.run::<i64>(cmd).await? {
+            -1 => Ok(false),
+            1 => {
+                self.run::<RedisValue>(&self.index_cmd(session_id, at))
+                    .await?;
+                Ok(true)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    fn session_from_hash(
+        &self,
+        session_id: &str,
+        hash: HashMap<String, String>,
+    ) -> Result<Session> {
+        let field = |name: &str| {
+            hash.get(name).ok_or_else(|| StorageError::Serialization {
+                message: format!("stored session `{session_id}` lacks field `{name}`"),
+                source: None,
+            })
+        };
+        let number = |name: &str| -> Result<u64> {
+            field(name)?.parse().map_err(|e| {
+                StorageError::serialization(
+                    format!("stored session field `{name}` is not a count"),
+                    e,
+                )
+            })
+        };
+        let time = |name: &str| -> Result<DateTime<Utc>> {
+            let text = field(name)?;
+            text.parse::<i64>()
+                .ok()
+                .and_then(DateTime::from_timestamp_micros)
+                .ok_or_else(|| StorageError::Serialization {
+                    message: format!("stored session field `{name}` is not a timestamp"),
+                    source: None,
+                })
+        };
+        let mut metadata = Metadata::new();
+        for (k, v) in &hash {
+            if let Some(key) = k.strip_prefix("m:") {
+                metadata.insert(
+                    key.to_owned(),
+                    serde_json::from_str(v).map_err(|e| {
+                        StorageError::serialization("stored session metadata is not JSON", e)
+                    })?,
+                );
+            }
+        }
+        Ok(Session {
+            session_id: session_id.to_owned(),
+            user_id: field("user_id")?.clone(),
+            created_at: time("created_at")?,
+            updated_at: time("updated_at")?,
+            status: field("status")?.clone(),
+            metadata,
+            metrics: SessionMetrics {
+                request_count: number("request_count")?,
+                total_processing_time: field("total_processing_time")?.parse().map_err(|e| {
+                    StorageError::serialization(
+                        "stored session field `total_processing_time` is not a number",
+                        e,
+                    )
+                })?,
+                error_count: number("error_count")?,
+            },
+        })
+    }
+
+    fn checkpoint_from_parts(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        id: String,
+        record: &str,
+        created: &str,
+    ) -> Result<Checkpoint> {
+        let record: CheckpointRecord = serde_json::from_str(record)
+            .map_err(|e| StorageError::serialization("stored checkpoint is not valid JSON", e))?;
+        let created_at = created
+            .parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(|| StorageError::Serialization {
+                message: format!("stored checkpoint `{id}` has no valid created_at"),
+                source: None,
+            })?;
+        Ok(Checkpoint {
+            thread_id: thread_id.to_owned(),
+            checkpoint_ns: checkpoint_ns.to_owned(),
+            checkpoint_id: id,
+            parent_checkpoint_id: record.parent,
+            data: record.data,
+            metadata: record.metadata,
+            created_at,
+        })
+    }
+}
+
+impl Conn {
+    async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Node(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+
+    async fn many(&mut self, cmds: &[Cmd]) -> redis::RedisResult<Vec<RedisValue>> {
+        match self {
+            Conn::Node(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd.clone());
+                }
+                pipe.query_async(c).await
+            }
+            Conn::Cluster(c) => {
+                let calls = cmds.iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { cmd.query_async::<RedisValue>(&mut c).await }
+                });
+                futures_util::future::join_all(calls)
+                    .await
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+}
+
+async fn load_scripts(conn: &mut Conn) -> redis::RedisResult<()> {
+    for script in scripts::all() {
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg(&script.source);
+        conn.query::<String>(&load).await?;
+    }
+    Ok(())
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+fn evalsha(script: &Lua, keys: &[&str]) -> Cmd {
+    let mut c = redis::cmd("EVALSHA");
+    c.arg(&script.hash).arg(keys.len());
+    for k in keys {
+        c.arg(*k);
+    }
+    c
+}
+
+fn metadata_args(c: &mut Cmd, metadata: &Metadata) -> Result<()> {
+    for (k, v) in metadata {
+        c.arg(format!("m:{k}")).arg(serde_json::to_string(v)?);
+    }
+    Ok(())
+}
+
+fn from_value<T: FromRedisValue>(v: RedisValue) -> Result<T> {
+    redis::from_redis_value(v)
+        .map_err(|e| StorageError::serialization("unexpected reply from redis", e))
+}
+
+#[derive(Serialize)]
+struct StoredMessage<'a> {
+    message_id: &'a str,
+    role: &'a str,
+    content: &'a str,
+    timestamp: DateTime<Utc>,
+    metadata: &'a Metadata,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointRecord {
+    parent: Option<String>,
+    data: Value,
+    metadata: Metadata,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredWrite {
+    task_id: String,
+    idx: u32,
+    channel: String,
+    value: Value,
+}
+
+#[async_trait]
+impl SessionStorage for RedisBackend {
+    async fn create_session(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        metadata: &Metadata,
+    ) -> Result<Session> {
+        validate::create_session(session_id, user_id, metadata)?;
+        let at = now().timestamp_micros();
+        let cmds = [
+            self.create_cmd(session_id, user_id, metadata, at)?,
+            self.index_cmd(session_id, at),
+        ];
+        let mut replies = self.many(&cmds).await?.into_iter();
+        let hash = from_value(replies.next().unwrap_or(RedisValue::Nil))?;
+        self.session_from_hash(session_id, hash)
+    }
+
+    async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
+        validate::id("session_id", session_id)?;
+        let mut c = redis::cmd("HGETALL");
+        c.arg(self.session_keys(session_id).session);
+        let hash: HashMap<String, String> = self.run(&c).await?;
+        if hash.is_empty() {
+            return Ok(None);
+        }
+        self.session_from_hash(session_id, hash).map(Some)
+    }
+
+    async fn update_session(&self, session_id: &str, update: &SessionUpdate) -> Result<bool> {
+        validate::session_update(session_id, update)?;
+        let at = now().timestamp_micros();
+        let keys = self.session_keys(session_id);
+        let mut c = evalsha(&scripts::UPDATE_SESSION, &keys.all());
+        c.arg(update.add_requests)
+            .arg(if update.add_processing_time == 0.0 {
+                "0".to_owned()
+            } else {
+                update.add_processing_time.to_string()
+            })
+            .arg(update.add_errors)
+            .arg(update.status.as_deref().unwrap_or(""))
+            .arg(at)
+            .arg(Self::ttl_ms(self.session_ttl))
+            .arg(INDEX_GRANULARITY_MICROS);
+        metadata_args(&mut c, &update.metadata)?;
+        self.touch_session(session_id, &c, at).await
+    }
+
+    async fn end_session(&self, session_id: &str, status: &str) -> Result<bool> {
+        validate::id("session_id", session_id)?;
+        validate::status(status)?;
+        self.update_session(session_id, &SessionUpdate::new().status(status))
+            .await
+    }
+
+    async fn batch_create_sessions(&self, sessions: &[NewSession]) -> Result<Vec<Session>> {
+        validate::new_sessions(sessions)?;
+        let at = now().timestamp_micros();
+        let mut cmds = Vec::with_capacity(sessions.len() * 2);
+        for s in sessions {
+            cmds.push(self.create_cmd(&s.session_id, &s.user_id, &s.metadata, at)?);
+            cmds.push(self.index_cmd(&s.session_id, at));
+        }
+        let replies = self.many(&cmds).await?;
+        sessions
+            .iter()
+            .zip(replies.into_iter().step_by(2))
+            .map(|(s, reply)| self.session_from_hash(&s.session_id, from_value(reply)?))
+            .collect()
+    }
+
+    async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
+        validate::session_ids(session_ids)?;
+        let cmds: Vec<Cmd> = session_ids
+            .iter()
+            .map(|id| {
+                let mut c = redis::cmd("HGETALL");
+                c.arg(self.session_keys(id).session);
+                c
+            })
+            .collect();
+        let replies = self.many(&cmds).await?;
+        session_ids
+            .iter()
+            .zip(replies)
+            .map(|(id, reply)| {
+                let hash: HashMap<String, String> = from_value(reply)?;
+                if hash.is_empty() {
+                    Ok(None)
+                } else {
+                    self.session_from_hash(id, hash).map(Some)
+                }
+            })
+            .collect()
+    }
+
+    async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
+        validate::session_query(query)?;
+        // The cleanup index holds every session id; merge its buckets in id order.
+        // Redis has no ordered scan across a cluster, so this reads all ids: an admin and
+        // migration path, not a hot one.
+        let mut ids = self.index_members(Index::Sessions).await?;
+        ids.sort_unstable();
+        ids.dedup();
+        if let Some(after) = &query.after {
+            ids.retain(|id| id > after);
+        }
+        let mut sessions = Vec::new();
+        let mut more = false;
+        for chunk in ids.chunks(256) {
+            for s in self.batch_get_sessions(chunk).await?.into_iter().flatten() {
+                if !query.matches(&s) {
+                    continue;
+                }
+                if sessions.len() == query.limit {
+                    more = true;
+                    break;
+                }
+                sessions.push(s);
+            }
+            if more {
+                break;
+            }
+        }
+        let next_cursor = more
+            .then(|| sessions.last().map(|s| s.session_id.clone()))
+            .flatten();
+        Ok(SessionPage {
+            sessions,
+            next_cursor,
+        })
+    }
+}
+
+#[async_trait]
+impl ConversationStorage for RedisBackend {
+    async fn add_conversation_message(
+        &self,
+        session_id: &str,
+        message: &NewMessage,
+    ) -> Result<String> {
+        validate::new_message(session_id, message)?;
+        let at = now();
+        let (message_id, cmd) = self.add_message_cmd(session_id, message, at)?;
+        if self
+            .touch_session(session_id, &cmd, at.timestamp_micros())
+            .await?
+        {
+            Ok(message_id)
+        } else {
+            Err(StorageError::not_found("session", session_id))
+        }
+    }
+
+    async fn batch_add_conversation_messages(
+        &self,
+        messages: &[(String, NewMessage)],
+    ) -> Result<Vec<Result<String>>> {
+        validate::batch("messages", messages.len())?;
+        let at = now();
+        let mut out: Vec<Result<String>> = Vec::with_capacity(messages.len());
+        let mut cmds = Vec::new();
+        let mut sent = Vec::new();
+        for (i, (session_id, message)) in messages.iter().enumerate() {
+            let prepared = validate::new_message(session_id, message)
+                .and_then(|_| self.add_message_cmd(session_id, message, at));
+            match prepared {
+                Ok((id, cmd)) => {
+                    out.push(Ok(id));
+                    cmds.push(cmd);
+                    sent.push(i);
+                }
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        // A node runs a pipeline in order, so appends to one session keep their order; a
+        // cluster sends each session's appends to its one master over one connection.
+        let replies = self.many(&cmds).await?;
+        let mut reindex = Vec::new();
+        for (i, reply) in sent.into_iter().zip(replies) {
+            let session_id = &messages[i].0;
+            match from_value::<i64>(reply)? {
+                -1 => out[i] = Err(StorageError::not_found("session", session_id)),
+                1 => reindex.push(self.index_cmd(session_id, at.timestamp_micros())),
+                _ => {}
+            }
+        }
+        self.many(&reindex).await?;
+        Ok(out)
+    }
+
+    async fn get_conversation_history(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        validate::id("session_id", session_id)?;
+        validate::limit("limit", limit)?;
+        let mut c = redis::cmd("LRANGE");
+        c.arg(self.session_keys(session_id).messages)
+            .arg(-(limit as i64))
+            .arg(-1);
+        let raw: Vec<String> = self.run(&c).await?;
+        raw.iter()
+            .map(|m| {
+                serde_json::from_str(m)
+                    .map_err(|e| StorageError::serialization("stored message is not valid JSON", e))
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl CheckpointStorage for RedisBackend {
+    async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
+        validate::new_checkpoint(checkpoint)?;
+        let keys = ThreadKeys::new(
+            &self.prefix,
+            &checkpoint.thread_id,
+            &checkpoint.checkpoint_ns,
+        );
+        let record = CheckpointRecord {
+            parent: checkpoint.parent_checkpoint_id.clone(),
+            data: checkpoint.data.clone(),
+            metadata: checkpoint.metadata.clone(),
+        };
+        let mut c = evalsha(
+            &scripts::STORE_CHECKPOINT,
+            &[
+                &keys.seq(),
+                &keys.order(),
+                &keys.checkpoints(),
+                &keys.registry(),
+            ],
+        );
+        c.arg(&checkpoint.checkpoint_id)
+            .arg(serde_json::to_string(&record)?)
+            .arg(now().timestamp_micros())
+            .arg(Self::ttl_ms(self.checkpoint_ttl));
+        self.many(&[c, self.thread_index_cmd("SADD", &checkpoint.thread_id)])
+            .await
+            .map(|_| ())
+    }
+
+    async fn get_checkpoint(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: Option<&str>,
+    ) -> Result<Option<Checkpoint>> {
+        validate::checkpoint_ref(thread_id, checkpoint_ns, checkpoint_id)?;
+        let keys = ThreadKeys::new(&self.prefix, thread_id, checkpoint_ns);
+        let mut c = evalsha(
+            &scripts::GET_CHECKPOINT,
+            &[&keys.order(), &keys.checkpoints()],
+        );
+        c.arg(checkpoint_id.unwrap_or(""));
+        let found: Option<(String, String, String)> = self.run(&c).await?;
+        found
+            .map(|(id, record, created)| {
+                self.checkpoint_from_parts(thread_id, checkpoint_ns, id, &record, &created)
+            })
+            .transpose()
+    }
+
+    async fn list_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        filter: &CheckpointFilter,
+    ) -> Result<Vec<Checkpoint>> {
+        validate::checkpoint_filter(thread_id, checkpoint_ns, filter)?;
+        let keys = ThreadKeys::new(&self.prefix, thread_id, checkpoint_ns);
+        // Without a metadata filter one page is the answer; with one, pages are read
+        // newest first until `limit` match.
+        let page = if filter.metadata.is_empty() {
+            filter.limit
+        } else {
+            filter.limit.max(64)
+        };
+        let mut out = Vec::new();
+        let mut offset = 0usize;
+        loop {
+            let mut c = evalsha(
+                &scripts::LIST_CHECKPOINTS,
+                &[&keys.order(), &keys.checkpoints()],
+            );
+            c.arg(filter.before.as_deref().unwrap_or(""))
+                .arg(offset)
+                .arg(page);
+            let flat: Vec<String> = self.run(&c).await?;
+            let rows = flat.len() / 3;
+            let mut parts = flat.into_iter();
+            while let (Some(id), Some(record), Some(created)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                if record.is_empty() {
+                    continue;
+                }
+                let cp =
+                    self.checkpoint_from_parts(thread_id, checkpoint_ns, id, &record, &created)?;
+                if filter.matches(&cp.metadata) {
+                    out.push(cp);
+                    if out.len() == filter.limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if rows < page {
+                return Ok(out);
+            }
+            offset += page;
+        }
+    }
+
+    async fn put_writes(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+        task_id: &str,
+        writes: &[WriteInput],
+    ) -> Result<()> {
+        validate::writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
+        if writes.is_empty() {
+            self.conn().await?;
+            return Ok(());
+        }
+        let keys = ThreadKeys::new(&self.prefix, thread_id, checkpoint_ns);
+        let (order, values) = keys.writes(checkpoint_id);
+        let mut c = evalsha(
+            &scripts::PUT_WRITES,
+            &[&keys.seq(), &order, &values, &keys.registry()],
+        );
+        c.arg(Self::ttl_ms(self.checkpoint_ttl));
+        for (idx, w) in (0u32..).zip(writes) {
+            // Task ids hold no control characters (validated), so '\n' cannot be forged.
+            c.arg(format!("{task_id}\n{idx}"))
+                .arg(serde_json::to_string(&StoredWrite {
+                    task_id: task_id.to_owned(),
+                    idx,
+                    channel: w.channel.clone(),
+                    value: w.value.clone(),
+                })?);
+        }
+        self.many(&[c, self.thread_index_cmd("SADD", thread_id)])
+            .await
+            .map(|_| ())
+    }
+
+    async fn get_writes(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+    ) -> Result<Vec<PendingWrite>> {
+        validate::checkpoint_ref(thread_id, checkpoint_ns, Some(checkpoint_id))?;
+        let keys = ThreadKeys::new(&self.prefix, thread_id, checkpoint_ns);
+        let (order, values) = keys.writes(checkpoint_id);
+        let c = evalsha(&scripts::GET_WRITES, &[&order, &values]);
+        let raw: Vec<String> = self.run(&c).await?;
+        raw.iter()
+            .map(|w| {
+                let w: StoredWrite = serde_json::from_str(w).map_err(|e| {
+                    StorageError::serialization("stored pending write is not valid JSON", e)
+                })?;
+                Ok(PendingWrite {
+                    task_id: w.task_id,
+                    idx: w.idx,
+                    channel: w.channel,
+                    value: w.value,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_thread(&self, thread_id: &str) -> Result<()> {
+        validate::id("thread_id", thread_id)?;
+        let keys = ThreadKeys::new(&self.prefix, thread_id, "");
+        let c = evalsha(&scripts::DELETE_THREAD, &[&keys.registry(), &keys.seq()]);
+        self.many(&[c, self.thread_index_cmd("SREM", thread_id)])
+            .await
+            .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl TaskContextStorage for RedisBackend {
+    async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
+        validate::id("session_id", session_id)?;
+        let mut c = redis::cmd("GET");
+        c.arg(self.session_keys(session_id).context);
+        let text: Option<String> = self.run(&c).await?;
+        text.map(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| StorageError::serialization("stored task context is not JSON", e))
+        })
+        .transpose()
+    }
+
+    async fn store_task_context(&self, session_id: &str, context: &Value) -> Result<()> {
+        validate::task_context(session_id, context)?;
+        let mut c = redis::cmd("SET");
+        c.arg(self.session_keys(session_id).context)
+            .arg(serde_json::to_string(context)?);
+        if let Some(ttl) = self.session_ttl {
+            c.arg("PX").arg(Self::ttl_ms(Some(ttl)));
+        }
+        let mut index = redis::cmd("SADD");
+        index
+            .arg(Index::Contexts.key_of(&self.prefix, session_id))
+            .arg(session_id);
+        self.many(&[c, index]).await.map(|_| ())
+    }
+}
+
+#[async_trait]
+impl StorageBackend for RedisBackend {
+    fn kind(&self) -> &'static str {
+        if self.is_cluster() {
+            "redis_cluster"
+        } else {
+            "redis"
+        }
+    }
+
+    async fn initialize(&self) -> Result<()> {
+        self.conn().await.map(|_| ())
+    }
+
+    async fn close(&self) -> Result<()> {
+        // The multiplexed connections close when the last clone is dropped; refusing new
+        // calls is what close() must guarantee.
+        self.closed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn health_check(&self) -> Result<HealthReport> {
+        let started = Instant::now();
+        let pong: String = self.run(&redis::cmd("PING")).await?;
+        let latency = started.elapsed();
+        let mut details = Metadata::new();
+        details.insert("url".into(), json!(self.redacted));
+        details.insert("prefix".into(), json!(self.prefix));
+        details.insert("cluster".into(), json!(self.is_cluster()));
+        details.insert("ping".into(), json!(pong));
+        details.insert(
+            "session_ttl_seconds".into(),
+            json!(self.session_ttl.map(|t| t.as_secs())),
+        );
+        Ok(HealthReport::healthy(self.kind(), latency, details))
+    }
+
+    async fn get_metrics(&self) -> Result<MetricsReport> {
+        // Counted through the indexes (one pipelined command per record holder), so a
+        // session or context that expired by TTL is not counted.
+        let sessions = self.index_members(Index::Sessions).await?;
+        let mut cmds = Vec::with_capacity(sessions.len() * 2);
+        for id in &sessions {
+            let keys = self.session_keys(id);
+            cmds.push(redis::cmd("EXISTS").arg(&keys.session).clone());
+            cmds.push(redis::cmd("LLEN").arg(&keys.messages).clone());
+        }
+        let (mut live, mut messages) = (0i64, 0i64);
+        for pair in self.many(&cmds).await?.chunks(2) {
+            if from_value::<i64>(pair[0].clone())? == 1 {
+                live += 1;
+                messages += from_value::<i64>(pair[1].clone())?;
+            }
+        }
+        let contexts: Vec<Cmd> = self
+            .index_members(Index::Contexts)
+            .await?
+            .iter()
+            .map(|id| {
+                redis::cmd("EXISTS")
+                    .arg(self.session_keys(id).context)
+                    .clone()
+            })
+            .collect();
+        let mut task_contexts = 0i64;
+        for reply in self.many(&contexts).await? {
+            task_contexts += from_value::<i64>(reply)?;
+        }
+        let threads: Vec<Cmd> = self
+            .index_members(Index::Threads)
+            .await?
+            .iter()
+            .map(|id| {
+                evalsha(
+                    &scripts::COUNT_THREAD,
+                    &[&ThreadKeys::new(&self.prefix, id, "").registry()],
+                )
+            })
+            .collect();
+        let (mut checkpoints, mut writes) = (0i64, 0i64);
+        for reply in self.many(&threads).await? {
+            let (c, w): (i64, i64) = from_value(reply)?;
+            checkpoints += c;
+            writes += w;
+        }
+        let mut values = Metadata::new();
+        values.insert("sessions".into(), json!(live));
+        values.insert("messages".into(), json!(messages));
+        values.insert("checkpoints".into(), json!(checkpoints));
+        values.insert("pending_writes".into(), json!(writes));
+        values.insert("task_contexts".into(), json!(task_contexts));
+        Ok(MetricsReport {
+            component: self.kind().to_owned(),
+            values,
+            components: Vec::new(),
+        })
+    }
+
+    async fn cleanup_expired_sessions(&self, max_idle: Duration) -> Result<u64> {
+        let cutoff = validate::idle_cutoff(max_idle)?.timestamp_micros();
+        let mut removed = 0u64;
+        for index in Index::Sessions.buckets(&self.prefix) {
+            loop {
+                let mut c = redis::cmd("ZRANGEBYSCORE");
+                c.arg(&index)
+                    .arg("-inf")
+                    .arg(format!("({cutoff}"))
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(CLEANUP_PAGE);
+                let candidates: Vec<String> = self.run(&c).await?;
+                if candidates.is_empty() {
+                    break;
+                }
+                let cmds: Vec<Cmd> = candidates
+                    .iter()
+                    .map(|id| {
+                        let keys = self.session_keys(id);
+                        let mut c = evalsha(&scripts::CLEANUP_SESSION, &keys.all());
+                        c.arg(cutoff);
+                        c
+                    })
+                    .collect();
+                let outcomes = self.many(&cmds).await?;
+                let mut fix = evalsha(&scripts::FIX_INDEX, &[&index]);
+                fix.arg(cutoff);
+                let mut gone = Vec::new();
+                for (id, outcome) in candidates.iter().zip(outcomes) {
+                    let updated = from_value::<i64>(outcome)?;
+                    if updated == 0 {
+                        removed += 1;
+                    }
+                    if updated <= 0 {
+                        let mut c = redis::cmd("SREM");
+                        c.arg(Index::Contexts.key_of(&self.prefix, id)).arg(id);
+                        gone.push(c);
+                    }
+                    fix.arg(id).arg(updated.max(0));
+                }
+                gone.push(fix);
+                self.many(&gone).await?;
+            }
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,280 @@
+//! Lua scripts for the steps that must be atomic. Each touches the keys of one session or
+//! one thread only (one hash tag, so one cluster slot).
+//!
+//! Numbers cross into Lua as strings and are written back as the same strings: Lua's
+//! own number formatting (`%.14g`) would turn a microsecond timestamp into `1.7e+15`.
+
+use std::sync::LazyLock;
+
+/// A script's source and its SHA1, for `EVALSHA` and for loading it again.
+pub struct Lua {
+    /// The Lua source.
+    pub source: String,
+    /// Its SHA1, as `EVALSHA` wants it.
+    pub hash: String,
+}
+
+impl Lua {
+    fn new(source: impl Into<String>) -> Lua {
+        let source = source.into();
+        let hash = redis::Script::new(&source).get_hash().to_owned();
+        Lua { source, hash }
+    }
+}
+
+/// Shared by every session-scoped script (KEYS are the four session keys): moves
+/// `updated_at`, refreshes the TTL of every session key, and says whether the cleanup
+/// index is due for a refresh (its score may lag `updated_at` by up to one granularity,
+/// never lead it).
+const TOUCH: &str = r#"
+local function touch(now, ttl, granularity)
+  redis.call('HSET', KEYS[1], 'updated_at', now)
+  if tonumber(ttl) > 0 then
+    for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+  local indexed = tonumber(redis.call('HGET', KEYS[1], 'indexed_at') or '0')
+  if tonumber(now) - indexed >= tonumber(granularity) then
+    redis.call('HSET', KEYS[1], 'indexed_at', now)
+    return 1
+  end
+  return 0
+end
+"#;
+
+/// Creates or upserts a session. ARGV: user, now, ttl ms, then `m:key`/JSON pairs.
+/// Returns the session hash.
+pub static CREATE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local s = KEYS[1]
+if redis.call('EXISTS', s) == 1 then
+  for _, f in ipairs(redis.call('HKEYS', s)) do
+    if string.sub(f, 1, 2) == 'm:' then redis.call('HDEL', s, f) end
+  end
+  redis.call('HSET', s, 'user_id', ARGV[1], 'updated_at', ARGV[2], 'indexed_at', ARGV[2])
+else
+  redis.call('HSET', s, 'user_id', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[2],
+    'indexed_at', ARGV[2], 'status', 'active', 'request_count', '0',
+    'total_processing_time', '0', 'error_count', '0')
+end
+for i = 4, #ARGV, 2 do redis.call('HSET', s, ARGV[i], ARGV[i + 1]) end
+if tonumber(ARGV[3]) > 0 then
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+end
+return redis.call('HGETALL', s)
+"#,
+    )
+});
+
+/// Applies a session update. ARGV: add_requests, add_time, add_errors, status or '',
+/// now, ttl ms, index granularity µs, then `m:key`/JSON pairs. Returns -1 when the
+/// session is missing, else whether the index needs a refresh (0/1).
+pub static UPDATE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(format!(
+        r#"{TOUCH}
+local s = KEYS[1]
+if redis.call('EXISTS', s) == 0 then return -1 end
+if ARGV[1] ~= '0' then redis.call('HINCRBY', s, 'request_count', ARGV[1]) end
+if ARGV[2] ~= '0' then redis.call('HINCRBYFLOAT', s, 'total_processing_time', ARGV[2]) end
+if ARGV[3] ~= '0' then redis.call('HINCRBY', s, 'error_count', ARGV[3]) end
+if ARGV[4] ~= '' then redis.call('HSET', s, 'status', ARGV[4]) end
+for i = 8, #ARGV, 2 do redis.call('HSET', s, ARGV[i], ARGV[i + 1]) end
+return touch(ARGV[5], ARGV[6], ARGV[7])
+"#
+    ))
+});
+
+/// Appends a message if the session exists and the id is new. ARGV: message id,
+/// message JSON, now, ttl ms, index granularity µs. Returns -1 when the session is
+/// missing, else whether the index needs a refresh.
+pub static ADD_MESSAGE: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(format!(
+        r#"{TOUCH}
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[2]) end
+return touch(ARGV[3], ARGV[4], ARGV[5])
+"#
+    ))
+});
+
+/// Removes a session if it has been idle since before ARGV[1] (µs). Returns -1 when it
+/// was already gone, 0 when it was removed, or its `updated_at` when it is still live
+/// (so the caller can correct the index).
+pub static CLEANUP_SESSION: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local updated = redis.call('HGET', KEYS[1], 'updated_at')
+if not updated then
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+  return -1
+end
+if tonumber(updated) < tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+  return 0
+end
+return tonumber(updated)
+"#,
+    )
+});
+
+/// Stores or updates a checkpoint. KEYS: seq, order, checkpoints, registry. ARGV: id,
+/// record JSON, now, ttl ms.
+pub static STORE_CHECKPOINT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then
+  local seq = redis.call('INCR', KEYS[1])
+  redis.call('ZADD', KEYS[2], seq, ARGV[1])
+  redis.call('HSET', KEYS[3], 'c:' .. ARGV[1], ARGV[3])
+end
+redis.call('HSET', KEYS[3], 'r:' .. ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[4], KEYS[2], KEYS[3])
+if tonumber(ARGV[4]) > 0 then
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+end
+return 1
+"#,
+    )
+});
+
+/// One checkpoint: ARGV[1] its id, or '' for the latest. KEYS: order, checkpoints.
+/// Returns {id, record, created_at} or nil.
+pub static GET_CHECKPOINT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local id = ARGV[1]
+if id == '' then
+  local newest = redis.call('ZREVRANGE', KEYS[1], 0, 0)
+  if #newest == 0 then return false end
+  id = newest[1]
+end
+local v = redis.call('HMGET', KEYS[2], 'r:' .. id, 'c:' .. id)
+if not v[1] then return false end
+return {id, v[1], v[2]}
+"#,
+    )
+});
+
+/// A page of checkpoints, newest first. KEYS: order, checkpoints. ARGV: before id or
+/// '', offset, count. Returns a flat list of id, record, created_at.
+pub static LIST_CHECKPOINTS: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local max = '+inf'
+if ARGV[1] ~= '' then
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+  if not s then return {} end
+  max = '(' .. s
+end
+local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], max, '-inf', 'LIMIT', ARGV[2], ARGV[3])
+local out = {}
+for _, id in ipairs(ids) do
+  local v = redis.call('HMGET', KEYS[2], 'r:' .. id, 'c:' .. id)
+  out[#out + 1] = id
+  out[#out + 1] = v[1] or ''
+  out[#out + 1] = v[2] or ''
+end
+return out
+"#,
+    )
+});
+
+/// Stores pending writes, keeping each one's first sequence. KEYS: seq, order, values,
+/// registry. ARGV: ttl ms, then field/JSON pairs.
+pub static PUT_WRITES: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+for i = 2, #ARGV, 2 do
+  if redis.call('ZSCORE', KEYS[2], ARGV[i]) == false then
+    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[1]), ARGV[i])
+  end
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+redis.call('SADD', KEYS[4], KEYS[2], KEYS[3])
+if tonumber(ARGV[1]) > 0 then
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+end
+return 1
+"#,
+    )
+});
+
+/// Counts a thread's checkpoints and pending writes. KEYS: registry. Returns {checkpoints,
+/// writes}.
+pub static COUNT_THREAD: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local checkpoints, writes = 0, 0
+for _, k in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if string.sub(k, -12) == ':checkpoints' then
+    checkpoints = checkpoints + redis.call('HLEN', k) / 2
+  elseif string.sub(k, -7) == ':values' then
+    writes = writes + redis.call('HLEN', k)
+  end
+end
+return {checkpoints, writes}
+"#,
+    )
+});
+
+/// The pending writes of a checkpoint in first-stored order. KEYS: order, values.
+pub static GET_WRITES: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local out = {}
+for _, f in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  out[#out + 1] = redis.call('HGET', KEYS[2], f)
+end
+return out
+"#,
+    )
+});
+
+/// Deletes every key of a thread. KEYS: registry, seq.
+pub static DELETE_THREAD: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local keys = redis.call('SMEMBERS', KEYS[1])
+for _, k in ipairs(keys) do redis.call('DEL', k) end
+redis.call('DEL', KEYS[1], KEYS[2])
+return #keys
+"#,
+    )
+});
+
+/// Corrects the cleanup index after a cleanup pass. KEYS: index bucket. ARGV: cutoff,
+/// then id/updated_at pairs; updated_at 0 means the session is gone: its entry is removed
+/// unless a concurrent create has already moved it past the cutoff.
+pub static FIX_INDEX: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+for i = 2, #ARGV, 2 do
+  if ARGV[i + 1] ~= '0' then
+    redis.call('ZADD', KEYS[1], 'GT', ARGV[i + 1], ARGV[i])
+  else
+    local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if score and tonumber(score) < tonumber(ARGV[1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
+  end
+end
+return 1
+"#,
+    )
+});
+
+/// Every script, for loading them at `initialize()` and after a server lost its cache.
+pub fn all() -> [&'static Lua; 12] {
+    [
+        &CREATE_SESSION,
+        &UPDATE_SESSION,
+        &ADD_MESSAGE,
+        &CLEANUP_SESSION,
+        &STORE_CHECKPOINT,
+        &GET_CHECKPOINT,
+        &LIST_CHECKPOINTS,
+        &PUT_WRITES,
+        &GET_WRITES,
+        &DELETE_THREAD,
+        &FIX_INDEX,
+        &COUNT_THREAD,
+    ]
+}

@@ -1,0 +1,291 @@
+//! Redis-specific behaviour on real servers: credentials never leak, the key layout keeps
+//! a session in one slot, TTLs are per session and refreshed, corrupt hashes are
+//! reported as such.
+//!
+//! Needs `AIECS_TEST_REDIS_URL` (and `AIECS_TEST_REDIS_CLUSTER_URL` for the slot test);
+//! without them each test prints a notice and passes, except under `CI=true`.
+#![cfg(feature = "redis")]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use aiecs_storage::prelude::*;
+use aiecs_storage::{Metadata, RedisBackend, SessionUpdate, StorageError};
+
+fn url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ if std::env::var("CI").as_deref() == Ok("true") => panic!("{var} is unset under CI=true"),
+        _ => {
+            eprintln!("skipping: {var} is unset");
+            None
+        }
+    }
+}
+
+fn prefix() -> String {
+    format!("aiecs_test_redis_{}:", uuid::Uuid::now_v7().simple())
+}
+
+fn raw(url: &str) -> redis::Client {
+    redis::Client::open(url).unwrap()
+}
+
+/// A password-protected redis-server on a free loopback port, stopped on drop.
+struct ProtectedRedis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl ProtectedRedis {
+    fn start(password: &str) -> ProtectedRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--requirepass",
+                password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed for the Redis tests");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ProtectedRedis {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for ProtectedRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn passwords_never_show_in_errors_or_debug() {
+    if url("AIECS_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    const SECRET: &str = "s3cr3t-hunter2";
+    let server = ProtectedRedis::start("the-right-one");
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (case, url, refused) in [
+        (
+            "wrong password",
+            format!("redis://:{SECRET}@127.0.0.1:{}", server.port),
+            false,
+        ),
+        (
+            "wrong user and password",
+            format!("redis://someone:{SECRET}@127.0.0.1:{}/0", server.port),
+            false,
+        ),
+        (
+            "refused",
+            format!("redis://:{SECRET}@127.0.0.1:{closed_port}"),
+            true,
+        ),
+        (
+            "cluster refused",
+            format!("redis+cluster://:{SECRET}@127.0.0.1:{closed_port},127.0.0.1:{closed_port}"),
+            true,
+        ),
+    ] {
+        let backend = RedisBackend::new(&url).unwrap();
+        let debug = format!("{backend:?}");
+        assert!(!debug.contains(SECRET), "{case}: Debug shows it: {debug}");
+        assert!(debug.contains("***"), "{case}: {debug}");
+        let err = backend.initialize().await.expect_err(case);
+        for text in [err.to_string(), format!("{err:?}")] {
+            assert!(!text.contains(SECRET), "{case}: error shows it: {text}");
+        }
+        if refused {
+            assert!(
+                matches!(err, StorageError::Connection { .. }),
+                "{case}: {err:?}"
+            );
+            assert!(err.is_transient());
+        } else {
+            assert!(
+                matches!(err, StorageError::Authentication { .. }),
+                "{case}: {err:?}"
+            );
+            assert!(!err.is_transient());
+        }
+        let err = backend.get_session("s").await.expect_err(case);
+        assert!(!format!("{err:?}").contains(SECRET), "{case}");
+    }
+    // The right password works, so the failures above were the password's doing.
+    let ok = RedisBackend::new(&format!("redis://:the-right-one@127.0.0.1:{}", server.port))
+        .unwrap()
+        .with_prefix(prefix());
+    ok.initialize().await.unwrap();
+    ok.create_session("s", "u", &Metadata::new()).await.unwrap();
+    assert!(!format!("{:?}", ok.health_check().await.unwrap()).contains("the-right-one"));
+}
+
+#[tokio::test]
+async fn bad_urls_are_invalid_input_without_the_password() {
+    for bad in [
+        "http://:pw-123@localhost",
+        "redis+cluster://:pw-123@",
+        "redis://:pw-123@[::1",
+    ] {
+        let err = RedisBackend::new(bad).unwrap_err();
+        assert!(
+            matches!(err, StorageError::InvalidInput { field: "url", .. }),
+            "{bad}: {err:?}"
+        );
+        assert!(!err.to_string().contains("pw-123"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn session_ttl_is_per_session_and_refreshed() {
+    let Some(url) = url("AIECS_TEST_REDIS_URL") else {
+        return;
+    };
+    let prefix = prefix();
+    let backend = RedisBackend::new(&url)
+        .unwrap()
+        .with_prefix(prefix.clone())
+        .with_session_ttl(Some(Duration::from_secs(100)));
+    backend
+        .create_session("a", "u", &Metadata::new())
+        .await
+        .unwrap();
+    backend
+        .store_checkpoint(&aiecs_storage::NewCheckpoint::new(
+            "t",
+            "c",
+            serde_json::json!(1),
+        ))
+        .await
+        .unwrap();
+    let conn = raw(&url).get_multiplexed_async_connection().await.unwrap();
+    let pttl = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("PTTL")
+                .arg(key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let session_key = format!("{prefix}{{s:a}}:session");
+    let first = pttl(session_key.clone()).await;
+    assert!(first > 0 && first <= 100_000, "ttl {first}");
+    // Shorten it by hand, then any write to the session must restore the full TTL.
+    redis::cmd("PEXPIRE")
+        .arg(&session_key)
+        .arg(5_000)
+        .query_async::<()>(&mut conn.clone())
+        .await
+        .unwrap();
+    backend
+        .update_session("a", &SessionUpdate::new().increment_requests())
+        .await
+        .unwrap();
+    assert!(pttl(session_key).await > 5_000);
+    // Checkpoints keep no TTL unless asked.
+    assert_eq!(pttl(format!("{prefix}{{t:t}}:ns::checkpoints")).await, -1);
+}
+
+#[tokio::test]
+async fn wrong_typed_hash_fields_are_serialization_errors() {
+    let Some(url) = url("AIECS_TEST_REDIS_URL") else {
+        return;
+    };
+    let prefix = prefix();
+    let backend = RedisBackend::new(&url).unwrap().with_prefix(prefix.clone());
+    backend
+        .create_session("a", "u", &Metadata::new())
+        .await
+        .unwrap();
+    let mut conn = raw(&url).get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("HSET")
+        .arg(format!("{prefix}{{s:a}}:session"))
+        .arg("request_count")
+        .arg("not-a-number")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    match backend.get_session("a").await {
+        Err(StorageError::Serialization { message, .. }) => {
+            assert!(message.contains("request_count"), "{message}")
+        }
+        other => panic!("expected a serialization error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_session_and_a_thread_each_live_in_one_cluster_slot() {
+    let Some(url) = url("AIECS_TEST_REDIS_CLUSTER_URL") else {
+        return;
+    };
+    let prefix = prefix();
+    let backend = RedisBackend::new(&url).unwrap().with_prefix(prefix.clone());
+    let id = "odd}{id:with*glob?[chars]";
+    backend
+        .create_session(id, "u", &Metadata::new())
+        .await
+        .unwrap();
+    backend
+        .add_conversation_message(id, &aiecs_storage::NewMessage::new("user", "x"))
+        .await
+        .unwrap();
+    backend
+        .store_task_context(id, &serde_json::json!({"k": 1}))
+        .await
+        .unwrap();
+    let seed = url
+        .trim_start_matches("redis+cluster://")
+        .split(',')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut conn = raw(&format!("redis://{seed}"))
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let escaped = "odd%7D%7Bid%3Awith*glob?[chars]";
+    let mut slots = std::collections::HashSet::new();
+    for suffix in ["session", "messages", "message_ids", "context"] {
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("{prefix}{{s:{escaped}}}:{suffix}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        slots.insert(slot);
+    }
+    assert_eq!(slots.len(), 1, "session keys span slots {slots:?}");
+    let s = backend.get_session(id).await.unwrap().unwrap();
+    assert_eq!(s.session_id, id);
+}
