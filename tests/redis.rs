@@ -38,24 +38,26 @@ struct ProtectedRedis {
     _dir: tempfile::TempDir,
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl ProtectedRedis {
     fn start(password: &str) -> ProtectedRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
+        Self::start_with(password, port, &["--port".into(), port.to_string()])
+    }
+
+    fn start_with(password: &str, port: u16, listen: &[String]) -> ProtectedRedis {
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--requirepass",
-                password,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(listen)
+            .args(["--bind", "127.0.0.1", "--requirepass", password])
+            .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -89,11 +91,7 @@ async fn passwords_never_show_in_errors_or_debug() {
     }
     const SECRET: &str = "s3cr3t-hunter2";
     let server = ProtectedRedis::start("the-right-one");
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed_port = free_port();
     for (case, url, refused) in [
         (
             "wrong password",
@@ -288,4 +286,105 @@ async fn a_session_and_a_thread_each_live_in_one_cluster_slot() {
     assert_eq!(slots.len(), 1, "session keys span slots {slots:?}");
     let s = backend.get_session(id).await.unwrap().unwrap();
     assert_eq!(s.session_id, id);
+}
+
+#[tokio::test]
+async fn tls_with_a_private_root_certificate() {
+    if url("AIECS_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let certs = tempfile::tempdir().unwrap();
+    let path = |name: &str| certs.path().join(name).display().to_string();
+    std::fs::write(
+        path("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    // A private CA and a server certificate it signs, as a real deployment would have.
+    for args in [
+        vec![
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain(["-subj".into(), "/CN=aiecs-test-ca".into()])
+        .chain([
+            "-keyout".into(),
+            path("ca.key"),
+            "-out".into(),
+            path("ca.pem"),
+        ])
+        .collect::<Vec<_>>(),
+        [
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([
+            "-keyout".into(),
+            path("key.pem"),
+            "-out".into(),
+            path("srv.csr"),
+        ])
+        .collect(),
+        ["x509", "-req", "-days", "1", "-CAcreateserial"]
+            .into_iter()
+            .map(String::from)
+            .chain(["-in".into(), path("srv.csr"), "-CA".into(), path("ca.pem")])
+            .chain([
+                "-CAkey".into(),
+                path("ca.key"),
+                "-out".into(),
+                path("cert.pem"),
+            ])
+            .chain(["-extfile".into(), path("ext.cnf")])
+            .collect(),
+    ] {
+        let status = Command::new("openssl")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl must be installed for the TLS test");
+        assert!(status.success(), "openssl {args:?}");
+    }
+    let (cert, key) = (path("cert.pem"), path("key.pem"));
+    let port = free_port();
+    let listen: Vec<String> = vec![
+        "--port".into(),
+        "0".into(),
+        "--tls-port".into(),
+        port.to_string(),
+        "--tls-cert-file".into(),
+        cert,
+        "--tls-key-file".into(),
+        key,
+        "--tls-auth-clients".into(),
+        "no".into(),
+    ];
+    let _server = ProtectedRedis::start_with("tls-pass-99", port, &listen);
+    let url = format!("rediss://:tls-pass-99@127.0.0.1:{port}");
+
+    // The server's certificate is not in the public roots: refused, without the password.
+    let untrusted = RedisBackend::new(&url).unwrap();
+    let err = untrusted.initialize().await.unwrap_err();
+    assert!(!format!("{err:?}").contains("tls-pass-99"), "{err:?}");
+
+    let trusted = RedisBackend::new(&url)
+        .unwrap()
+        .with_prefix(prefix())
+        .with_root_certificate(std::fs::read(path("ca.pem")).unwrap());
+    trusted
+        .create_session("tls", "u", &Metadata::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        trusted.get_session("tls").await.unwrap().unwrap().user_id,
+        "u"
+    );
 }

@@ -70,12 +70,13 @@ pub struct RedisBackend {
     prefix: String,
     session_ttl: Option<Duration>,
     checkpoint_ttl: Option<Duration>,
+    root_certificate: Option<Vec<u8>>,
     conn: OnceCell<Conn>,
     closed: AtomicBool,
 }
 
 enum Target {
-    Node(Box<redis::Client>),
+    Node(String),
     Cluster(Vec<String>),
 }
 
@@ -157,9 +158,9 @@ impl RedisBackend {
             }
             Target::Cluster(nodes)
         } else if url.starts_with("redis://") || url.starts_with("rediss://") {
-            Target::Node(Box::new(redis::Client::open(url).map_err(|_| {
-                invalid_url(format!("cannot parse Redis URL {redacted}"))
-            })?))
+            redis::Client::open(url)
+                .map_err(|_| invalid_url(format!("cannot parse Redis URL {redacted}")))?;
+            Target::Node(url.to_owned())
         } else {
             return Err(invalid_url(format!(
                 "{redacted} is not a redis://, rediss://, redis+cluster:// or \
@@ -173,6 +174,7 @@ impl RedisBackend {
             prefix: "aiecs:".to_owned(),
             session_ttl: Some(Duration::from_secs(24 * 3600)),
             checkpoint_ttl: None,
+            root_certificate: None,
             conn: OnceCell::new(),
             closed: AtomicBool::new(false),
         })
@@ -197,6 +199,22 @@ impl RedisBackend {
     pub fn with_checkpoint_ttl(mut self, ttl: Option<Duration>) -> Self {
         self.checkpoint_ttl = ttl;
         self
+    }
+
+    /// Trusts this PEM certificate (a private CA or a self-signed server certificate)
+    /// for `rediss://` connections, instead of the public web roots.
+    pub fn with_root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
+        self
+    }
+
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        self.root_certificate
+            .as_ref()
+            .map(|pem| redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            })
     }
 
     /// The URL with the password masked.
@@ -255,20 +273,30 @@ impl RedisBackend {
     }
 
     async fn connect(&self) -> Result<Conn> {
+        super::tls::install_crypto_provider();
         let conn = match &self.target {
-            Target::Node(client) => {
+            Target::Node(url) => {
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(5)))
                     .set_number_of_retries(3);
-                ConnectionManager::new_with_config((**client).clone(), config)
-                    .await
-                    .map(Conn::Node)
+                let client = match self.certificates() {
+                    Some(certs) => redis::Client::build_with_tls(url.as_str(), certs),
+                    None => redis::Client::open(url.as_str()),
+                };
+                match client {
+                    Ok(client) => ConnectionManager::new_with_config(client, config)
+                        .await
+                        .map(Conn::Node),
+                    Err(e) => Err(e),
+                }
             }
             Target::Cluster(nodes) => {
-                match redis::cluster::ClusterClient::builder(nodes.clone())
-                    .connection_timeout(Duration::from_secs(5))
-                    .build()
-                {
+                let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
+                    .connection_timeout(Duration::from_secs(5));
+                if let Some(certs) = self.certificates() {
+                    builder = builder.certs(certs);
+                }
+                match builder.build() {
                     Ok(client) => client.get_async_connection().await.map(Conn::Cluster),
                     Err(e) => Err(e),
                 }
