@@ -71,6 +71,7 @@ pub struct RedisBackend {
     session_ttl: Option<Duration>,
     checkpoint_ttl: Option<Duration>,
     root_certificate: Option<Vec<u8>>,
+    response_timeout: Duration,
     conn: OnceCell<Conn>,
     closed: AtomicBool,
 }
@@ -175,6 +176,7 @@ impl RedisBackend {
             session_ttl: Some(Duration::from_secs(24 * 3600)),
             checkpoint_ttl: None,
             root_certificate: None,
+            response_timeout: Duration::from_secs(10),
             conn: OnceCell::new(),
             closed: AtomicBool::new(false),
         })
@@ -198,6 +200,14 @@ impl RedisBackend {
     /// (default `None`: until `delete_thread`).
     pub fn with_checkpoint_ttl(mut self, ttl: Option<Duration>) -> Self {
         self.checkpoint_ttl = ttl;
+        self
+    }
+
+    /// Sets how long a command may wait for its reply before it fails with
+    /// [`StorageError::Timeout`] (default 10 s). A safety net against a hung server; put a
+    /// timeout layer in the stack for per-operation deadlines.
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
         self
     }
 
@@ -250,9 +260,9 @@ impl RedisBackend {
                 | ServerErrorKind::MasterDown
                 | ServerErrorKind::ReadOnly,
             ) => StorageError::Unavailable { message },
-            _ if e.is_timeout() => StorageError::Connection {
-                message,
-                source: None,
+            _ if e.is_timeout() => StorageError::Timeout {
+                operation: "redis command",
+                after: self.response_timeout,
             },
             _ if e.is_io_error()
                 || e.is_connection_dropped()
@@ -278,6 +288,7 @@ impl RedisBackend {
             Target::Node(url) => {
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_response_timeout(Some(self.response_timeout))
                     .set_number_of_retries(3);
                 let client = match self.certificates() {
                     Some(certs) => redis::Client::build_with_tls(url.as_str(), certs),
@@ -292,7 +303,8 @@ impl RedisBackend {
             }
             Target::Cluster(nodes) => {
                 let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
-                    .connection_timeout(Duration::from_secs(5));
+                    .connection_timeout(Duration::from_secs(5))
+                    .response_timeout(self.response_timeout);
                 if let Some(certs) = self.certificates() {
                     builder = builder.certs(certs);
                 }
