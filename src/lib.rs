@@ -48,6 +48,8 @@ pub mod prelude {
 }
 
 pub use backend::memory::MemoryBackend;
+#[cfg(feature = "postgres")]
+pub use backend::postgres::PostgresBackend;
 #[cfg(feature = "redis")]
 pub use backend::redis::RedisBackend;
 #[cfg(feature = "sqlite")]

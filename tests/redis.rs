@@ -12,19 +12,14 @@ use std::time::Duration;
 use aiecs_storage::prelude::*;
 use aiecs_storage::{Metadata, RedisBackend, SessionUpdate, StorageError};
 
+mod common;
+
 fn url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ if std::env::var("CI").as_deref() == Ok("true") => panic!("{var} is unset under CI=true"),
-        _ => {
-            eprintln!("skipping: {var} is unset");
-            None
-        }
-    }
+    common::server_url(var, "redis")
 }
 
 fn prefix() -> String {
-    format!("aiecs_test_redis_{}:", uuid::Uuid::now_v7().simple())
+    format!("{}:", common::unique_name("redis"))
 }
 
 fn raw(url: &str) -> redis::Client {

@@ -18,6 +18,8 @@
 
 #[macro_use]
 mod cases;
+#[path = "../common/mod.rs"]
+mod common;
 mod targets;
 
 /// Expands to one test per case for `$target`; the test is named after the bare case so
@@ -55,3 +57,5 @@ target!(sqlite_memory);
 target!(redis);
 #[cfg(feature = "redis")]
 target!(redis_cluster);
+#[cfg(feature = "postgres")]
+target!(postgres);

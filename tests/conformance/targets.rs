@@ -8,6 +8,8 @@ use std::sync::Arc;
 
 use aiecs_storage::{MemoryBackend, StorageBackend};
 
+use crate::common::{server_url, unique_name};
+
 /// A backend under test, with whatever must outlive it (a temporary directory, a
 /// server handle).
 pub struct Target {
@@ -45,28 +47,6 @@ impl Target {
             cleanup.await;
         }
     }
-}
-
-/// The URL of a test server from `var`. Unset: prints a notice and returns `None` so the
-/// case passes as skipped, unless `CI=true`, where a missing server must fail the run.
-#[allow(dead_code)]
-pub fn server_url(var: &str, target: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{var} is unset under CI=true: the {target} target needs its server")
-        }
-        _ => {
-            eprintln!("skipping {target} conformance case: {var} is unset");
-            None
-        }
-    }
-}
-
-/// A name no other test run uses, for a key prefix or a schema.
-#[allow(dead_code)]
-pub fn unique_name(kind: &str) -> String {
-    format!("aiecs_test_{kind}_{}", uuid::Uuid::now_v7().simple())
 }
 
 pub async fn memory() -> Option<Target> {
@@ -112,3 +92,28 @@ pub async fn redis_cluster() -> Option<Target> {
 // Server backends (redis, postgres) and layer stacks go here, one constructor each plus
 // one `target!(name)` line in main.rs. A server target reads its URL with `server_url`,
 // isolates itself with `unique_name`, and removes its data with `with_cleanup`.
+
+/// A PostgreSQL backend in a schema of its own, dropped (`DROP SCHEMA ... CASCADE`) over
+/// a fresh connection when the case passes, so reruns need no cleanup.
+#[cfg(feature = "postgres")]
+pub async fn postgres() -> Option<Target> {
+    let url = server_url("AIECS_TEST_POSTGRES_URL", "postgres")?;
+    let schema = unique_name("pg");
+    let backend = aiecs_storage::PostgresBackend::new(&url)
+        .unwrap()
+        .with_schema(schema.as_str())
+        .unwrap();
+    let target = Target::ready(Arc::new(backend), None).await?;
+    Some(target.with_cleanup(async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to drop the test schema");
+        let driver = tokio::spawn(connection);
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .expect("drop the test schema");
+        drop(client);
+        let _ = driver.await;
+    }))
+}

@@ -1,0 +1,419 @@
+//! Connection settings of the PostgreSQL backend: URL parsing, password redaction, TLS,
+//! and the mapping of driver and pool errors onto [`StorageError`].
+//!
+//! The password is kept only inside the `tokio_postgres::Config` handed to the pool; every
+//! message, `Debug` output and health report uses [`ConnectOptions::redacted`], the URL
+//! with the password replaced by `***`.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use deadpool_postgres::{PoolError, TimeoutType};
+use tokio_postgres::config::SslMode as PgSslMode;
+
+use crate::error::{Result, StorageError};
+
+/// How the connection is protected, from the URL's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SslMode {
+    /// `disable`: plain TCP.
+    Disable,
+    /// `prefer` (the default): plain TCP. TLS is only used when required, because a
+    /// failed certificate check must not silently fall back to plain text.
+    Prefer,
+    /// `require`: TLS with rustls, the server certificate verified against the webpki
+    /// (Mozilla) roots and the host name.
+    Require,
+}
+
+impl SslMode {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+        }
+    }
+}
+
+/// What [`parse_url`] makes of a connection URL.
+#[derive(Clone)]
+pub(super) struct ConnectOptions {
+    /// The driver's configuration, password included. Never printed.
+    pub config: tokio_postgres::Config,
+    /// The TLS mode.
+    pub ssl_mode: SslMode,
+    /// The URL with its password replaced by `***`: the only form ever shown.
+    pub redacted: String,
+    /// The host, for reports.
+    pub host: String,
+    /// The database name, for reports.
+    pub dbname: String,
+}
+
+/// The `application_name` set when the URL gives none: shows the pool's connections
+/// in `pg_stat_activity`.
+pub(super) const DEFAULT_APPLICATION_NAME: &str = "aiecs-storage";
+
+/// Default for the time allowed to open one connection.
+pub(super) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn bad_url(reason: impl Into<String>) -> StorageError {
+    StorageError::invalid_input("url", reason)
+}
+
+/// Decodes `%XX` escapes (the URL crate leaves user, password and path encoded).
+fn percent_decode(input: &str) -> Option<Vec<u8>> {
+    let bytes = input.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+fn decoded_text(what: &str, raw: &str) -> Result<String> {
+    percent_decode(raw)
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| bad_url(format!("has an invalid percent-encoded {what}")))
+}
+
+/// Parses a `postgres://` or `postgresql://` URL:
+/// `postgres://user:password@host:port/dbname?sslmode=require&application_name=x`.
+///
+/// Query parameters understood: `sslmode` (`disable`, `prefer`, `require`),
+/// `application_name`, `connect_timeout` (seconds) and `host` (a host name or a
+/// Unix-socket directory, overriding the URL's host). Any other parameter is refused, so
+/// a typo is not silently ignored. No error message contains the password.
+pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
+    // url's parse errors describe the problem without echoing the input.
+    let url = url::Url::parse(input).map_err(|e| bad_url(format!("is not a valid URL: {e}")))?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(bad_url(format!(
+            "has scheme `{}`; expected `postgres://` or `postgresql://`",
+            url.scheme()
+        )));
+    }
+    let mut redacted = url.clone();
+    if url.password().is_some() {
+        // Cannot fail: a URL with a password has a host.
+        let _ = redacted.set_password(Some("***"));
+    }
+    let redacted = redacted.to_string();
+
+    let mut config = tokio_postgres::Config::new();
+    let user = decoded_text("user name", url.username())?;
+    config.user(if user.is_empty() { "postgres" } else { &user });
+    if let Some(password) = url.password() {
+        let password = percent_decode(password)
+            .ok_or_else(|| bad_url("has an invalid percent-encoded password"))?;
+        config.password(password);
+    }
+    let mut host = url
+        .host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    config.port(url.port().unwrap_or(5432));
+    let dbname = decoded_text("database name", url.path().trim_start_matches('/'))?;
+    if dbname.contains('/') {
+        return Err(bad_url("has a path with more than one segment"));
+    }
+    if !dbname.is_empty() {
+        config.dbname(&dbname);
+    }
+
+    let mut ssl_mode = SslMode::Prefer;
+    let mut application_name = None;
+    config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+    for (key, value) in url.query_pairs() {
+        match key.as_ref() {
+            "sslmode" => {
+                ssl_mode = match value.as_ref() {
+                    "disable" => SslMode::Disable,
+                    "prefer" => SslMode::Prefer,
+                    "require" => SslMode::Require,
+                    other => {
+                        return Err(bad_url(format!(
+                            "has sslmode `{other}`; expected disable, prefer or require"
+                        )))
+                    }
+                }
+            }
+            "application_name" => application_name = Some(value.into_owned()),
+            "connect_timeout" => {
+                let secs: u64 = value.parse().map_err(|_| {
+                    bad_url("has a connect_timeout that is not a whole number of seconds")
+                })?;
+                if secs > 0 {
+                    config.connect_timeout(Duration::from_secs(secs));
+                }
+            }
+            "host" => host = value.into_owned(),
+            // Only the key: the value may be a secret (for example `password=`).
+            other => {
+                return Err(bad_url(format!(
+                    "has unsupported parameter `{other}`; supported: sslmode, \
+                     application_name, connect_timeout, host"
+                )))
+            }
+        }
+    }
+    config.host(&host);
+    config.application_name(
+        application_name
+            .as_deref()
+            .unwrap_or(DEFAULT_APPLICATION_NAME),
+    );
+    config.ssl_mode(match ssl_mode {
+        SslMode::Require => PgSslMode::Require,
+        SslMode::Disable | SslMode::Prefer => PgSslMode::Disable,
+    });
+    let dbname = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or_default()
+        .to_owned();
+    Ok(ConnectOptions {
+        config,
+        ssl_mode,
+        redacted,
+        host,
+        dbname,
+    })
+}
+
+/// The rustls connector used for `sslmode=require`: the process-wide crypto provider
+/// (ring, installed as the Redis backend does unless the application chose one) and the
+/// webpki roots.
+pub(super) fn rustls_connector() -> tokio_postgres_rustls::MakeRustlsConnect {
+    crate::backend::tls::install_crypto_provider();
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_postgres_rustls::MakeRustlsConnect::new(config)
+}
+
+/// A short description of a driver error: its kind and, for server errors, the server's
+/// message and SQLSTATE; for others, the underlying cause. Never includes the password:
+/// neither the driver nor the server puts it in an error.
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        ),
+        None => match e.source() {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+/// Maps a driver error onto the crate's kinds. `target` is the redacted URL.
+///
+/// - Authentication refused (28000, 28P01): `Authentication` (not transient).
+/// - No such database (3D000): `Backend`, not transient: waiting will not create it.
+/// - Connection-level SQLSTATEs (class 08, 57P01..57P03 shutdown, 53300 too many
+///   connections), a closed connection, I/O and TLS failures: `Connection` (transient).
+/// - Serialization failure (40001), deadlock (40P01), lock timeout (55P03), statement
+///   cancelled (57014) and out of resources (class 53): `Backend`, transient.
+/// - A stored value that does not decode: `Serialization`.
+/// - Anything else (constraint violations, bad SQL): `Backend`, not transient.
+pub(super) fn pg_error(e: tokio_postgres::Error, target: &str) -> StorageError {
+    let text = describe(&e);
+    if let Some(code) = e.code().map(|c| c.code().to_owned()) {
+        if code == "28000" || code == "28P01" {
+            return StorageError::Authentication {
+                message: format!("{target} refused the credentials: {text}"),
+            };
+        }
+        // (is a connection error, is transient, message)
+        let (connection, transient, message) = match code.as_str() {
+            "3D000" => (
+                false,
+                false,
+                format!("database does not exist at {target}: {text}"),
+            ),
+            "53300" => (
+                true,
+                true,
+                format!("too many connections to {target}: {text}"),
+            ),
+            "57P01" | "57P02" | "57P03" => (
+                true,
+                true,
+                format!("server at {target} is shutting down or starting: {text}"),
+            ),
+            c if c.starts_with("08") => {
+                (true, true, format!("connection to {target} failed: {text}"))
+            }
+            "40001" | "40P01" | "55P03" | "57014" => (false, true, format!("postgres: {text}")),
+            c if c.starts_with("53") => (false, true, format!("postgres: {text}")),
+            _ => (false, false, format!("postgres: {text}")),
+        };
+        return if connection {
+            StorageError::Connection {
+                message,
+                source: Some(Box::new(e)),
+            }
+        } else {
+            StorageError::backend(message, transient, e)
+        };
+    }
+    let cause = e.source();
+    let is_io = cause.is_some_and(|c| c.is::<std::io::Error>());
+    let is_decode = cause.is_some_and(|c| {
+        c.is::<serde_json::Error>()
+            || c.is::<tokio_postgres::types::WasNull>()
+            || c.is::<tokio_postgres::types::WrongType>()
+    });
+    if is_decode {
+        return StorageError::serialization(format!("stored record does not decode: {text}"), e);
+    }
+    if e.is_closed() || is_io || text.starts_with("error performing TLS handshake") {
+        return StorageError::Connection {
+            message: format!("connection to {target} failed: {text}"),
+            source: Some(Box::new(e)),
+        };
+    }
+    StorageError::backend(format!("postgres: {text}"), false, e)
+}
+
+/// Maps an error of opening a connection: as [`pg_error`], except that a failure that is
+/// not a server answer is a `Connection` error naming the target.
+pub(super) fn connect_error(e: tokio_postgres::Error, target: &str) -> StorageError {
+    if e.code().is_some() {
+        return pg_error(e, target);
+    }
+    StorageError::Connection {
+        message: format!("could not connect to {target}: {}", describe(&e)),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// The timeouts a pool error may refer to, for its message.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PoolLimits {
+    pub max_size: usize,
+    pub acquire_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// Maps an error of taking a connection from the pool.
+pub(super) fn pool_error(e: PoolError, target: &str, limits: PoolLimits) -> StorageError {
+    match e {
+        PoolError::Timeout(TimeoutType::Wait) => StorageError::Unavailable {
+            message: format!(
+                "all {} connections to {target} stayed busy for {:?}",
+                limits.max_size, limits.acquire_timeout
+            ),
+        },
+        PoolError::Timeout(TimeoutType::Create) => StorageError::Timeout {
+            operation: "connect",
+            after: limits.connect_timeout,
+        },
+        PoolError::Timeout(TimeoutType::Recycle) => StorageError::Timeout {
+            operation: "recycle_connection",
+            after: limits.connect_timeout,
+        },
+        PoolError::Backend(e) => connect_error(e, target),
+        PoolError::Closed => StorageError::Closed,
+        PoolError::NoRuntimeSpecified => StorageError::Backend {
+            message: "connection pool has no runtime".into(),
+            transient: false,
+            source: None,
+        },
+        PoolError::PostCreateHook(e) => StorageError::Connection {
+            message: format!("could not set up a connection to {target}: {e}"),
+            source: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(r: Result<ConnectOptions>) -> &'static str {
+        match r {
+            Err(StorageError::InvalidInput { field, .. }) => field,
+            Err(other) => panic!("expected InvalidInput, got {other:?}"),
+            Ok(o) => panic!("expected InvalidInput, got a config for {}", o.redacted),
+        }
+    }
+
+    #[test]
+    fn parses_the_parts_of_a_url() {
+        let o = parse_url(
+            "postgresql://app:p%40ss%2Fw0rd@db.example.com:6543/agents?sslmode=require\
+             &application_name=worker&connect_timeout=3",
+        )
+        .unwrap();
+        assert_eq!(o.config.get_user(), Some("app"));
+        assert_eq!(o.config.get_password(), Some(&b"p@ss/w0rd"[..]));
+        assert_eq!(o.config.get_dbname(), Some("agents"));
+        assert_eq!(o.config.get_ports(), &[6543]);
+        assert_eq!(o.config.get_application_name(), Some("worker"));
+        assert_eq!(
+            o.config.get_connect_timeout(),
+            Some(&Duration::from_secs(3))
+        );
+        assert_eq!(o.ssl_mode, SslMode::Require);
+        assert_eq!(o.host, "db.example.com");
+        assert_eq!(o.dbname, "agents");
+        assert_eq!(
+            o.redacted,
+            "postgresql://app:***@db.example.com:6543/agents?sslmode=require\
+             &application_name=worker&connect_timeout=3"
+        );
+    }
+
+    #[test]
+    fn defaults() {
+        let o = parse_url("postgres://127.0.0.1/test").unwrap();
+        assert_eq!(o.config.get_user(), Some("postgres"));
+        assert_eq!(o.config.get_password(), None);
+        assert_eq!(o.config.get_ports(), &[5432]);
+        assert_eq!(
+            o.config.get_application_name(),
+            Some(DEFAULT_APPLICATION_NAME)
+        );
+        assert_eq!(o.ssl_mode, SslMode::Prefer);
+        assert_eq!(o.redacted, "postgres://127.0.0.1/test");
+        let o = parse_url("postgres://u@[::1]:5433/d?sslmode=disable").unwrap();
+        assert_eq!(o.host, "::1");
+        assert_eq!(o.ssl_mode, SslMode::Disable);
+    }
+
+    #[test]
+    fn bad_urls_name_the_url_and_hide_the_password() {
+        for bad in [
+            "mysql://u:s3cr3t@h/db",
+            "postgres://u:s3cr3t@h/db?sslmode=verify-full",
+            "postgres://u:s3cr3t@h/db?password=s3cr3t",
+            "postgres://u:s3cr3t@h/db?connect_timeout=soon",
+            "postgres://u:s3cr3t@h:99999/db",
+            "postgres://u:s3cr3t@h/a/b",
+            "not a url s3cr3t",
+        ] {
+            let e = parse_url(bad).err().expect(bad);
+            assert!(!format!("{e}{e:?}").contains("s3cr3t"), "{bad}: {e}");
+            assert_eq!(field(Err(e)), "url");
+        }
+    }
+}

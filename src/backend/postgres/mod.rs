@@ -1,0 +1,1207 @@
+//! The PostgreSQL backend: tokio-postgres over a deadpool connection pool.
+
+mod connect;
+mod schema;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use serde_json::{json, Value};
+use tokio::sync::OnceCell;
+use tokio_postgres::types::{Json, ToSql};
+use tokio_postgres::Row;
+
+use crate::error::{Result, StorageError};
+use crate::model::{
+    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
+    SessionQuery, SessionUpdate, WriteInput,
+};
+use crate::storage::{
+    CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
+};
+use crate::validate;
+
+use self::connect::{ConnectOptions, PoolLimits, SslMode};
+
+/// The schema used when [`PostgresBackend::with_schema`] is not called.
+pub const DEFAULT_SCHEMA: &str = "aiecs";
+/// Connections opened at `initialize()` and kept (the spec's `pool_size`).
+pub const DEFAULT_POOL_SIZE: usize = 10;
+/// Extra connections opened under load, beyond `pool_size` (the spec's `max_overflow`).
+pub const DEFAULT_MAX_OVERFLOW: usize = 20;
+/// How long a call waits for a free connection before it fails as unavailable.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+const SESSION_COLUMNS: &str = "session_id, user_id, created_at, updated_at, status, metadata, \
+     request_count, total_processing_time, error_count";
+const CHECKPOINT_COLUMNS: &str =
+    "thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, data, metadata, created_at";
+
+/// Stores everything in a PostgreSQL database, in its own schema (`aiecs` unless
+/// [`with_schema`](PostgresBackend::with_schema) says otherwise), created and migrated on
+/// `initialize()` (or on first use).
+///
+/// Connections come from a deadpool pool: `pool_size` of them are opened at
+/// `initialize()` and kept; under load up to `max_overflow` more are opened (the pool's
+/// maximum is their sum). Every statement is parameterized and prepared once per
+/// connection. Every operation is one statement, so it is atomic on its own: counters
+/// are added and metadata merged in SQL (`request_count = request_count + $n`,
+/// `metadata = metadata || $m`), and batches use `unnest` arrays.
+///
+/// The URL is `postgres://user:password@host:port/dbname` (or `postgresql://`) with
+/// optional `sslmode` (`disable`, `prefer` (the default) or `require`),
+/// `application_name`, `connect_timeout` (seconds) and `host` parameters. `require` uses
+/// TLS (rustls) and verifies the server certificate against the webpki roots and the host
+/// name; `disable` and `prefer` connect in plain text. The password is never shown:
+/// `Debug`, errors and health reports use the URL with the password replaced by `***`.
+///
+/// Timestamps are `timestamptz` (microseconds, as [`now`] produces);
+/// JSON is `jsonb`, which keeps values but not the key order of objects (metadata is a
+/// map, so nothing observable changes) nor the spelling of numbers: a float written as
+/// `1e16` comes back as the integer `10000000000000000`. JSONB prints numbers as plain
+/// decimals (`f64::MAX` as 309 digits); serde_json reads every such decimal back to the
+/// same `f64` only with its `float_roundtrip` feature, without which a few very large or
+/// very precise floats decode one unit off or fail as [`StorageError::Serialization`].
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+/// use aiecs_storage::{prelude::*, PostgresBackend};
+/// let storage = PostgresBackend::new("postgres://app:secret@db.internal:5432/agents?sslmode=require")?
+///     .with_schema("agents")?
+///     .with_pool_size(5)
+///     .with_max_overflow(10);
+/// storage.initialize().await?;
+/// storage.create_session("s1", "alice", &Default::default()).await?;
+///
+/// // The password never shows.
+/// assert!(!format!("{storage:?}").contains("secret"));
+/// # Ok(()) }
+/// ```
+pub struct PostgresBackend {
+    options: ConnectOptions,
+    schema: String,
+    pool_size: usize,
+    max_overflow: usize,
+    acquire_timeout: Duration,
+    state: OnceCell<State>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("url", &self.options.redacted)
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("max_overflow", &self.max_overflow)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("initialized", &self.state.initialized())
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// What `initialize()` sets up once: the pool, the statements for the schema, and the
+/// schema version found.
+struct State {
+    pool: Pool,
+    sql: Queries,
+    schema_version: i32,
+}
+
+/// Every fixed statement, with the schema name spliced in once. `prepare_cached` keys
+/// prepared statements by this text, per connection.
+struct Queries {
+    schema: String,
+    create_session: String,
+    batch_create_sessions: String,
+    get_session: String,
+    batch_get_sessions: String,
+    update_session: String,
+    end_session: String,
+    add_message: String,
+    batch_add_messages: String,
+    history: String,
+    store_checkpoint: String,
+    get_checkpoint: String,
+    latest_checkpoint: String,
+    list_checkpoints: String,
+    list_checkpoints_filtered: String,
+    put_writes: String,
+    get_writes: String,
+    delete_thread: String,
+    get_task_context: String,
+    store_task_context: String,
+    counts: String,
+    cleanup: String,
+}
+
+impl Queries {
+    fn new(schema_name: &str) -> Self {
+        let s = schema::quoted(schema_name);
+        let upsert_session = format!(
+            "ON CONFLICT (session_id) DO UPDATE SET user_id = EXCLUDED.user_id, \
+             metadata = EXCLUDED.metadata, updated_at = EXCLUDED.updated_at \
+             RETURNING {SESSION_COLUMNS}"
+        );
+        // `seq < $3` continues a filtered listing; `$4` is `before` (none: NULL), and an
+        // id the thread and namespace do not hold compares with NULL and yields nothing.
+        let list = format!(
+            "SELECT seq, {CHECKPOINT_COLUMNS} FROM {s}.checkpoints c \
+             WHERE c.thread_id = $1 AND c.checkpoint_ns = $2 AND c.seq < $3 \
+             AND ($4::text IS NULL OR c.seq < (SELECT b.seq FROM {s}.checkpoints b \
+             WHERE b.thread_id = $1 AND b.checkpoint_ns = $2 AND b.checkpoint_id = $4))"
+        );
+        Queries {
+            schema: s.clone(),
+            create_session: format!(
+                "INSERT INTO {s}.sessions \
+                 (session_id, user_id, created_at, updated_at, status, metadata) \
+                 VALUES ($1, $2, $3, $3, 'active', $4) {upsert_session}"
+            ),
+            batch_create_sessions: format!(
+                "INSERT INTO {s}.sessions \
+                 (session_id, user_id, created_at, updated_at, status, metadata) \
+                 SELECT i.session_id, i.user_id, $3, $3, 'active', i.metadata \
+                 FROM unnest($1::text[], $2::text[], $4::jsonb[]) \
+                 AS i (session_id, user_id, metadata) {upsert_session}"
+            ),
+            get_session: format!(
+                "SELECT {SESSION_COLUMNS} FROM {s}.sessions WHERE session_id = $1"
+            ),
+            batch_get_sessions: format!(
+                "SELECT {SESSION_COLUMNS} FROM {s}.sessions WHERE session_id = ANY($1::text[])"
+            ),
+            update_session: format!(
+                "UPDATE {s}.sessions SET request_count = request_count + $2, \
+                 total_processing_time = total_processing_time + $3, \
+                 error_count = error_count + $4, status = COALESCE($5::text, status), \
+                 metadata = metadata || $6::jsonb, updated_at = $7 \
+                 WHERE session_id = $1"
+            ),
+            end_session: format!(
+                "UPDATE {s}.sessions SET status = $2, updated_at = $3 WHERE session_id = $1"
+            ),
+            // One statement: the session's updated_at moves and the message is inserted
+            // only if the session exists; the count tells a missing session apart.
+            add_message: format!(
+                "WITH touched AS (UPDATE {s}.sessions SET updated_at = $6 \
+                 WHERE session_id = $1 RETURNING session_id), \
+                 inserted AS (INSERT INTO {s}.messages \
+                 (session_id, message_id, role, content, timestamp, metadata) \
+                 SELECT session_id, $2::text, $3::text, $4::text, $6, $5::jsonb FROM touched \
+                 ON CONFLICT (session_id, message_id) DO NOTHING) \
+                 SELECT count(*) FROM touched"
+            ),
+            // Sessions are locked in id order, so concurrent batches touching the same
+            // sessions queue instead of deadlocking; messages are inserted in input order
+            // (so their seq follows it), only for sessions that exist.
+            batch_add_messages: format!(
+                "WITH input AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], \
+                 $4::text[], $5::jsonb[]) WITH ORDINALITY \
+                 AS i (session_id, message_id, role, content, metadata, ord)), \
+                 locked AS MATERIALIZED (SELECT session_id FROM {s}.sessions \
+                 WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR NO KEY UPDATE), \
+                 touched AS (UPDATE {s}.sessions t SET updated_at = $6 FROM locked l \
+                 WHERE t.session_id = l.session_id RETURNING t.session_id), \
+                 inserted AS (INSERT INTO {s}.messages \
+                 (session_id, message_id, role, content, timestamp, metadata) \
+                 SELECT i.session_id, i.message_id, i.role, i.content, $6, i.metadata \
+                 FROM input i WHERE i.session_id IN (SELECT session_id FROM touched) \
+                 ORDER BY i.ord \
+                 ON CONFLICT (session_id, message_id) DO NOTHING) \
+                 SELECT session_id FROM touched"
+            ),
+            history: format!(
+                "SELECT message_id, role, content, timestamp, metadata FROM \
+                 (SELECT seq, message_id, role, content, timestamp, metadata \
+                 FROM {s}.messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2) m \
+                 ORDER BY seq"
+            ),
+            store_checkpoint: format!(
+                "INSERT INTO {s}.checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
+                 parent_checkpoint_id, data, metadata, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET \
+                 parent_checkpoint_id = EXCLUDED.parent_checkpoint_id, \
+                 data = EXCLUDED.data, metadata = EXCLUDED.metadata"
+            ),
+            get_checkpoint: format!(
+                "SELECT {CHECKPOINT_COLUMNS} FROM {s}.checkpoints \
+                 WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id = $3"
+            ),
+            latest_checkpoint: format!(
+                "SELECT {CHECKPOINT_COLUMNS} FROM {s}.checkpoints \
+                 WHERE thread_id = $1 AND checkpoint_ns = $2 ORDER BY seq DESC LIMIT 1"
+            ),
+            list_checkpoints: format!("{list} ORDER BY c.seq DESC LIMIT $5"),
+            // Each filter key's value must equal the stored one as jsonb; the exact
+            // (serde_json) comparison is then made on the rows returned.
+            list_checkpoints_filtered: format!(
+                "{list} AND NOT EXISTS (SELECT 1 FROM jsonb_each($6::jsonb) f \
+                 WHERE c.metadata -> f.key IS DISTINCT FROM f.value) \
+                 ORDER BY c.seq DESC LIMIT $5"
+            ),
+            // Rows are inserted in index order, so new writes get seq in that order; a
+            // replay updates in place and keeps the first seq.
+            put_writes: format!(
+                "INSERT INTO {s}.checkpoint_writes \
+                 (thread_id, checkpoint_ns, checkpoint_id, task_id, idx, channel, value) \
+                 SELECT $1::text, $2::text, $3::text, $4::text, w.idx, w.channel, w.value \
+                 FROM unnest($5::integer[], $6::text[], $7::jsonb[]) AS w (idx, channel, value) \
+                 ORDER BY w.idx \
+                 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) \
+                 DO UPDATE SET channel = EXCLUDED.channel, value = EXCLUDED.value"
+            ),
+            get_writes: format!(
+                "SELECT task_id, idx, channel, value FROM {s}.checkpoint_writes \
+                 WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id = $3 \
+                 ORDER BY seq"
+            ),
+            delete_thread: format!(
+                "WITH writes AS (DELETE FROM {s}.checkpoint_writes WHERE thread_id = $1) \
+                 DELETE FROM {s}.checkpoints WHERE thread_id = $1"
+            ),
+            get_task_context: format!(
+                "SELECT context FROM {s}.task_contexts WHERE session_id = $1"
+            ),
+            store_task_context: format!(
+                "INSERT INTO {s}.task_contexts (session_id, context, updated_at) \
+                 VALUES ($1, $2, $3) ON CONFLICT (session_id) DO UPDATE SET \
+                 context = EXCLUDED.context, updated_at = EXCLUDED.updated_at"
+            ),
+            counts: format!(
+                "SELECT (SELECT count(*) FROM {s}.sessions), \
+                 (SELECT count(*) FROM {s}.messages), \
+                 (SELECT count(*) FROM {s}.checkpoints), \
+                 (SELECT count(*) FROM {s}.checkpoint_writes), \
+                 (SELECT count(*) FROM {s}.task_contexts)"
+            ),
+            // One statement, so one transaction: the idle sessions and their task
+            // context go together; messages follow through ON DELETE CASCADE.
+            cleanup: format!(
+                "WITH expired AS (DELETE FROM {s}.sessions WHERE updated_at < $1 \
+                 RETURNING session_id), \
+                 contexts AS (DELETE FROM {s}.task_contexts \
+                 WHERE session_id IN (SELECT session_id FROM expired)) \
+                 SELECT count(*) FROM expired"
+            ),
+        }
+    }
+
+    /// `list_sessions` with only the filters in use, so the cursor and the user filter
+    /// are index ranges: `session_id > $n` on the primary key, or `(user_id,
+    /// session_id)` when a user is given.
+    fn list_sessions(&self, after: bool, user: bool, status: bool) -> String {
+        let mut sql = format!(
+            "SELECT {SESSION_COLUMNS} FROM {}.sessions WHERE true",
+            self.schema
+        );
+        let mut n = 0;
+        for (used, condition) in [
+            (after, "session_id >"),
+            (user, "user_id ="),
+            (status, "status ="),
+        ] {
+            if used {
+                n += 1;
+                sql.push_str(&format!(" AND {condition} ${n}"));
+            }
+        }
+        sql.push_str(&format!(" ORDER BY session_id LIMIT ${}", n + 1));
+        sql
+    }
+}
+
+/// A pooled connection with the statements of the backend.
+struct Conn<'a> {
+    client: Object,
+    sql: &'a Queries,
+    target: &'a str,
+}
+
+type Params<'p> = [&'p (dyn ToSql + Sync)];
+
+impl Conn<'_> {
+    fn err(&self, e: tokio_postgres::Error) -> StorageError {
+        connect::pg_error(e, self.target)
+    }
+
+    async fn query(&self, sql: &str, params: &Params<'_>) -> Result<Vec<Row>> {
+        let stmt = self
+            .client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.client
+            .query(&stmt, params)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn query_opt(&self, sql: &str, params: &Params<'_>) -> Result<Option<Row>> {
+        let stmt = self
+            .client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.client
+            .query_opt(&stmt, params)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn query_one(&self, sql: &str, params: &Params<'_>) -> Result<Row> {
+        self.query_opt(sql, params)
+            .await?
+            .ok_or_else(|| StorageError::Backend {
+                message: "postgres statement returned no row".into(),
+                transient: false,
+                source: None,
+            })
+    }
+
+    async fn execute(&self, sql: &str, params: &Params<'_>) -> Result<u64> {
+        let stmt = self
+            .client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| self.err(e))?;
+        self.client
+            .execute(&stmt, params)
+            .await
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// Reads column `idx`; a value of an unexpected type or JSON that does not decode is a
+/// [`StorageError::Serialization`].
+fn get<'r, T: tokio_postgres::types::FromSql<'r>>(row: &'r Row, idx: usize) -> Result<T> {
+    row.try_get(idx).map_err(|e| {
+        let column = row.columns().get(idx).map_or("?", |c| c.name()).to_owned();
+        StorageError::serialization(format!("stored column `{column}` does not decode"), e)
+    })
+}
+
+fn json_map(row: &Row, idx: usize) -> Result<Metadata> {
+    get::<Json<Metadata>>(row, idx).map(|j| j.0)
+}
+
+fn count(value: i64) -> Result<u64> {
+    u64::try_from(value).map_err(|_| StorageError::Serialization {
+        message: format!("stored counter {value} is negative"),
+        source: None,
+    })
+}
+
+fn session_from_row(row: &Row) -> Result<Session> {
+    Ok(Session {
+        session_id: get(row, 0)?,
+        user_id: get(row, 1)?,
+        created_at: get(row, 2)?,
+        updated_at: get(row, 3)?,
+        status: get(row, 4)?,
+        metadata: json_map(row, 5)?,
+        metrics: SessionMetrics {
+            request_count: count(get(row, 6)?)?,
+            total_processing_time: get(row, 7)?,
+            error_count: count(get(row, 8)?)?,
+        },
+    })
+}
+
+/// A checkpoint from the columns of [`CHECKPOINT_COLUMNS`] starting at `at`.
+fn checkpoint_from_row(row: &Row, at: usize, metadata: Metadata) -> Result<Checkpoint> {
+    Ok(Checkpoint {
+        thread_id: get(row, at)?,
+        checkpoint_ns: get(row, at + 1)?,
+        checkpoint_id: get(row, at + 2)?,
+        parent_checkpoint_id: get(row, at + 3)?,
+        data: get(row, at + 4)?,
+        metadata,
+        created_at: get(row, at + 6)?,
+    })
+}
+
+fn checkpoint_at(row: &Row, at: usize) -> Result<Checkpoint> {
+    checkpoint_from_row(row, at, json_map(row, at + 5)?)
+}
+
+impl PostgresBackend {
+    /// A backend for the database at `url` (see the type's docs for the URL form), in
+    /// schema `aiecs`, with 10 + 20 connections. Nothing is opened until `initialize()`
+    /// or the first call. A URL that does not parse is
+    /// [`StorageError::InvalidInput`] for `url`, with the password never shown.
+    pub fn new(url: &str) -> Result<Self> {
+        Ok(PostgresBackend {
+            options: connect::parse_url(url)?,
+            schema: DEFAULT_SCHEMA.to_owned(),
+            pool_size: DEFAULT_POOL_SIZE,
+            max_overflow: DEFAULT_MAX_OVERFLOW,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            state: OnceCell::new(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Sets the schema that holds the tables (default `aiecs`), created at `initialize()`
+    /// if missing. It must be a plain SQL identifier: `[a-z_][a-z0-9_]*`, at most 63
+    /// bytes; anything else is [`StorageError::InvalidInput`] for `schema`.
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Result<Self> {
+        let schema = schema.into();
+        schema::validate_schema(&schema)?;
+        self.schema = schema;
+        Ok(self)
+    }
+
+    /// Sets how many connections are opened at `initialize()` and kept open (the spec's
+    /// `pool_size`, default 10).
+    pub fn with_pool_size(mut self, pool_size: usize) -> Self {
+        self.pool_size = pool_size;
+        self
+    }
+
+    /// Sets how many connections may be opened beyond `pool_size` under load (the spec's
+    /// `max_overflow`, default 20). The pool holds at most `pool_size + max_overflow`
+    /// connections (at least one).
+    pub fn with_max_overflow(mut self, max_overflow: usize) -> Self {
+        self.max_overflow = max_overflow;
+        self
+    }
+
+    /// Sets how long a call waits for a free connection when all are busy before it
+    /// fails with [`StorageError::Unavailable`] (default 30 s).
+    pub fn with_acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The connection URL with the password replaced by `***`.
+    pub fn redacted_url(&self) -> &str {
+        &self.options.redacted
+    }
+
+    fn max_size(&self) -> usize {
+        self.pool_size.saturating_add(self.max_overflow).max(1)
+    }
+
+    fn limits(&self) -> PoolLimits {
+        PoolLimits {
+            max_size: self.max_size(),
+            acquire_timeout: self.acquire_timeout,
+            connect_timeout: self
+                .options
+                .config
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(connect::DEFAULT_CONNECT_TIMEOUT),
+        }
+    }
+
+    async fn state(&self) -> Result<&State> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        self.state.get_or_try_init(|| self.open()).await
+    }
+
+    async fn conn(&self) -> Result<Conn<'_>> {
+        let state = self.state().await?;
+        let client = state
+            .pool
+            .get()
+            .await
+            .map_err(|e| connect::pool_error(e, &self.options.redacted, self.limits()))?;
+        Ok(Conn {
+            client,
+            sql: &state.sql,
+            target: &self.options.redacted,
+        })
+    }
+
+    fn build_pool(&self) -> Result<Pool> {
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let config = self.options.config.clone();
+        let manager = match self.options.ssl_mode {
+            SslMode::Require => {
+                Manager::from_config(config, connect::rustls_connector(), manager_config)
+            }
+            SslMode::Disable | SslMode::Prefer => {
+                Manager::from_config(config, tokio_postgres::NoTls, manager_config)
+            }
+        };
+        let limits = self.limits();
+        Pool::builder(manager)
+            .max_size(limits.max_size)
+            .wait_timeout(Some(self.acquire_timeout))
+            .create_timeout(Some(limits.connect_timeout))
+            .recycle_timeout(Some(limits.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StorageError::Backend {
+                message: format!("could not build the connection pool: {e}"),
+                transient: false,
+                source: None,
+            })
+    }
+
+    async fn open(&self) -> Result<State> {
+        let pool = self.build_pool()?;
+        let target = &self.options.redacted;
+        let pool_error = |e| connect::pool_error(e, target, self.limits());
+
+        let mut client = pool.get().await.map_err(pool_error)?;
+        let migrated = {
+            let tx = client
+                .transaction()
+                .await
+                .map_err(|e| connect::pg_error(e, target))?;
+            match schema::migrate(&tx, &self.schema).await {
+                Ok(m) => {
+                    tx.commit()
+                        .await
+                        .map_err(|e| connect::pg_error(e, target))?;
+                    m
+                }
+                Err(schema::MigrateError::Pg(e)) => return Err(connect::pg_error(e, target)),
+                Err(schema::MigrateError::Storage(e)) => return Err(e),
+            }
+        };
+        drop(client);
+
+        // Open `pool_size` connections now, concurrently, and return them to the pool.
+        let mut opening = tokio::task::JoinSet::new();
+        for _ in 0..self.pool_size.min(self.max_size()) {
+            let pool = pool.clone();
+            opening.spawn(async move { pool.get().await });
+        }
+        let mut held = Vec::with_capacity(self.pool_size);
+        while let Some(joined) = opening.join_next().await {
+            match joined {
+                Ok(Ok(client)) => held.push(client),
+                Ok(Err(e)) => return Err(pool_error(e)),
+                Err(e) => {
+                    return Err(StorageError::Backend {
+                        message: format!("opening a connection panicked: {e}"),
+                        transient: false,
+                        source: None,
+                    })
+                }
+            }
+        }
+        drop(held);
+
+        Ok(State {
+            pool,
+            sql: Queries::new(&self.schema),
+            schema_version: migrated.to,
+        })
+    }
+}
+
+#[async_trait]
+impl SessionStorage for PostgresBackend {
+    async fn create_session(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        metadata: &Metadata,
+    ) -> Result<Session> {
+        validate::create_session(session_id, user_id, metadata)?;
+        let c = self.conn().await?;
+        let row = c
+            .query_one(
+                &c.sql.create_session,
+                &[&session_id, &user_id, &now(), &Json(metadata)],
+            )
+            .await?;
+        session_from_row(&row)
+    }
+
+    async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
+        validate::id("session_id", session_id)?;
+        let c = self.conn().await?;
+        c.query_opt(&c.sql.get_session, &[&session_id])
+            .await?
+            .as_ref()
+            .map(session_from_row)
+            .transpose()
+    }
+
+    async fn update_session(&self, session_id: &str, update: &SessionUpdate) -> Result<bool> {
+        validate::session_update(session_id, update)?;
+        let c = self.conn().await?;
+        // Validation keeps both counters within i64.
+        let (requests, errors) = (update.add_requests as i64, update.add_errors as i64);
+        let changed = c
+            .execute(
+                &c.sql.update_session,
+                &[
+                    &session_id,
+                    &requests,
+                    &update.add_processing_time,
+                    &errors,
+                    &update.status,
+                    &Json(&update.metadata),
+                    &now(),
+                ],
+            )
+            .await?;
+        Ok(changed > 0)
+    }
+
+    async fn end_session(&self, session_id: &str, status: &str) -> Result<bool> {
+        validate::id("session_id", session_id)?;
+        validate::status(status)?;
+        let c = self.conn().await?;
+        let changed = c
+            .execute(&c.sql.end_session, &[&session_id, &status, &now()])
+            .await?;
+        Ok(changed > 0)
+    }
+
+    async fn batch_create_sessions(&self, sessions: &[NewSession]) -> Result<Vec<Session>> {
+        validate::new_sessions(sessions)?;
+        if sessions.is_empty() {
+            self.state().await?;
+            return Ok(Vec::new());
+        }
+        // One row per id (its last occurrence): one INSERT cannot upsert a row twice.
+        let mut last: HashMap<&str, usize> = HashMap::with_capacity(sessions.len());
+        for (i, s) in sessions.iter().enumerate() {
+            last.insert(&s.session_id, i);
+        }
+        let rows: Vec<&NewSession> = sessions
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| last[s.session_id.as_str()] == *i)
+            .map(|(_, s)| s)
+            .collect();
+        let ids: Vec<&str> = rows.iter().map(|s| s.session_id.as_str()).collect();
+        let users: Vec<&str> = rows.iter().map(|s| s.user_id.as_str()).collect();
+        let metadata: Vec<Json<&Metadata>> = rows.iter().map(|s| Json(&s.metadata)).collect();
+        let c = self.conn().await?;
+        let stored = c
+            .query(
+                &c.sql.batch_create_sessions,
+                &[&ids, &users, &now(), &metadata],
+            )
+            .await?;
+        let mut by_id = HashMap::with_capacity(stored.len());
+        for row in &stored {
+            let s = session_from_row(row)?;
+            by_id.insert(s.session_id.clone(), s);
+        }
+        // An id given twice: each item returns the session as its own upsert left it,
+        // as if the items had been stored one after another (same timestamp).
+        sessions
+            .iter()
+            .map(|item| {
+                let mut s =
+                    by_id
+                        .get(&item.session_id)
+                        .cloned()
+                        .ok_or_else(|| StorageError::Backend {
+                            message: "postgres batch upsert returned too few rows".into(),
+                            transient: false,
+                            source: None,
+                        })?;
+                s.user_id.clone_from(&item.user_id);
+                s.metadata.clone_from(&item.metadata);
+                Ok(s)
+            })
+            .collect()
+    }
+
+    async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
+        validate::session_ids(session_ids)?;
+        if session_ids.is_empty() {
+            self.state().await?;
+            return Ok(Vec::new());
+        }
+        let c = self.conn().await?;
+        let rows = c.query(&c.sql.batch_get_sessions, &[&session_ids]).await?;
+        let mut by_id = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let s = session_from_row(row)?;
+            by_id.insert(s.session_id.clone(), s);
+        }
+        Ok(session_ids
+            .iter()
+            .map(|id| by_id.get(id).cloned())
+            .collect())
+    }
+
+    async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
+        validate::session_query(query)?;
+        let c = self.conn().await?;
+        let sql = c.sql.list_sessions(
+            query.after.is_some(),
+            query.user_id.is_some(),
+            query.status.is_some(),
+        );
+        let limit = query.limit as i64 + 1;
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(4);
+        for value in [&query.after, &query.user_id, &query.status]
+            .into_iter()
+            .flatten()
+        {
+            params.push(value);
+        }
+        params.push(&limit);
+        let rows = c.query(&sql, &params).await?;
+        let mut sessions = rows
+            .iter()
+            .map(session_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let more = sessions.len() > query.limit;
+        sessions.truncate(query.limit);
+        let next_cursor = more
+            .then(|| sessions.last().map(|s| s.session_id.clone()))
+            .flatten();
+        Ok(SessionPage {
+            sessions,
+            next_cursor,
+        })
+    }
+}
+
+#[async_trait]
+impl ConversationStorage for PostgresBackend {
+    async fn add_conversation_message(
+        &self,
+        session_id: &str,
+        message: &NewMessage,
+    ) -> Result<String> {
+        validate::new_message(session_id, message)?;
+        let message_id = message.id_or_generate();
+        let c = self.conn().await?;
+        let row = c
+            .query_one(
+                &c.sql.add_message,
+                &[
+                    &session_id,
+                    &message_id,
+                    &message.role,
+                    &message.content,
+                    &Json(&message.metadata),
+                    &now(),
+                ],
+            )
+            .await?;
+        if get::<i64>(&row, 0)? == 0 {
+            return Err(StorageError::not_found("session", session_id));
+        }
+        Ok(message_id)
+    }
+
+    async fn batch_add_conversation_messages(
+        &self,
+        messages: &[(String, NewMessage)],
+    ) -> Result<Vec<Result<String>>> {
+        validate::batch("messages", messages.len())?;
+        // Bad items are answered here and left out; the rest go in one statement.
+        let mut out: Vec<Result<String>> = Vec::with_capacity(messages.len());
+        let mut valid = Vec::with_capacity(messages.len());
+        for (i, (session_id, message)) in messages.iter().enumerate() {
+            match validate::new_message(session_id, message) {
+                Ok(()) => {
+                    let id = message.id_or_generate();
+                    out.push(Ok(id));
+                    valid.push(i);
+                }
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        if valid.is_empty() {
+            self.state().await?;
+            return Ok(out);
+        }
+        let ids: Vec<&str> = valid.iter().map(|&i| messages[i].0.as_str()).collect();
+        let message_ids: Vec<&str> = valid
+            .iter()
+            .map(|&i| out[i].as_deref().unwrap_or_default())
+            .collect();
+        let roles: Vec<&str> = valid.iter().map(|&i| messages[i].1.role.as_str()).collect();
+        let contents: Vec<&str> = valid
+            .iter()
+            .map(|&i| messages[i].1.content.as_str())
+            .collect();
+        let metadata: Vec<Json<&Metadata>> = valid
+            .iter()
+            .map(|&i| Json(&messages[i].1.metadata))
+            .collect();
+        let c = self.conn().await?;
+        let rows = c
+            .query(
+                &c.sql.batch_add_messages,
+                &[&ids, &message_ids, &roles, &contents, &metadata, &now()],
+            )
+            .await?;
+        let found = rows
+            .iter()
+            .map(|r| get::<String>(r, 0))
+            .collect::<Result<std::collections::HashSet<_>>>()?;
+        for &i in &valid {
+            let session_id = &messages[i].0;
+            if !found.contains(session_id) {
+                out[i] = Err(StorageError::not_found("session", session_id.clone()));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_conversation_history(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        validate::id("session_id", session_id)?;
+        validate::limit("limit", limit)?;
+        let c = self.conn().await?;
+        let rows = c
+            .query(&c.sql.history, &[&session_id, &(limit as i64)])
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Message {
+                    message_id: get(row, 0)?,
+                    role: get(row, 1)?,
+                    content: get(row, 2)?,
+                    timestamp: get(row, 3)?,
+                    metadata: json_map(row, 4)?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl CheckpointStorage for PostgresBackend {
+    async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
+        validate::new_checkpoint(checkpoint)?;
+        let c = self.conn().await?;
+        c.execute(
+            &c.sql.store_checkpoint,
+            &[
+                &checkpoint.thread_id,
+                &checkpoint.checkpoint_ns,
+                &checkpoint.checkpoint_id,
+                &checkpoint.parent_checkpoint_id,
+                &checkpoint.data,
+                &Json(&checkpoint.metadata),
+                &now(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn get_checkpoint(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: Option<&str>,
+    ) -> Result<Option<Checkpoint>> {
+        validate::checkpoint_ref(thread_id, checkpoint_ns, checkpoint_id)?;
+        let c = self.conn().await?;
+        let row = match checkpoint_id {
+            Some(id) => {
+                c.query_opt(&c.sql.get_checkpoint, &[&thread_id, &checkpoint_ns, &id])
+                    .await?
+            }
+            None => {
+                c.query_opt(&c.sql.latest_checkpoint, &[&thread_id, &checkpoint_ns])
+                    .await?
+            }
+        };
+        row.map(|r| checkpoint_at(&r, 0)).transpose()
+    }
+
+    async fn list_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        filter: &CheckpointFilter,
+    ) -> Result<Vec<Checkpoint>> {
+        validate::checkpoint_filter(thread_id, checkpoint_ns, filter)?;
+        let c = self.conn().await?;
+        let limit = filter.limit as i64;
+        if filter.metadata.is_empty() {
+            let rows = c
+                .query(
+                    &c.sql.list_checkpoints,
+                    &[
+                        &thread_id,
+                        &checkpoint_ns,
+                        &i64::MAX,
+                        &filter.before,
+                        &limit,
+                    ],
+                )
+                .await?;
+            return rows.iter().map(|r| checkpoint_at(r, 1)).collect();
+        }
+        // jsonb equality is a superset of serde_json's (it equates 4 and 4.0), so rows are
+        // checked again here; in the rare case that drops some, the next page continues
+        // below the last seq seen until `limit` match or the thread is exhausted.
+        let wanted = Json(&filter.metadata);
+        let mut out = Vec::new();
+        let mut below = i64::MAX;
+        loop {
+            let rows = c
+                .query(
+                    &c.sql.list_checkpoints_filtered,
+                    &[
+                        &thread_id,
+                        &checkpoint_ns,
+                        &below,
+                        &filter.before,
+                        &limit,
+                        &wanted,
+                    ],
+                )
+                .await?;
+            for row in &rows {
+                below = get(row, 0)?;
+                let metadata = json_map(row, 6)?;
+                if filter.matches(&metadata) && out.len() < filter.limit {
+                    out.push(checkpoint_from_row(row, 1, metadata)?);
+                }
+            }
+            if out.len() >= filter.limit || (rows.len() as i64) < limit {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn put_writes(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+        task_id: &str,
+        writes: &[WriteInput],
+    ) -> Result<()> {
+        validate::writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
+        if writes.is_empty() {
+            self.state().await?;
+            return Ok(());
+        }
+        // Validation caps a call at 10 000 writes, so every index fits.
+        let idx: Vec<i32> = (0..writes.len() as i32).collect();
+        let channels: Vec<&str> = writes.iter().map(|w| w.channel.as_str()).collect();
+        let values: Vec<&Value> = writes.iter().map(|w| &w.value).collect();
+        let c = self.conn().await?;
+        c.execute(
+            &c.sql.put_writes,
+            &[
+                &thread_id,
+                &checkpoint_ns,
+                &checkpoint_id,
+                &task_id,
+                &idx,
+                &channels,
+                &values,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn get_writes(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+    ) -> Result<Vec<PendingWrite>> {
+        validate::checkpoint_ref(thread_id, checkpoint_ns, Some(checkpoint_id))?;
+        let c = self.conn().await?;
+        let rows = c
+            .query(
+                &c.sql.get_writes,
+                &[&thread_id, &checkpoint_ns, &checkpoint_id],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let idx: i32 = get(row, 1)?;
+                Ok(PendingWrite {
+                    task_id: get(row, 0)?,
+                    idx: u32::try_from(idx).map_err(|_| StorageError::Serialization {
+                        message: format!("stored write index {idx} is negative"),
+                        source: None,
+                    })?,
+                    channel: get(row, 2)?,
+                    value: get(row, 3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_thread(&self, thread_id: &str) -> Result<()> {
+        validate::id("thread_id", thread_id)?;
+        let c = self.conn().await?;
+        c.execute(&c.sql.delete_thread, &[&thread_id]).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TaskContextStorage for PostgresBackend {
+    async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
+        validate::id("session_id", session_id)?;
+        let c = self.conn().await?;
+        c.query_opt(&c.sql.get_task_context, &[&session_id])
+            .await?
+            .map(|row| get(&row, 0))
+            .transpose()
+    }
+
+    async fn store_task_context(&self, session_id: &str, context: &Value) -> Result<()> {
+        validate::task_context(session_id, context)?;
+        let c = self.conn().await?;
+        c.execute(&c.sql.store_task_context, &[&session_id, context, &now()])
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StorageBackend for PostgresBackend {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn initialize(&self) -> Result<()> {
+        self.state().await.map(|_| ())
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::Release);
+        if let Some(state) = self.state.get() {
+            // Idle connections close now; busy ones when their call finishes.
+            state.pool.close();
+        }
+        Ok(())
+    }
+
+    async fn health_check(&self) -> Result<HealthReport> {
+        let started = Instant::now();
+        let c = self.conn().await?;
+        let row = c
+            .query_one("SELECT current_setting('server_version')", &[])
+            .await?;
+        let server_version: String = get(&row, 0)?;
+        let latency = started.elapsed();
+        let state = self.state().await?;
+        let pool = state.pool.status();
+        let mut details = Metadata::new();
+        details.insert("url".into(), json!(self.options.redacted));
+        details.insert("host".into(), json!(self.options.host));
+        details.insert("database".into(), json!(self.options.dbname));
+        details.insert("schema".into(), json!(self.schema));
+        details.insert("schema_version".into(), json!(state.schema_version));
+        details.insert("server_version".into(), json!(server_version));
+        details.insert("sslmode".into(), json!(self.options.ssl_mode.as_str()));
+        details.insert("pool_max_size".into(), json!(pool.max_size));
+        details.insert("pool_size".into(), json!(pool.size));
+        details.insert("pool_available".into(), json!(pool.available));
+        details.insert("pool_waiting".into(), json!(pool.waiting));
+        Ok(HealthReport::healthy(self.kind(), latency, details))
+    }
+
+    async fn get_metrics(&self) -> Result<MetricsReport> {
+        let c = self.conn().await?;
+        let row = c.query_one(&c.sql.counts, &[]).await?;
+        let mut values = Metadata::new();
+        for (i, name) in [
+            "sessions",
+            "messages",
+            "checkpoints",
+            "pending_writes",
+            "task_contexts",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            values.insert(name.into(), json!(get::<i64>(&row, i)?));
+        }
+        Ok(MetricsReport {
+            component: self.kind().to_owned(),
+            values,
+            components: Vec::new(),
+        })
+    }
+
+    async fn cleanup_expired_sessions(&self, max_idle: Duration) -> Result<u64> {
+        let cutoff = validate::idle_cutoff(max_idle)?;
+        let c = self.conn().await?;
+        let row = c.query_one(&c.sql.cleanup, &[&cutoff]).await?;
+        count(get(&row, 0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_password() {
+        let b = PostgresBackend::new("postgres://app:s3cr3t-hunter2@db:5432/x").unwrap();
+        let shown = format!("{b:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("postgres://app:***@db:5432/x"), "{shown}");
+        assert_eq!(b.redacted_url(), "postgres://app:***@db:5432/x");
+    }
+
+    #[test]
+    fn schema_is_validated() {
+        let b = PostgresBackend::new("postgres://db/x").unwrap();
+        match b.with_schema("Bad-Name") {
+            Err(StorageError::InvalidInput { field, .. }) => assert_eq!(field, "schema"),
+            other => panic!("{other:?}"),
+        }
+        let b = PostgresBackend::new("postgres://db/x")
+            .unwrap()
+            .with_schema("tenant_1")
+            .unwrap();
+        assert_eq!(b.schema(), "tenant_1");
+    }
+
+    #[test]
+    fn pool_is_pool_size_plus_overflow() {
+        let b = PostgresBackend::new("postgres://db/x").unwrap();
+        assert_eq!(b.max_size(), 30);
+        let b = b.with_pool_size(3).with_max_overflow(2);
+        assert_eq!(b.max_size(), 5);
+        let b = b.with_pool_size(0).with_max_overflow(0);
+        assert_eq!(b.max_size(), 1);
+    }
+
+    #[test]
+    fn list_sessions_uses_only_the_filters_given() {
+        let q = Queries::new("aiecs");
+        assert_eq!(
+            q.list_sessions(false, false, false),
+            format!(
+                "SELECT {SESSION_COLUMNS} FROM \"aiecs\".sessions WHERE true \
+                 ORDER BY session_id LIMIT $1"
+            )
+        );
+        assert!(q.list_sessions(true, false, true).ends_with(
+            "WHERE true AND session_id > $1 AND status = $2 ORDER BY session_id LIMIT $3"
+        ));
+    }
+}

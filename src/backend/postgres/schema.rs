@@ -1,0 +1,267 @@
+//! The PostgreSQL schema: versioned migrations applied at `initialize()`.
+//!
+//! Every table lives in the backend's own schema (`aiecs` by default), so several
+//! applications or test runs can share one database. `<schema>.schema_version` records
+//! each applied migration. Migrations run in order inside one transaction that first
+//! takes a transaction-scoped advisory lock derived from the schema name, so backends
+//! initializing concurrently (in one process or many) apply each migration exactly once;
+//! a schema written by a newer version of this library is refused rather than misread.
+
+use tokio_postgres::Transaction;
+
+use crate::error::{Result, StorageError};
+
+/// The migrations, in order. `{s}` stands for the quoted schema name. Migration `i`
+/// (0-based) brings the schema to version `i + 1`. Never edit a released migration; add
+/// a new one.
+///
+/// Id columns use the `"C"` collation: byte order, the same order as every other backend
+/// (and as Rust's `str`), whatever the database's default collation, and cheaper to
+/// compare and index.
+pub(super) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE {s}.sessions (
+    session_id            text COLLATE "C" PRIMARY KEY,
+    user_id               text COLLATE "C" NOT NULL,
+    created_at            timestamptz NOT NULL,
+    updated_at            timestamptz NOT NULL,
+    status                text COLLATE "C" NOT NULL,
+    metadata              jsonb NOT NULL,
+    request_count         bigint NOT NULL DEFAULT 0,
+    total_processing_time double precision NOT NULL DEFAULT 0,
+    error_count           bigint NOT NULL DEFAULT 0
+);
+-- cleanup_expired_sessions scans by idle time; list_sessions by user pages by id.
+CREATE INDEX sessions_by_updated_at ON {s}.sessions (updated_at);
+CREATE INDEX sessions_by_user ON {s}.sessions (user_id, session_id);
+
+-- seq is drawn when a row is inserted, so it orders a session's messages by arrival.
+CREATE TABLE {s}.messages (
+    seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    session_id text COLLATE "C" NOT NULL
+               REFERENCES {s}.sessions (session_id) ON DELETE CASCADE,
+    message_id text COLLATE "C" NOT NULL,
+    role       text NOT NULL,
+    content    text NOT NULL,
+    timestamp  timestamptz NOT NULL,
+    metadata   jsonb NOT NULL,
+    UNIQUE (session_id, message_id)
+);
+CREATE INDEX messages_by_session ON {s}.messages (session_id, seq);
+
+-- seq is the per-thread store order: "latest" is the highest seq of a thread and
+-- namespace. Re-storing an id updates the row in place and keeps its seq.
+CREATE TABLE {s}.checkpoints (
+    seq                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    thread_id            text COLLATE "C" NOT NULL,
+    checkpoint_ns        text COLLATE "C" NOT NULL,
+    checkpoint_id        text COLLATE "C" NOT NULL,
+    parent_checkpoint_id text,
+    data                 jsonb NOT NULL,
+    metadata             jsonb NOT NULL,
+    created_at           timestamptz NOT NULL,
+    UNIQUE (thread_id, checkpoint_ns, checkpoint_id)
+);
+CREATE INDEX checkpoints_by_thread ON {s}.checkpoints (thread_id, checkpoint_ns, seq);
+
+-- seq keeps the order in which each write was first stored; a replay updates in place.
+CREATE TABLE {s}.checkpoint_writes (
+    seq           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    thread_id     text COLLATE "C" NOT NULL,
+    checkpoint_ns text COLLATE "C" NOT NULL,
+    checkpoint_id text COLLATE "C" NOT NULL,
+    task_id       text COLLATE "C" NOT NULL,
+    idx           integer NOT NULL,
+    channel       text NOT NULL,
+    value         jsonb NOT NULL,
+    UNIQUE (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
+);
+
+CREATE TABLE {s}.task_contexts (
+    session_id text COLLATE "C" PRIMARY KEY,
+    context    jsonb NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+"#];
+
+/// The schema version this library writes: the number of migrations.
+pub(super) const LATEST_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// The longest schema name PostgreSQL keeps (NAMEDATALEN - 1).
+pub(super) const MAX_SCHEMA_BYTES: usize = 63;
+
+/// Checks a schema name: `[a-z_][a-z0-9_]*`, at most 63 bytes. Such a name needs no
+/// escaping inside double quotes, so it can be spliced into SQL safely.
+pub(super) fn validate_schema(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !first_ok || !rest_ok {
+        return Err(StorageError::invalid_input(
+            "schema",
+            format!(
+                "{name:?} is not a plain SQL identifier: use lowercase letters, digits and \
+                 `_`, not starting with a digit"
+            ),
+        ));
+    }
+    if name.len() > MAX_SCHEMA_BYTES {
+        return Err(StorageError::invalid_input(
+            "schema",
+            format!(
+                "is {} bytes; at most {MAX_SCHEMA_BYTES} allowed",
+                name.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The schema name quoted for SQL. Only called on names [`validate_schema`] accepted.
+pub(super) fn quoted(schema: &str) -> String {
+    format!("\"{schema}\"")
+}
+
+/// The advisory lock key serializing migrations of `schema`: a 64-bit FNV-1a hash of a
+/// fixed prefix and the name, so every process computes the same key and different
+/// schemas rarely share one (sharing would only serialize their migrations).
+pub(super) fn lock_key(schema: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in b"aiecs-storage:migrate:"
+        .iter()
+        .chain(schema.as_bytes().iter())
+    {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    i64::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// What [`migrate`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Migrated {
+    /// The version before this call.
+    pub from: i32,
+    /// The version now.
+    pub to: i32,
+}
+
+/// Why [`migrate`] failed: PostgreSQL's error, or a schema it refuses.
+pub(super) enum MigrateError {
+    Pg(tokio_postgres::Error),
+    Storage(StorageError),
+}
+
+impl From<tokio_postgres::Error> for MigrateError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        MigrateError::Pg(e)
+    }
+}
+
+/// Creates the schema if missing and applies the pending migrations, all inside `tx`,
+/// which the caller commits. Takes `pg_advisory_xact_lock` first so concurrent callers
+/// wait for each other and then find the work done.
+pub(super) async fn migrate(
+    tx: &Transaction<'_>,
+    schema: &str,
+) -> std::result::Result<Migrated, MigrateError> {
+    let s = quoted(schema);
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(schema)])
+        .await?;
+
+    // Checked first so that a role without CREATE on the database can use a schema an
+    // administrator created for it.
+    let schema_exists: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[&schema],
+        )
+        .await?
+        .get(0);
+    if !schema_exists {
+        tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
+            .await?;
+    }
+    let table_exists: bool = tx
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("{s}.schema_version")],
+        )
+        .await?
+        .get(0);
+    if !table_exists {
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {s}.schema_version (\
+                 version    integer PRIMARY KEY, \
+                 applied_at timestamptz NOT NULL DEFAULT now(), \
+                 library    text NOT NULL)"
+        ))
+        .await?;
+    }
+
+    let from: i32 = tx
+        .query_one(
+            &format!("SELECT COALESCE(max(version), 0) FROM {s}.schema_version"),
+            &[],
+        )
+        .await?
+        .get(0);
+    if from > LATEST_VERSION {
+        return Err(MigrateError::Storage(StorageError::Backend {
+            message: format!(
+                "postgres schema `{schema}` is at version {from}, newer than this library \
+                 knows ({LATEST_VERSION}); upgrade aiecs-storage"
+            ),
+            transient: false,
+            source: None,
+        }));
+    }
+    let library = concat!("aiecs-storage ", env!("CARGO_PKG_VERSION"));
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(from.max(0) as usize) {
+        tx.batch_execute(&sql.replace("{s}", &s)).await?;
+        let version = i as i32 + 1;
+        tx.execute(
+            &format!("INSERT INTO {s}.schema_version (version, library) VALUES ($1, $2)"),
+            &[&version, &library],
+        )
+        .await?;
+    }
+    Ok(Migrated {
+        from,
+        to: LATEST_VERSION.max(from),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names() {
+        for ok in ["aiecs", "_x", "a1_b2", &"a".repeat(63)] {
+            assert!(validate_schema(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "1abc",
+            "Aiecs",
+            "a-b",
+            "a b",
+            "a\"b",
+            "é",
+            &"a".repeat(64),
+        ] {
+            match validate_schema(bad) {
+                Err(StorageError::InvalidInput { field, .. }) => assert_eq!(field, "schema"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn lock_keys_are_stable_and_distinct() {
+        assert_eq!(lock_key("aiecs"), lock_key("aiecs"));
+        assert_ne!(lock_key("aiecs"), lock_key("aiecs2"));
+    }
+}

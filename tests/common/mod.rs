@@ -1,0 +1,23 @@
+//! Helpers shared by the test targets that talk to real servers.
+
+/// The URL of a test server from `var`. Unset: prints a notice and returns `None` so the
+/// test passes as skipped, unless `CI=true`, where a missing server must fail the run.
+#[allow(dead_code)]
+pub fn server_url(var: &str, target: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{var} is unset under CI=true: the {target} tests need their server")
+        }
+        _ => {
+            eprintln!("skipping {target} test: {var} is unset");
+            None
+        }
+    }
+}
+
+/// A name no other test run uses, for a key prefix or a schema.
+#[allow(dead_code)]
+pub fn unique_name(kind: &str) -> String {
+    format!("aiecs_test_{kind}_{}", uuid::Uuid::now_v7().simple())
+}
