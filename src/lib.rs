@@ -35,6 +35,7 @@
 
 pub mod backend;
 pub mod error;
+pub mod layer;
 pub mod model;
 pub mod storage;
 pub mod validate;
@@ -58,7 +59,7 @@ pub use error::{BoxError, ErrorKind, Result, StorageError};
 pub use model::{
     Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
-    SessionQuery, SessionStatus, SessionUpdate, WriteInput,
+    SessionQuery, SessionStatus, SessionUpdate, TaskWrites, WriteInput,
 };
 pub use storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextExt,

@@ -389,6 +389,23 @@ impl WriteInput {
     }
 }
 
+/// The pending writes of one task, as one item of
+/// [`CheckpointStorage::batch_put_writes`](crate::CheckpointStorage::batch_put_writes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskWrites {
+    /// The thread.
+    pub thread_id: String,
+    /// The namespace.
+    #[serde(default)]
+    pub checkpoint_ns: String,
+    /// The checkpoint the writes belong to.
+    pub checkpoint_id: String,
+    /// The task that made them.
+    pub task_id: String,
+    /// The writes, in order.
+    pub writes: Vec<WriteInput>,
+}
+
 /// A pending write as stored: the spec's `(task_id, channel, value)` tuple with its index
 /// within the task's `put_writes` call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

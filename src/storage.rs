@@ -17,7 +17,7 @@ use crate::error::{Result, StorageError};
 use crate::model::{
     Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport, NewCheckpoint,
     NewMessage, NewSession, PendingWrite, Session, SessionPage, SessionQuery, SessionUpdate,
-    WriteInput,
+    TaskWrites, WriteInput,
 };
 
 /// Sessions and their usage figures (the spec's `ISessionStorage`).
@@ -156,6 +156,28 @@ pub trait CheckpointStorage: Send + Sync {
         task_id: &str,
         writes: &[WriteInput],
     ) -> Result<()>;
+
+    /// Stores the pending writes of many tasks in one step, each as
+    /// [`CheckpointStorage::put_writes`] would. Each item gets its own result; the outer
+    /// error means nothing is known to be stored. Used by the batching layer; backends
+    /// override it with one transaction or round trip.
+    async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
+        crate::validate::batch("items", items.len())?;
+        let mut out = Vec::with_capacity(items.len());
+        for w in items {
+            out.push(
+                self.put_writes(
+                    &w.thread_id,
+                    &w.checkpoint_ns,
+                    &w.checkpoint_id,
+                    &w.task_id,
+                    &w.writes,
+                )
+                .await,
+            );
+        }
+        Ok(out)
+    }
 
     /// The pending writes of a checkpoint in the order they were first stored.
     async fn get_writes(
@@ -304,6 +326,9 @@ macro_rules! forward_storage {
             }
             async fn put_writes(&self, thread_id: &str, checkpoint_ns: &str, checkpoint_id: &str, task_id: &str, writes: &[WriteInput]) -> Result<()> {
                 let $s = self; $inner.put_writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes).await
+            }
+            async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
+                let $s = self; $inner.batch_put_writes(items).await
             }
             async fn get_writes(&self, thread_id: &str, checkpoint_ns: &str, checkpoint_id: &str) -> Result<Vec<PendingWrite>> {
                 let $s = self; $inner.get_writes(thread_id, checkpoint_ns, checkpoint_id).await

@@ -12,7 +12,7 @@ use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
-    SessionQuery, SessionStatus, SessionUpdate, WriteInput,
+    SessionQuery, SessionStatus, SessionUpdate, TaskWrites, WriteInput,
 };
 use crate::storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
@@ -126,6 +126,42 @@ impl MemoryBackend {
         });
         entry.session.updated_at = timestamp;
         Ok(message_id)
+    }
+
+    fn store_writes(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+        task_id: &str,
+        writes: &[WriteInput],
+    ) -> Result<()> {
+        validate::writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
+        let mut thread = self.threads.entry(thread_id.to_owned()).or_default();
+        let stored = thread
+            .entry(checkpoint_ns.to_owned())
+            .or_default()
+            .writes
+            .entry(checkpoint_id.to_owned())
+            .or_default();
+        for (idx, write) in (0u32..).zip(writes) {
+            let pending = PendingWrite {
+                task_id: task_id.to_owned(),
+                idx,
+                channel: write.channel.clone(),
+                value: write.value.clone(),
+            };
+            match stored.positions.get(&(task_id.to_owned(), idx)) {
+                Some(&pos) => stored.list[pos] = pending,
+                None => {
+                    stored
+                        .positions
+                        .insert((task_id.to_owned(), idx), stored.list.len());
+                    stored.list.push(pending);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn counts(&self) -> Metadata {
@@ -373,32 +409,24 @@ impl CheckpointStorage for MemoryBackend {
         writes: &[WriteInput],
     ) -> Result<()> {
         self.check_open()?;
-        validate::writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
-        let mut thread = self.threads.entry(thread_id.to_owned()).or_default();
-        let stored = thread
-            .entry(checkpoint_ns.to_owned())
-            .or_default()
-            .writes
-            .entry(checkpoint_id.to_owned())
-            .or_default();
-        for (idx, write) in (0u32..).zip(writes) {
-            let pending = PendingWrite {
-                task_id: task_id.to_owned(),
-                idx,
-                channel: write.channel.clone(),
-                value: write.value.clone(),
-            };
-            match stored.positions.get(&(task_id.to_owned(), idx)) {
-                Some(&pos) => stored.list[pos] = pending,
-                None => {
-                    stored
-                        .positions
-                        .insert((task_id.to_owned(), idx), stored.list.len());
-                    stored.list.push(pending);
-                }
-            }
-        }
-        Ok(())
+        self.store_writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)
+    }
+
+    async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
+        self.check_open()?;
+        validate::batch("items", items.len())?;
+        Ok(items
+            .iter()
+            .map(|w| {
+                self.store_writes(
+                    &w.thread_id,
+                    &w.checkpoint_ns,
+                    &w.checkpoint_id,
+                    &w.task_id,
+                    &w.writes,
+                )
+            })
+            .collect())
     }
 
     async fn get_writes(

@@ -15,7 +15,7 @@ use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
-    SessionQuery, SessionUpdate, WriteInput,
+    SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
 use crate::storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
@@ -313,6 +313,45 @@ fn append_message(
         serde_json::to_string(&message.metadata)?
     ])?;
     Ok(message_id)
+}
+
+/// One task's pending writes, encoded for the connection thread.
+struct EncodedWrites {
+    key: [String; 4],
+    writes: Vec<(String, String)>,
+}
+
+impl EncodedWrites {
+    fn new(
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+        task_id: &str,
+        writes: &[WriteInput],
+    ) -> Result<Self> {
+        Ok(EncodedWrites {
+            key: [thread_id, checkpoint_ns, checkpoint_id, task_id].map(str::to_owned),
+            writes: writes
+                .iter()
+                .map(|w| Ok((w.channel.clone(), serde_json::to_string(&w.value)?)))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Upserts the writes inside the caller's transaction; a write keeps its first `seq`.
+    fn insert(&self, conn: &rusqlite::Connection) -> Sql<()> {
+        let mut stmt = conn.prepare_cached(
+            "INSERT INTO checkpoint_writes (thread_id, checkpoint_ns, checkpoint_id, \
+             task_id, idx, channel, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+             ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) \
+             DO UPDATE SET channel = excluded.channel, value = excluded.value",
+        )?;
+        let k = &self.key;
+        for (idx, (channel, value)) in self.writes.iter().enumerate() {
+            stmt.execute(params![k[0], k[1], k[2], k[3], idx as i64, channel, value])?;
+        }
+        Ok(())
+    }
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -834,28 +873,51 @@ impl CheckpointStorage for SqliteBackend {
         writes: &[WriteInput],
     ) -> Result<()> {
         validate::writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
-        let key = [thread_id, checkpoint_ns, checkpoint_id, task_id].map(str::to_owned);
-        let writes = writes
-            .iter()
-            .map(|w| Ok((w.channel.clone(), serde_json::to_string(&w.value)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let item = EncodedWrites::new(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO checkpoint_writes (thread_id, checkpoint_ns, checkpoint_id, \
-                     task_id, idx, channel, value) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-                     ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) \
-                     DO UPDATE SET channel = excluded.channel, value = excluded.value",
-                )?;
-                for (idx, (channel, value)) in writes.iter().enumerate() {
-                    stmt.execute(params![
-                        key[0], key[1], key[2], key[3], idx as i64, channel, value
-                    ])?;
-                }
-            }
+            item.insert(&tx)?;
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
+        validate::batch("items", items.len())?;
+        let encoded: Vec<Result<EncodedWrites>> = items
+            .iter()
+            .map(|w| {
+                validate::writes(
+                    &w.thread_id,
+                    &w.checkpoint_ns,
+                    &w.checkpoint_id,
+                    &w.task_id,
+                    &w.writes,
+                )?;
+                EncodedWrites::new(
+                    &w.thread_id,
+                    &w.checkpoint_ns,
+                    &w.checkpoint_id,
+                    &w.task_id,
+                    &w.writes,
+                )
+            })
+            .collect();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut out = Vec::with_capacity(encoded.len());
+            for item in encoded {
+                out.push(match item {
+                    Ok(item) => {
+                        item.insert(&tx)?;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                });
+            }
+            tx.commit()?;
+            Ok(out)
         })
         .await
     }

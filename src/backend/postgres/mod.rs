@@ -18,7 +18,7 @@ use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
-    SessionQuery, SessionUpdate, WriteInput,
+    SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
 use crate::storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
@@ -132,6 +132,7 @@ struct Queries {
     list_checkpoints: String,
     list_checkpoints_filtered: String,
     put_writes: String,
+    batch_put_writes: String,
     get_writes: String,
     delete_thread: String,
     get_task_context: String,
@@ -254,6 +255,17 @@ impl Queries {
                  SELECT $1::text, $2::text, $3::text, $4::text, w.idx, w.channel, w.value \
                  FROM unnest($5::integer[], $6::text[], $7::jsonb[]) AS w (idx, channel, value) \
                  ORDER BY w.idx \
+                 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) \
+                 DO UPDATE SET channel = EXCLUDED.channel, value = EXCLUDED.value"
+            ),
+            batch_put_writes: format!(
+                "INSERT INTO {s}.checkpoint_writes \
+                 (thread_id, checkpoint_ns, checkpoint_id, task_id, idx, channel, value) \
+                 SELECT w.thread_id, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.idx, \
+                 w.channel, w.value FROM unnest($1::text[], $2::text[], $3::text[], \
+                 $4::text[], $5::integer[], $6::text[], $7::jsonb[]) WITH ORDINALITY \
+                 AS w (thread_id, checkpoint_ns, checkpoint_id, task_id, idx, channel, value, n) \
+                 ORDER BY w.n \
                  ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) \
                  DO UPDATE SET channel = EXCLUDED.channel, value = EXCLUDED.value"
             ),
@@ -1018,6 +1030,79 @@ impl CheckpointStorage for PostgresBackend {
         )
         .await?;
         Ok(())
+    }
+
+    async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
+        validate::batch("items", items.len())?;
+        // One statement for every valid item. A write repeated in the batch keeps the
+        // position of its first occurrence and the value of its last, as a sequence of
+        // put_writes calls would (one INSERT cannot upsert the same row twice).
+        let mut out = Vec::with_capacity(items.len());
+        let mut rows: Vec<(&str, &str, &str, &str, i32, &str, &Value)> = Vec::new();
+        let mut seen: std::collections::HashMap<(&str, &str, &str, &str, i32), usize> =
+            std::collections::HashMap::new();
+        for w in items {
+            let checked = validate::writes(
+                &w.thread_id,
+                &w.checkpoint_ns,
+                &w.checkpoint_id,
+                &w.task_id,
+                &w.writes,
+            );
+            if checked.is_ok() {
+                for (idx, write) in (0i32..).zip(&w.writes) {
+                    let key = (
+                        w.thread_id.as_str(),
+                        w.checkpoint_ns.as_str(),
+                        w.checkpoint_id.as_str(),
+                        w.task_id.as_str(),
+                        idx,
+                    );
+                    let row = (
+                        key.0,
+                        key.1,
+                        key.2,
+                        key.3,
+                        idx,
+                        write.channel.as_str(),
+                        &write.value,
+                    );
+                    match seen.get(&key) {
+                        Some(&at) => rows[at] = row,
+                        None => {
+                            seen.insert(key, rows.len());
+                            rows.push(row);
+                        }
+                    }
+                }
+            }
+            out.push(checked);
+        }
+        let c = self.conn().await?;
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let threads: Vec<&str> = rows.iter().map(|r| r.0).collect();
+        let namespaces: Vec<&str> = rows.iter().map(|r| r.1).collect();
+        let checkpoints: Vec<&str> = rows.iter().map(|r| r.2).collect();
+        let tasks: Vec<&str> = rows.iter().map(|r| r.3).collect();
+        let idx: Vec<i32> = rows.iter().map(|r| r.4).collect();
+        let channels: Vec<&str> = rows.iter().map(|r| r.5).collect();
+        let values: Vec<&Value> = rows.iter().map(|r| r.6).collect();
+        c.execute(
+            &c.sql.batch_put_writes,
+            &[
+                &threads,
+                &namespaces,
+                &checkpoints,
+                &tasks,
+                &idx,
+                &channels,
+                &values,
+            ],
+        )
+        .await?;
+        Ok(out)
     }
 
     async fn get_writes(

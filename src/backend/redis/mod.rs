@@ -21,7 +21,7 @@ use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
-    SessionQuery, SessionUpdate, WriteInput,
+    SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
 use crate::storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
@@ -398,6 +398,34 @@ impl RedisBackend {
             ids.extend(from_value::<Vec<String>>(reply)?);
         }
         Ok(ids)
+    }
+
+    fn put_writes_cmd(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+        task_id: &str,
+        writes: &[WriteInput],
+    ) -> Result<Cmd> {
+        let keys = ThreadKeys::new(&self.prefix, thread_id, checkpoint_ns);
+        let (order, values) = keys.writes(checkpoint_id);
+        let mut c = evalsha(
+            &scripts::PUT_WRITES,
+            &[&keys.seq(), &order, &values, &keys.registry()],
+        );
+        c.arg(Self::ttl_ms(self.checkpoint_ttl));
+        for (idx, w) in (0u32..).zip(writes) {
+            // Task ids hold no control characters (validated), so '\n' cannot be forged.
+            c.arg(format!("{task_id}\n{idx}"))
+                .arg(serde_json::to_string(&StoredWrite {
+                    task_id: task_id.to_owned(),
+                    idx,
+                    channel: w.channel.clone(),
+                    value: w.value.clone(),
+                })?);
+        }
+        Ok(c)
     }
 
     fn create_cmd(
@@ -961,26 +989,38 @@ impl CheckpointStorage for RedisBackend {
             self.conn().await?;
             return Ok(());
         }
-        let keys = ThreadKeys::new(&self.prefix, thread_id, checkpoint_ns);
-        let (order, values) = keys.writes(checkpoint_id);
-        let mut c = evalsha(
-            &scripts::PUT_WRITES,
-            &[&keys.seq(), &order, &values, &keys.registry()],
-        );
-        c.arg(Self::ttl_ms(self.checkpoint_ttl));
-        for (idx, w) in (0u32..).zip(writes) {
-            // Task ids hold no control characters (validated), so '\n' cannot be forged.
-            c.arg(format!("{task_id}\n{idx}"))
-                .arg(serde_json::to_string(&StoredWrite {
-                    task_id: task_id.to_owned(),
-                    idx,
-                    channel: w.channel.clone(),
-                    value: w.value.clone(),
-                })?);
-        }
+        let c = self.put_writes_cmd(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
         self.many(&[c, self.thread_index_cmd("SADD", thread_id)])
             .await
             .map(|_| ())
+    }
+
+    async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
+        validate::batch("items", items.len())?;
+        let mut out = Vec::with_capacity(items.len());
+        let mut cmds = Vec::new();
+        for w in items {
+            let checked = validate::writes(
+                &w.thread_id,
+                &w.checkpoint_ns,
+                &w.checkpoint_id,
+                &w.task_id,
+                &w.writes,
+            );
+            if checked.is_ok() && !w.writes.is_empty() {
+                cmds.push(self.put_writes_cmd(
+                    &w.thread_id,
+                    &w.checkpoint_ns,
+                    &w.checkpoint_id,
+                    &w.task_id,
+                    &w.writes,
+                )?);
+                cmds.push(self.thread_index_cmd("SADD", &w.thread_id));
+            }
+            out.push(checked);
+        }
+        self.many(&cmds).await?;
+        Ok(out)
     }
 
     async fn get_writes(

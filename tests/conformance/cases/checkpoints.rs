@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use aiecs_storage::{
-    Checkpoint, CheckpointFilter, NewCheckpoint, PendingWrite, StorageBackend, WriteInput,
+    Checkpoint, CheckpointFilter, NewCheckpoint, PendingWrite, StorageBackend, TaskWrites,
+    WriteInput,
 };
 use serde_json::{json, Value};
 
@@ -552,4 +553,51 @@ pub async fn delete_thread_removes_everything_of_that_thread(b: Arc<dyn StorageB
         .unwrap();
     assert_eq!(ids(&listed), ["c9", "c2"]);
     assert_eq!(listed[1].data, json!("new"));
+}
+
+pub async fn batch_put_writes_matches_sequential_puts(b: Arc<dyn StorageBackend>) {
+    let w = |channel: &str, v: i64| WriteInput::new(channel, json!(v));
+    let item = |cp: &str, task: &str, writes: Vec<WriteInput>| TaskWrites {
+        thread_id: "t1".into(),
+        checkpoint_ns: String::new(),
+        checkpoint_id: cp.into(),
+        task_id: task.into(),
+        writes,
+    };
+    let results = b
+        .batch_put_writes(&[
+            item("c1", "a", vec![w("x", 1), w("y", 2)]),
+            item("c1", "", vec![w("bad", 0)]),
+            item("c2", "a", vec![w("z", 3)]),
+            // The same task again in one batch: replaced in place, as a second put would.
+            item("c1", "a", vec![w("x", 10)]),
+            item("c1", "b", vec![w("q", 4)]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 5);
+    assert!(results[0].is_ok() && results[2].is_ok() && results[3].is_ok());
+    assert!(
+        matches!(
+            &results[1],
+            Err(aiecs_storage::StorageError::InvalidInput {
+                field: "task_id",
+                ..
+            })
+        ),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(
+        b.get_writes("t1", "", "c1").await.unwrap(),
+        vec![
+            pw("a", 0, "x", json!(10)),
+            pw("a", 1, "y", json!(2)),
+            pw("b", 0, "q", json!(4)),
+        ]
+    );
+    assert_eq!(
+        b.get_writes("t1", "", "c2").await.unwrap(),
+        vec![pw("a", 0, "z", json!(3))]
+    );
 }

@@ -110,6 +110,7 @@ pub async fn calls_after_close_fail_with_closed(b: Arc<dyn StorageBackend>) {
         b.batch_add_conversation_messages(&[]).await,
         "empty batch_add_conversation_messages",
     );
+    assert_closed(b.batch_put_writes(&[]).await, "empty batch_put_writes");
 }
 
 pub async fn close_twice_is_ok(b: Arc<dyn StorageBackend>) {
@@ -119,18 +120,31 @@ pub async fn close_twice_is_ok(b: Arc<dyn StorageBackend>) {
     assert_closed(b.get_session("s1").await, "get_session");
 }
 
+/// The backend's own report: a layer reports itself with the reports of what it wraps
+/// nested, the first of them being the path to the backend.
+fn leaf<T>(report: &T, inner: fn(&T) -> Option<&T>) -> &T {
+    let mut r = report;
+    while let Some(next) = inner(r) {
+        r = next;
+    }
+    r
+}
+
 pub async fn health_check_reports_healthy(b: Arc<dyn StorageBackend>) {
     let report = b.health_check().await.unwrap();
     assert_eq!(report.status, HealthStatus::Healthy);
-    assert_eq!(report.component, b.kind());
+    let backend = leaf(&report, |r| r.components.first());
+    assert_eq!(backend.component, b.kind());
+    assert_eq!(backend.status, HealthStatus::Healthy);
     assert!(!b.kind().is_empty());
     // Serializable for the CLI and health endpoints.
     let v = serde_json::to_value(&report).unwrap();
     assert_eq!(v["status"], "healthy");
-    assert_eq!(v["component"], b.kind());
+    assert_eq!(v["component"], report.component.as_str());
 }
 
 fn count(report: &aiecs_storage::MetricsReport, key: &str) -> u64 {
+    let report = leaf(report, |r| r.components.first());
     report
         .values
         .get(key)
@@ -141,7 +155,7 @@ fn count(report: &aiecs_storage::MetricsReport, key: &str) -> u64 {
 
 pub async fn metrics_count_records(b: Arc<dyn StorageBackend>) {
     let report = b.get_metrics().await.unwrap();
-    assert_eq!(report.component, b.kind());
+    assert_eq!(leaf(&report, |r| r.components.first()).component, b.kind());
     for key in [
         "sessions",
         "messages",
@@ -193,7 +207,7 @@ pub async fn metrics_count_records(b: Arc<dyn StorageBackend>) {
     b.store_task_context("x", &json!(3)).await.unwrap();
 
     let report = b.get_metrics().await.unwrap();
-    assert_eq!(report.component, b.kind());
+    assert_eq!(leaf(&report, |r| r.components.first()).component, b.kind());
     assert_eq!(count(&report, "sessions"), 3);
     assert_eq!(count(&report, "messages"), 4);
     assert_eq!(count(&report, "checkpoints"), 3);

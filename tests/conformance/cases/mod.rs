@@ -59,6 +59,7 @@ macro_rules! all_cases {
             checkpoints::parent_id_round_trips,
             checkpoints::pending_writes_keep_order_and_are_idempotent,
             checkpoints::pending_writes_are_per_checkpoint_and_namespace,
+            checkpoints::batch_put_writes_matches_sequential_puts,
             checkpoints::delete_thread_removes_everything_of_that_thread,
 
             task_context::task_context_round_trips_nested_json,

@@ -1,0 +1,207 @@
+//! Layers: wrappers that implement [`StorageBackend`] around any inner backend, so they
+//! stack in any order.
+//!
+//! Each layer is a cheap, cloneable config struct (`RetryLayer`, `TimeoutLayer`, ...)
+//! implementing [`tower::Layer`]; its wrapper implements [`StorageBackend`] for any inner
+//! `B: StorageBackend`, including `Arc<dyn StorageBackend>` and other wrappers. State
+//! shared by all wrappers of one layer (counters, a breaker) lives in the layer.
+//!
+//! # Order
+//!
+//! As in tower, the first layer added is the outermost: it sees a call first and its
+//! answer last.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+//! use std::time::Duration;
+//! use aiecs_storage::layer::{RetryLayer, TimeoutLayer};
+//! use aiecs_storage::{prelude::*, MemoryBackend};
+//! use tower::ServiceBuilder;
+//!
+//! // retry -> timeout -> memory: each attempt gets its own 2 s deadline.
+//! let storage = ServiceBuilder::new()
+//!     .layer(RetryLayer::new())
+//!     .layer(TimeoutLayer::new(Duration::from_secs(2)))
+//!     .service(MemoryBackend::new());
+//! storage.create_session("s1", "alice", &Default::default()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Layers that treat every operation alike (retry, timeout, and the metrics and logging
+//! layers) are a [`Policy`] run by one forwarding wrapper, [`Layered`]; only layers that
+//! act on particular operations (cache, failover, batching) implement the trait
+//! themselves.
+
+mod forward;
+mod retry;
+mod stack;
+mod timeout;
+
+use std::future::Future;
+
+pub use forward::Layered;
+pub use retry::{RetryLayer, RetryPolicy};
+pub use stack::{DynLayer, StackBuilder};
+pub use timeout::{TimeoutLayer, TimeoutPolicy};
+
+use crate::error::Result;
+use crate::model::Metadata;
+
+/// Every operation of the contract, for policies, metric labels and log fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Operation {
+    /// `create_session`
+    CreateSession,
+    /// `get_session`
+    GetSession,
+    /// `update_session`
+    UpdateSession,
+    /// `end_session`
+    EndSession,
+    /// `batch_create_sessions`
+    BatchCreateSessions,
+    /// `batch_get_sessions`
+    BatchGetSessions,
+    /// `list_sessions`
+    ListSessions,
+    /// `add_conversation_message`
+    AddConversationMessage,
+    /// `batch_add_conversation_messages`
+    BatchAddConversationMessages,
+    /// `get_conversation_history`
+    GetConversationHistory,
+    /// `store_checkpoint`
+    StoreCheckpoint,
+    /// `get_checkpoint`
+    GetCheckpoint,
+    /// `list_checkpoints`
+    ListCheckpoints,
+    /// `put_writes`
+    PutWrites,
+    /// `batch_put_writes`
+    BatchPutWrites,
+    /// `get_writes`
+    GetWrites,
+    /// `delete_thread`
+    DeleteThread,
+    /// `get_task_context`
+    GetTaskContext,
+    /// `store_task_context`
+    StoreTaskContext,
+    /// `initialize`
+    Initialize,
+    /// `close`
+    Close,
+    /// `health_check`
+    HealthCheck,
+    /// `get_metrics`
+    GetMetrics,
+    /// `cleanup_expired_sessions`
+    CleanupExpiredSessions,
+}
+
+impl Operation {
+    /// The method name, e.g. `get_session`: a bounded label for metrics and logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Operation::CreateSession => "create_session",
+            Operation::GetSession => "get_session",
+            Operation::UpdateSession => "update_session",
+            Operation::EndSession => "end_session",
+            Operation::BatchCreateSessions => "batch_create_sessions",
+            Operation::BatchGetSessions => "batch_get_sessions",
+            Operation::ListSessions => "list_sessions",
+            Operation::AddConversationMessage => "add_conversation_message",
+            Operation::BatchAddConversationMessages => "batch_add_conversation_messages",
+            Operation::GetConversationHistory => "get_conversation_history",
+            Operation::StoreCheckpoint => "store_checkpoint",
+            Operation::GetCheckpoint => "get_checkpoint",
+            Operation::ListCheckpoints => "list_checkpoints",
+            Operation::PutWrites => "put_writes",
+            Operation::BatchPutWrites => "batch_put_writes",
+            Operation::GetWrites => "get_writes",
+            Operation::DeleteThread => "delete_thread",
+            Operation::GetTaskContext => "get_task_context",
+            Operation::StoreTaskContext => "store_task_context",
+            Operation::Initialize => "initialize",
+            Operation::Close => "close",
+            Operation::HealthCheck => "health_check",
+            Operation::GetMetrics => "get_metrics",
+            Operation::CleanupExpiredSessions => "cleanup_expired_sessions",
+        }
+    }
+
+    /// Whether the operation only reads.
+    pub const fn is_read(self) -> bool {
+        matches!(
+            self,
+            Operation::GetSession
+                | Operation::BatchGetSessions
+                | Operation::ListSessions
+                | Operation::GetConversationHistory
+                | Operation::GetCheckpoint
+                | Operation::ListCheckpoints
+                | Operation::GetWrites
+                | Operation::GetTaskContext
+                | Operation::HealthCheck
+                | Operation::GetMetrics
+        )
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One call as a policy sees it: the operation, the session or thread it concerns, and
+/// whether running it twice could apply it twice.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    /// The operation.
+    pub operation: Operation,
+    /// The session id or thread id the call concerns, if one.
+    pub key: Option<&'a str>,
+    /// `false` when a second run after an ambiguous failure (a timeout, a dropped
+    /// connection) could apply the call twice: an `update_session` that adds to
+    /// counters. Everything else is idempotent: upserts, checkpoint stores and pending
+    /// writes are keyed, and appends carry a message id fixed before the first attempt.
+    pub idempotent: bool,
+}
+
+impl<'a> Call<'a> {
+    /// An idempotent call of `operation` on `key`.
+    pub const fn new(operation: Operation, key: Option<&'a str>) -> Self {
+        Call {
+            operation,
+            key,
+            idempotent: true,
+        }
+    }
+}
+
+/// What a pass-through layer does around every call. [`Layered`] runs it for each
+/// operation of the contract, so a policy is written once, not once per method.
+pub trait Policy: Send + Sync + 'static {
+    /// The layer's name in health and metrics reports (`retry`, `timeout`, ...).
+    fn name(&self) -> &'static str;
+
+    /// Runs `run` (which makes one call to the inner backend each time it is invoked)
+    /// under the policy. A retrying policy may invoke it several times.
+    fn call<'a, T, F, Fut>(
+        &'a self,
+        call: Call<'a>,
+        run: F,
+    ) -> impl Future<Output = Result<T>> + Send + 'a
+    where
+        T: Send + 'a,
+        F: Fn() -> Fut + Send + Sync + 'a,
+        Fut: Future<Output = Result<T>> + Send + 'a;
+
+    /// The layer's own figures for `get_metrics` and `health_check`.
+    fn figures(&self) -> Metadata {
+        Metadata::new()
+    }
+}

@@ -1,0 +1,205 @@
+//! Retry with exponential backoff and jitter.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use serde_json::json;
+
+use super::{Call, Layered, Policy};
+use crate::error::{Result, StorageError};
+use crate::model::Metadata;
+
+/// Retries calls that failed with a transient error ([`StorageError::is_transient`]),
+/// with exponential backoff and full jitter (backon), up to a number of attempts and an
+/// elapsed time. Permanent errors (bad input, not found, authentication, a closed
+/// backend) return at once.
+///
+/// A call that could apply twice is retried only where it cannot: appends carry a
+/// message id fixed before the first attempt, so a retried append is stored once; upserts,
+/// checkpoints, pending writes and task context are keyed. An `update_session` that adds
+/// to counters is retried only after an [`StorageError::Unavailable`] (the call was
+/// refused before it ran); after a timeout or a dropped connection the increment may
+/// have landed, so the error is returned instead of risking a double count. Set
+/// [`RetryLayer::with_retry_non_idempotent`] to prefer at-least-once counting.
+///
+/// Put [`TimeoutLayer`](super::TimeoutLayer) inside retry to give each attempt its own
+/// deadline, or outside to bound the whole call including backoff.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+/// use std::time::Duration;
+/// use aiecs_storage::layer::RetryLayer;
+/// use aiecs_storage::{prelude::*, MemoryBackend};
+/// use tower::Layer;
+///
+/// let retry = RetryLayer::new()
+///     .with_max_attempts(4)
+///     .with_max_elapsed(Duration::from_secs(5));
+/// let storage = retry.layer(MemoryBackend::new());
+/// storage.create_session("s1", "alice", &Default::default()).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RetryLayer {
+    config: RetryConfig,
+    stats: Arc<RetryStats>,
+}
+
+#[derive(Debug, Clone)]
+struct RetryConfig {
+    max_attempts: usize,
+    min_delay: Duration,
+    max_delay: Duration,
+    max_elapsed: Duration,
+    retry_non_idempotent: bool,
+}
+
+#[derive(Debug, Default)]
+struct RetryStats {
+    retries: AtomicU64,
+    exhausted: AtomicU64,
+}
+
+/// The policy a [`RetryLayer`] runs in its [`Layered`] wrappers.
+#[derive(Debug)]
+pub struct RetryPolicy {
+    config: RetryConfig,
+    stats: Arc<RetryStats>,
+}
+
+impl Default for RetryLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RetryLayer {
+    /// Up to 3 attempts, delays from 10 ms to 1 s, at most 10 s in all.
+    pub fn new() -> Self {
+        RetryLayer {
+            config: RetryConfig {
+                max_attempts: 3,
+                min_delay: Duration::from_millis(10),
+                max_delay: Duration::from_secs(1),
+                max_elapsed: Duration::from_secs(10),
+                retry_non_idempotent: false,
+            },
+            stats: Arc::default(),
+        }
+    }
+
+    /// Sets how many times a call runs at most, the first included (at least 1).
+    pub fn with_max_attempts(mut self, attempts: usize) -> Self {
+        self.config.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Sets the first delay; each next one doubles, up to the max delay.
+    pub fn with_min_delay(mut self, delay: Duration) -> Self {
+        self.config.min_delay = delay;
+        self
+    }
+
+    /// Sets the longest delay between two attempts.
+    pub fn with_max_delay(mut self, delay: Duration) -> Self {
+        self.config.max_delay = delay;
+        self
+    }
+
+    /// Sets the time after which no new attempt starts.
+    pub fn with_max_elapsed(mut self, elapsed: Duration) -> Self {
+        self.config.max_elapsed = elapsed;
+        self
+    }
+
+    /// Also retries counter increments after ambiguous failures (at-least-once counts).
+    pub fn with_retry_non_idempotent(mut self, retry: bool) -> Self {
+        self.config.retry_non_idempotent = retry;
+        self
+    }
+
+    /// Retries made so far by every wrapper of this layer.
+    pub fn retries(&self) -> u64 {
+        self.stats.retries.load(Ordering::Relaxed)
+    }
+}
+
+impl<B> tower_layer::Layer<B> for RetryLayer {
+    type Service = Layered<B, RetryPolicy>;
+
+    fn layer(&self, inner: B) -> Self::Service {
+        Layered::new(
+            inner,
+            Arc::new(RetryPolicy {
+                config: self.config.clone(),
+                stats: self.stats.clone(),
+            }),
+        )
+    }
+}
+
+impl RetryPolicy {
+    fn should_retry(&self, call: &Call<'_>, started: Instant, error: &StorageError) -> bool {
+        let allowed = call.idempotent
+            || self.config.retry_non_idempotent
+            || matches!(error, StorageError::Unavailable { .. });
+        error.is_transient() && allowed && started.elapsed() < self.config.max_elapsed
+    }
+}
+
+impl Policy for RetryPolicy {
+    fn name(&self) -> &'static str {
+        "retry"
+    }
+
+    fn call<'a, T, F, Fut>(
+        &'a self,
+        call: Call<'a>,
+        run: F,
+    ) -> impl Future<Output = Result<T>> + Send + 'a
+    where
+        T: Send + 'a,
+        F: Fn() -> Fut + Send + Sync + 'a,
+        Fut: Future<Output = Result<T>> + Send + 'a,
+    {
+        async move {
+            let started = Instant::now();
+            let backoff = ExponentialBuilder::new()
+                .with_min_delay(self.config.min_delay)
+                .with_max_delay(self.config.max_delay)
+                .with_max_times(self.config.max_attempts - 1)
+                .with_jitter();
+            let result = (&run)
+                .retry(backoff)
+                .sleep(tokio::time::sleep)
+                .when(|e: &StorageError| self.should_retry(&call, started, e))
+                .notify(|_, _| {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                })
+                .await;
+            if let Err(e) = &result {
+                if e.is_transient() {
+                    self.stats.exhausted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            result
+        }
+    }
+
+    fn figures(&self) -> Metadata {
+        let mut m = Metadata::new();
+        m.insert("max_attempts".into(), json!(self.config.max_attempts));
+        m.insert(
+            "retries".into(),
+            json!(self.stats.retries.load(Ordering::Relaxed)),
+        );
+        m.insert(
+            "gave_up".into(),
+            json!(self.stats.exhausted.load(Ordering::Relaxed)),
+        );
+        m
+    }
+}

@@ -1,0 +1,118 @@
+//! A deadline per operation.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{Call, Layered, Policy};
+use crate::error::{Result, StorageError};
+use crate::model::Metadata;
+
+/// Fails a call with [`StorageError::Timeout`] (transient) when the inner backend has not
+/// answered within the deadline, so a hung server cannot hang the caller.
+///
+/// Every write of every backend is atomic (one statement, transaction or Lua script), so
+/// a timed-out write is never half applied: it either landed whole or not at all, and a
+/// later read sees one or the other. Treat a timed-out write as "outcome unknown".
+///
+/// Inside [`RetryLayer`](super::RetryLayer) the deadline bounds each attempt; outside it
+/// bounds the whole call, backoff included.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+/// use std::time::Duration;
+/// use aiecs_storage::layer::TimeoutLayer;
+/// use aiecs_storage::{prelude::*, MemoryBackend};
+/// use tower::Layer;
+///
+/// let storage = TimeoutLayer::new(Duration::from_millis(500)).layer(MemoryBackend::new());
+/// assert!(storage.get_session("s1").await?.is_none());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct TimeoutLayer {
+    timeout: Duration,
+    timeouts: Arc<AtomicU64>,
+}
+
+/// The policy a [`TimeoutLayer`] runs in its [`Layered`] wrappers.
+#[derive(Debug)]
+pub struct TimeoutPolicy {
+    timeout: Duration,
+    timeouts: Arc<AtomicU64>,
+}
+
+impl TimeoutLayer {
+    /// A layer that gives every operation `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        TimeoutLayer {
+            timeout,
+            timeouts: Arc::default(),
+        }
+    }
+
+    /// Calls that timed out so far through every wrapper of this layer.
+    pub fn timeouts(&self) -> u64 {
+        self.timeouts.load(Ordering::Relaxed)
+    }
+}
+
+impl<B> tower_layer::Layer<B> for TimeoutLayer {
+    type Service = Layered<B, TimeoutPolicy>;
+
+    fn layer(&self, inner: B) -> Self::Service {
+        Layered::new(
+            inner,
+            Arc::new(TimeoutPolicy {
+                timeout: self.timeout,
+                timeouts: self.timeouts.clone(),
+            }),
+        )
+    }
+}
+
+impl Policy for TimeoutPolicy {
+    fn name(&self) -> &'static str {
+        "timeout"
+    }
+
+    fn call<'a, T, F, Fut>(
+        &'a self,
+        call: Call<'a>,
+        run: F,
+    ) -> impl Future<Output = Result<T>> + Send + 'a
+    where
+        T: Send + 'a,
+        F: Fn() -> Fut + Send + Sync + 'a,
+        Fut: Future<Output = Result<T>> + Send + 'a,
+    {
+        async move {
+            match tokio::time::timeout(self.timeout, run()).await {
+                Ok(result) => result,
+                Err(_) => {
+                    self.timeouts.fetch_add(1, Ordering::Relaxed);
+                    Err(StorageError::Timeout {
+                        operation: call.operation.as_str(),
+                        after: self.timeout,
+                    })
+                }
+            }
+        }
+    }
+
+    fn figures(&self) -> Metadata {
+        let mut m = Metadata::new();
+        m.insert(
+            "timeout_ms".into(),
+            json!(self.timeout.as_secs_f64() * 1000.0),
+        );
+        m.insert(
+            "timeouts".into(),
+            json!(self.timeouts.load(Ordering::Relaxed)),
+        );
+        m
+    }
+}
