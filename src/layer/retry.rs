@@ -155,17 +155,13 @@ impl Policy for RetryPolicy {
         "retry"
     }
 
-    fn call<'a, T, F, Fut>(
-        &'a self,
-        call: Call<'a>,
-        run: F,
-    ) -> impl Future<Output = Result<T>> + Send + 'a
+    async fn call<'a, T, F, Fut>(&'a self, call: Call<'a>, run: F) -> Result<T>
     where
         T: Send + 'a,
         F: Fn() -> Fut + Send + Sync + 'a,
         Fut: Future<Output = Result<T>> + Send + 'a,
     {
-        async move {
+        {
             let started = Instant::now();
             let backoff = ExponentialBuilder::new()
                 .with_min_delay(self.config.min_delay)

@@ -79,17 +79,13 @@ impl Policy for TimeoutPolicy {
         "timeout"
     }
 
-    fn call<'a, T, F, Fut>(
-        &'a self,
-        call: Call<'a>,
-        run: F,
-    ) -> impl Future<Output = Result<T>> + Send + 'a
+    async fn call<'a, T, F, Fut>(&'a self, call: Call<'a>, run: F) -> Result<T>
     where
         T: Send + 'a,
         F: Fn() -> Fut + Send + Sync + 'a,
         Fut: Future<Output = Result<T>> + Send + 'a,
     {
-        async move {
+        {
             match tokio::time::timeout(self.timeout, run()).await {
                 Ok(result) => result,
                 Err(_) => {
