@@ -21,3 +21,5 @@ pub fn server_url(var: &str, target: &str) -> Option<String> {
 pub fn unique_name(kind: &str) -> String {
     format!("aiecs_test_{kind}_{}", uuid::Uuid::now_v7().simple())
 }
+
+pub mod fault;

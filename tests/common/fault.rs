@@ -1,0 +1,163 @@
+//! A fault-injecting wrapper for testing layers: it sits under a layer in place of a
+//! misbehaving server and fails, slows or counts calls on command. Built on the crate's
+//! own forwarding wrapper, so it intercepts every operation of the contract.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aiecs_storage::layer::{Call, Layered, Operation, Policy};
+use aiecs_storage::{ErrorKind, Result, StorageError};
+
+/// Which calls a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every operation.
+    All,
+    /// Operations that only read.
+    Reads,
+    /// Operations that write (and lifecycle calls).
+    Writes,
+    /// One operation.
+    Op(Operation),
+}
+
+impl Target {
+    fn matches(self, op: Operation) -> bool {
+        match self {
+            Target::All => true,
+            Target::Reads => op.is_read(),
+            Target::Writes => !op.is_read(),
+            Target::Op(o) => o == op,
+        }
+    }
+}
+
+/// The handle a test keeps to steer the faults and read the counts.
+#[derive(Clone, Default)]
+pub struct Faults(Arc<State>);
+
+#[derive(Default)]
+struct State {
+    down: AtomicBool,
+    latency_ms: AtomicU64,
+    plan: Mutex<Vec<(Target, u64, ErrorKind)>>,
+    calls: Mutex<HashMap<Operation, u64>>,
+    failed: AtomicU64,
+}
+
+/// The error a fault of `kind` raises.
+pub fn error_of(kind: ErrorKind) -> StorageError {
+    match kind {
+        ErrorKind::Connection => StorageError::Connection {
+            message: "injected: connection refused".into(),
+            source: None,
+        },
+        ErrorKind::Timeout => StorageError::Timeout {
+            operation: "injected",
+            after: Duration::from_millis(1),
+        },
+        ErrorKind::Unavailable => StorageError::Unavailable {
+            message: "injected: unavailable".into(),
+        },
+        ErrorKind::NotFound => StorageError::not_found("session", "injected"),
+        ErrorKind::Serialization => StorageError::Serialization {
+            message: "injected: corrupt".into(),
+            source: None,
+        },
+        ErrorKind::InvalidInput => StorageError::invalid_input("injected", "bad"),
+        _ => StorageError::Backend {
+            message: "injected: backend error".into(),
+            transient: false,
+            source: None,
+        },
+    }
+}
+
+impl Faults {
+    /// Wraps `inner`; the returned handle steers its faults.
+    pub fn wrap<B>(inner: B) -> (Layered<B, FaultPolicy>, Faults) {
+        let faults = Faults::default();
+        let policy = FaultPolicy(faults.clone());
+        (Layered::new(inner, Arc::new(policy)), faults)
+    }
+
+    /// Fails the next `n` calls matching `target` with an error of `kind`.
+    pub fn fail_next(&self, target: Target, n: u64, kind: ErrorKind) {
+        self.0.plan.lock().unwrap().push((target, n, kind));
+    }
+
+    /// While down, every call fails with a transient connection error.
+    pub fn set_down(&self, down: bool) {
+        self.0.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Delays every call by `latency` before it reaches the inner backend.
+    pub fn set_latency(&self, latency: Duration) {
+        self.0
+            .latency_ms
+            .store(latency.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Calls of `op` that reached the inner backend.
+    pub fn calls(&self, op: Operation) -> u64 {
+        *self.0.calls.lock().unwrap().get(&op).unwrap_or(&0)
+    }
+
+    /// Calls of any operation that reached the inner backend.
+    pub fn total_calls(&self) -> u64 {
+        self.0.calls.lock().unwrap().values().sum()
+    }
+
+    /// Calls failed by an injected fault.
+    pub fn injected(&self) -> u64 {
+        self.0.failed.load(Ordering::SeqCst)
+    }
+
+    fn fault_for(&self, op: Operation) -> Option<StorageError> {
+        if self.0.down.load(Ordering::SeqCst) {
+            return Some(error_of(ErrorKind::Connection));
+        }
+        let mut plan = self.0.plan.lock().unwrap();
+        let slot = plan.iter_mut().find(|(t, n, _)| *n > 0 && t.matches(op))?;
+        slot.1 -= 1;
+        Some(error_of(slot.2))
+    }
+}
+
+/// The [`Policy`] behind [`Faults::wrap`].
+pub struct FaultPolicy(Faults);
+
+impl Policy for FaultPolicy {
+    fn name(&self) -> &'static str {
+        "faults"
+    }
+
+    async fn call<'a, T, F, Fut>(&'a self, call: Call<'a>, run: F) -> Result<T>
+    where
+        T: Send + 'a,
+        F: Fn() -> Fut + Send + Sync + 'a,
+        Fut: Future<Output = Result<T>> + Send + 'a,
+    {
+        let latency = self.0 .0.latency_ms.load(Ordering::SeqCst);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
+        if let Some(e) = self.0.fault_for(call.operation) {
+            self.0 .0.failed.fetch_add(1, Ordering::SeqCst);
+            return Err(e);
+        }
+        *self
+            .0
+             .0
+            .calls
+            .lock()
+            .unwrap()
+            .entry(call.operation)
+            .or_default() += 1;
+        run().await
+    }
+}
