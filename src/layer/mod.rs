@@ -32,6 +32,7 @@
 //! act on particular operations (cache, failover, batching) implement the trait
 //! themselves.
 
+mod failover;
 mod forward;
 mod retry;
 mod stack;
@@ -39,6 +40,7 @@ mod timeout;
 
 use std::future::Future;
 
+pub use failover::{Failover, FailoverLayer};
 pub use forward::Layered;
 pub use retry::{RetryLayer, RetryPolicy};
 pub use stack::{DynLayer, StackBuilder};

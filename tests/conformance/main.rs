@@ -59,3 +59,7 @@ target!(redis);
 target!(redis_cluster);
 #[cfg(feature = "postgres")]
 target!(postgres);
+#[cfg(feature = "sqlite")]
+target!(stack_retry_timeout_sqlite);
+#[cfg(feature = "sqlite")]
+target!(stack_timeout_failover_memory_sqlite);

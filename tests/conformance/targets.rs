@@ -117,3 +117,28 @@ pub async fn postgres() -> Option<Target> {
         let _ = driver.await;
     }))
 }
+
+/// retry -> timeout -> SQLite file: each attempt gets its own deadline.
+#[cfg(feature = "sqlite")]
+pub async fn stack_retry_timeout_sqlite() -> Option<Target> {
+    use aiecs_storage::layer::{RetryLayer, StackBuilder, TimeoutLayer};
+    let dir = tempfile::TempDir::new().unwrap();
+    let backend = aiecs_storage::SqliteBackend::new(dir.path().join("stack.db"));
+    let stack = StackBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(TimeoutLayer::new(std::time::Duration::from_secs(30)))
+        .build(Arc::new(backend));
+    Target::ready(stack, Some(Box::new(dir))).await
+}
+
+/// failover(memory -> SQLite in memory), with a timeout outside it.
+#[cfg(feature = "sqlite")]
+pub async fn stack_timeout_failover_memory_sqlite() -> Option<Target> {
+    use aiecs_storage::layer::{FailoverLayer, StackBuilder, TimeoutLayer};
+    let fallback = Arc::new(aiecs_storage::SqliteBackend::in_memory());
+    let stack = StackBuilder::new()
+        .layer(TimeoutLayer::new(std::time::Duration::from_secs(30)))
+        .layer(FailoverLayer::new(fallback))
+        .build(Arc::new(MemoryBackend::new()));
+    Target::ready(stack, None).await
+}

@@ -10,7 +10,7 @@ use aiecs_storage::{
 };
 use serde_json::json;
 
-use super::md;
+use super::{leaf, md};
 
 #[track_caller]
 fn assert_closed<T: Debug>(r: Result<T>, call: &str) {
@@ -118,16 +118,6 @@ pub async fn close_twice_is_ok(b: Arc<dyn StorageBackend>) {
     b.close().await.unwrap();
     b.close().await.unwrap();
     assert_closed(b.get_session("s1").await, "get_session");
-}
-
-/// The backend's own report: a layer reports itself with the reports of what it wraps
-/// nested, the first of them being the path to the backend.
-fn leaf<T>(report: &T, inner: fn(&T) -> Option<&T>) -> &T {
-    let mut r = report;
-    while let Some(next) = inner(r) {
-        r = next;
-    }
-    r
 }
 
 pub async fn health_check_reports_healthy(b: Arc<dyn StorageBackend>) {

@@ -17,6 +17,16 @@ pub mod sessions;
 pub mod task_context;
 pub mod validation;
 
+/// The backend's own report: a layer reports itself with the reports of what it wraps
+/// nested, the first of them being the path to the backend.
+pub fn leaf<T>(report: &T, inner: fn(&T) -> Option<&T>) -> &T {
+    let mut r = report;
+    while let Some(next) = inner(r) {
+        r = next;
+    }
+    r
+}
+
 /// Calls `$m!($args; module::case, ...)` with every case. `target!` passes
 /// `case_tests!(name)` so each target gets the same tests.
 macro_rules! all_cases {
