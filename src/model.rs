@@ -226,6 +226,16 @@ impl NewMessage {
         self
     }
 
+    /// This message with an id fixed: itself when it has one, else a copy with a new UUID
+    /// v7. Layers that may send a message more than once (retry, failover, batching) fix
+    /// the id first, so every copy is stored once.
+    pub fn with_fixed_id(&self) -> std::borrow::Cow<'_, NewMessage> {
+        match self.message_id {
+            Some(_) => std::borrow::Cow::Borrowed(self),
+            None => std::borrow::Cow::Owned(self.clone().with_id(self.id_or_generate())),
+        }
+    }
+
     /// The id to store: the caller's, or a new UUID v7.
     pub fn id_or_generate(&self) -> String {
         match &self.message_id {

@@ -1,6 +1,5 @@
 //! Failover to a second backend, with dual writes, a circuit breaker and hinted handoff.
 
-use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -298,13 +297,6 @@ impl Hint {
     }
 }
 
-fn with_id(message: &NewMessage) -> Cow<'_, NewMessage> {
-    match message.message_id {
-        Some(_) => Cow::Borrowed(message),
-        None => Cow::Owned(message.clone().with_id(message.id_or_generate())),
-    }
-}
-
 impl<B: StorageBackend> Failover<B> {
     fn primary(&self) -> &dyn StorageBackend {
         &self.primary
@@ -503,7 +495,7 @@ impl<B: StorageBackend> ConversationStorage for Failover<B> {
         message: &NewMessage,
     ) -> Result<String> {
         // One id for both backends and the replay, so each stores the message once.
-        let message = with_id(message);
+        let message = message.with_fixed_id();
         let message = message.as_ref();
         self.write(
             || Hint::AddMessage(session_id.to_owned(), message.clone()),
@@ -518,7 +510,7 @@ impl<B: StorageBackend> ConversationStorage for Failover<B> {
     ) -> Result<Vec<Result<String>>> {
         let messages: Vec<(String, NewMessage)> = messages
             .iter()
-            .map(|(s, m)| (s.clone(), with_id(m).into_owned()))
+            .map(|(s, m)| (s.clone(), m.with_fixed_id().into_owned()))
             .collect();
         let messages = messages.as_slice();
         self.write(

@@ -55,13 +55,6 @@ impl<B, P> Layered<B, P> {
     }
 }
 
-fn with_id(message: &NewMessage) -> Cow<'_, NewMessage> {
-    match message.message_id {
-        Some(_) => Cow::Borrowed(message),
-        None => Cow::Owned(message.clone().with_id(message.id_or_generate())),
-    }
-}
-
 #[async_trait]
 impl<B: StorageBackend, P: Policy> SessionStorage for Layered<B, P> {
     async fn create_session(
@@ -133,7 +126,7 @@ impl<B: StorageBackend, P: Policy> ConversationStorage for Layered<B, P> {
         session_id: &str,
         message: &NewMessage,
     ) -> Result<String> {
-        let message = with_id(message);
+        let message = message.with_fixed_id();
         let message = message.as_ref();
         let call = Call::new(Operation::AddConversationMessage, Some(session_id));
         self.policy
@@ -154,7 +147,7 @@ impl<B: StorageBackend, P: Policy> ConversationStorage for Layered<B, P> {
                 Cow::Owned(
                     messages
                         .iter()
-                        .map(|(s, m)| (s.clone(), with_id(m).into_owned()))
+                        .map(|(s, m)| (s.clone(), m.with_fixed_id().into_owned()))
                         .collect(),
                 )
             };
