@@ -1,8 +1,9 @@
-//! Layers: wrappers that implement [`StorageBackend`] around any inner backend, so they
+//! Layers: wrappers that implement [`StorageBackend`](crate::StorageBackend) around any inner backend, so they
 //! stack in any order.
 //!
 //! Each layer is a cheap, cloneable config struct (`RetryLayer`, `TimeoutLayer`, ...)
-//! implementing [`tower::Layer`]; its wrapper implements [`StorageBackend`] for any inner
+//! implementing [`tower_layer::Layer`] (re-exported as `tower::Layer`); its wrapper
+//! implements [`StorageBackend`](crate::StorageBackend) for any inner
 //! `B: StorageBackend`, including `Arc<dyn StorageBackend>` and other wrappers. State
 //! shared by all wrappers of one layer (counters, a breaker) lives in the layer.
 //!
@@ -32,6 +33,8 @@
 //! act on particular operations (cache, failover, batching) implement the trait
 //! themselves.
 
+mod batch;
+mod cache;
 mod failover;
 mod forward;
 mod retry;
@@ -40,6 +43,8 @@ mod timeout;
 
 use std::future::Future;
 
+pub use batch::{BatchLayer, BatchStats, Batched};
+pub use cache::{CacheLayer, CacheStats, Cached};
 pub use failover::{Failover, FailoverLayer};
 pub use forward::Layered;
 pub use retry::{RetryLayer, RetryPolicy};

@@ -63,3 +63,14 @@ target!(postgres);
 target!(stack_retry_timeout_sqlite);
 #[cfg(feature = "sqlite")]
 target!(stack_timeout_failover_memory_sqlite);
+target!(stack_batch_memory);
+target!(stack_cache_memory);
+#[cfg(feature = "sqlite")]
+target!(stack_cache_retry_timeout_sqlite);
+target!(stack_batch_cache_memory);
+#[cfg(feature = "sqlite")]
+target!(stack_cache_retry_batch_sqlite);
+#[cfg(feature = "sqlite")]
+target!(stack_cache_failover_memory_sqlite);
+#[cfg(feature = "sqlite")]
+target!(stack_failover_cache_memory_sqlite);

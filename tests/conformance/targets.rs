@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use aiecs_storage::{MemoryBackend, StorageBackend};
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
 use crate::common::{server_url, unique_name};
 
 /// A backend under test, with whatever must outlive it (a temporary directory, a
@@ -139,6 +140,94 @@ pub async fn stack_timeout_failover_memory_sqlite() -> Option<Target> {
     let stack = StackBuilder::new()
         .layer(TimeoutLayer::new(std::time::Duration::from_secs(30)))
         .layer(FailoverLayer::new(fallback))
+        .build(Arc::new(MemoryBackend::new()));
+    Target::ready(stack, None).await
+}
+
+/// batch -> memory: appends and pending writes go through the group-commit writer.
+pub async fn stack_batch_memory() -> Option<Target> {
+    use aiecs_storage::layer::{BatchLayer, StackBuilder};
+    let stack = StackBuilder::new()
+        .layer(BatchLayer::new())
+        .build(Arc::new(MemoryBackend::new()));
+    Target::ready(stack, None).await
+}
+
+/// cache -> memory: every case runs through the read cache and its invalidation.
+pub async fn stack_cache_memory() -> Option<Target> {
+    use aiecs_storage::layer::{CacheLayer, StackBuilder};
+    let stack = StackBuilder::new()
+        .layer(CacheLayer::new())
+        .build(Arc::new(MemoryBackend::new()));
+    Target::ready(stack, None).await
+}
+
+/// A SQLite file in a temporary directory the target keeps alive.
+#[cfg(feature = "sqlite")]
+fn sqlite_file() -> (Arc<dyn StorageBackend>, Box<dyn Any + Send + Sync>) {
+    let dir = tempfile::TempDir::new().unwrap();
+    let backend = aiecs_storage::SqliteBackend::new(dir.path().join("stack.db"));
+    (Arc::new(backend), Box::new(dir))
+}
+
+/// cache -> retry -> timeout -> SQLite file.
+#[cfg(feature = "sqlite")]
+pub async fn stack_cache_retry_timeout_sqlite() -> Option<Target> {
+    use aiecs_storage::layer::{CacheLayer, RetryLayer, StackBuilder, TimeoutLayer};
+    let (backend, dir) = sqlite_file();
+    let stack = StackBuilder::new()
+        .layer(CacheLayer::new())
+        .layer(RetryLayer::new())
+        .layer(TimeoutLayer::new(std::time::Duration::from_secs(30)))
+        .build(backend);
+    Target::ready(stack, Some(dir)).await
+}
+
+/// batch -> cache -> memory: the cache sees the batched writes.
+pub async fn stack_batch_cache_memory() -> Option<Target> {
+    use aiecs_storage::layer::{BatchLayer, CacheLayer, StackBuilder};
+    let stack = StackBuilder::new()
+        .layer(BatchLayer::new())
+        .layer(CacheLayer::new())
+        .build(Arc::new(MemoryBackend::new()));
+    Target::ready(stack, None).await
+}
+
+/// cache -> retry -> batch -> SQLite file: counters and appends through every writer.
+#[cfg(feature = "sqlite")]
+pub async fn stack_cache_retry_batch_sqlite() -> Option<Target> {
+    use aiecs_storage::layer::{BatchLayer, CacheLayer, RetryLayer, StackBuilder};
+    let (backend, dir) = sqlite_file();
+    let stack = StackBuilder::new()
+        .layer(CacheLayer::new())
+        .layer(RetryLayer::new())
+        .layer(BatchLayer::new())
+        .build(backend);
+    Target::ready(stack, Some(dir)).await
+}
+
+/// cache -> failover(memory -> SQLite): the cache outside the pair.
+#[cfg(feature = "sqlite")]
+pub async fn stack_cache_failover_memory_sqlite() -> Option<Target> {
+    use aiecs_storage::layer::{CacheLayer, FailoverLayer, StackBuilder};
+    let stack = StackBuilder::new()
+        .layer(CacheLayer::new())
+        .layer(FailoverLayer::new(Arc::new(
+            aiecs_storage::SqliteBackend::in_memory(),
+        )))
+        .build(Arc::new(MemoryBackend::new()));
+    Target::ready(stack, None).await
+}
+
+/// failover(cache -> memory, fallback SQLite): the cache inside, on the primary only.
+#[cfg(feature = "sqlite")]
+pub async fn stack_failover_cache_memory_sqlite() -> Option<Target> {
+    use aiecs_storage::layer::{CacheLayer, FailoverLayer, StackBuilder};
+    let stack = StackBuilder::new()
+        .layer(FailoverLayer::new(Arc::new(
+            aiecs_storage::SqliteBackend::in_memory(),
+        )))
+        .layer(CacheLayer::new())
         .build(Arc::new(MemoryBackend::new()));
     Target::ready(stack, None).await
 }
