@@ -34,9 +34,12 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod config;
 pub mod error;
 pub mod layer;
 pub mod model;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 pub mod storage;
 pub mod validate;
 
@@ -55,6 +58,7 @@ pub use backend::postgres::PostgresBackend;
 pub use backend::redis::RedisBackend;
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite::SqliteBackend;
+pub use config::open;
 pub use error::{BoxError, ErrorKind, Result, StorageError};
 pub use model::{
     Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata, MetricsReport,

@@ -11,6 +11,7 @@ use dashmap::DashMap;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::names::{self, LazyGauge, LazyHistogram};
 use crate::error::{BoxError, Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata,
@@ -246,6 +247,8 @@ struct Counters {
     max_queued: AtomicUsize,
     pending: AtomicUsize,
     flushes: AtomicU64,
+    size_metric: LazyHistogram,
+    depth_metric: LazyGauge,
 }
 
 impl Counters {
@@ -270,6 +273,7 @@ impl Counters {
         self.items.fetch_add(size as u64, Ordering::Relaxed);
         self.last_batch.store(size, Ordering::Relaxed);
         self.largest_batch.fetch_max(size, Ordering::Relaxed);
+        self.size_metric.record(names::BATCH_SIZE, size as f64);
     }
 }
 
@@ -397,13 +401,19 @@ impl QueueSlot {
     fn new(counters: &Arc<Counters>) -> Self {
         let depth = counters.queued.fetch_add(1, Ordering::Relaxed) + 1;
         counters.max_queued.fetch_max(depth, Ordering::Relaxed);
+        counters
+            .depth_metric
+            .set(names::BATCH_QUEUE_DEPTH, depth as f64);
         QueueSlot(counters.clone())
     }
 }
 
 impl Drop for QueueSlot {
     fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+        let depth = self.0.queued.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.0
+            .depth_metric
+            .set(names::BATCH_QUEUE_DEPTH, depth as f64);
     }
 }
 

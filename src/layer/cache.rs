@@ -10,6 +10,7 @@ use moka::future::Cache;
 use moka::notification::RemovalCause;
 use serde_json::{json, Value};
 
+use super::names::{self, LazyGauge, Tally};
 use crate::error::{BoxError, Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
@@ -393,17 +394,31 @@ fn stripe_of(owner: &str) -> usize {
     (h as usize) & (STRIPES - 1)
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    loads: AtomicU64,
-    stale: AtomicU64,
-    evictions: AtomicU64,
+    hits: Tally,
+    misses: Tally,
+    loads: Tally,
+    stale: Tally,
+    evictions: Tally,
+    entries: LazyGauge,
 }
 
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            hits: Tally::reported(names::CACHE_HITS_TOTAL, &[]),
+            misses: Tally::reported(names::CACHE_MISSES_TOTAL, &[]),
+            loads: Tally::local(),
+            stale: Tally::local(),
+            evictions: Tally::reported(names::CACHE_EVICTIONS_TOTAL, &[]),
+            entries: LazyGauge::default(),
+        }
+    }
+}
+
+fn bump(counter: &Tally) {
+    counter.add(1);
 }
 
 /// The state every wrapper of one layer shares.
@@ -469,11 +484,11 @@ impl Shared {
     fn stats(&self) -> CacheStats {
         let c = &self.counters;
         CacheStats {
-            hits: c.hits.load(Ordering::Relaxed),
-            misses: c.misses.load(Ordering::Relaxed),
-            loads: c.loads.load(Ordering::Relaxed),
-            stale: c.stale.load(Ordering::Relaxed),
-            evictions: c.evictions.load(Ordering::Relaxed),
+            hits: c.hits.get(),
+            misses: c.misses.get(),
+            loads: c.loads.get(),
+            stale: c.stale.get(),
+            evictions: c.evictions.get(),
             entries: self.cache.entry_count(),
             weighted_size: self.cache.weighted_size(),
         }
@@ -534,6 +549,9 @@ impl Shared {
             self.cache.invalidate(&key).await;
         }
         bump(&self.counters.misses);
+        self.counters
+            .entries
+            .set(names::CACHE_ENTRIES, self.cache.entry_count() as f64);
         for _ in 0..ATTEMPTS {
             let stamp = self.stamp(stripe);
             let mut own_error = None;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 
+use super::names::{self, LazyGauge, Tally};
 use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata,
@@ -83,7 +84,6 @@ struct FailoverConfig {
     max_pending: usize,
 }
 
-#[derive(Default)]
 struct FailoverState {
     breaker: Mutex<Breaker>,
     /// Mirrors "the breaker is closed with no failures counted", so the healthy path
@@ -95,12 +95,34 @@ struct FailoverState {
     pending: tokio::sync::Mutex<VecDeque<Hint>>,
     /// Set while writes are pending; reads and writes then go to the fallback.
     degraded: AtomicBool,
-    primary_failures: AtomicU64,
-    fallback_reads: AtomicU64,
-    fallback_write_failures: AtomicU64,
-    replayed: AtomicU64,
-    dropped: AtomicU64,
+    primary_failures: Tally,
+    fallback_reads: Tally,
+    fallback_write_failures: Tally,
+    replayed: Tally,
+    dropped: Tally,
     queued: AtomicU64,
+    breaker_metric: LazyGauge,
+}
+
+impl Default for FailoverState {
+    fn default() -> Self {
+        const fn event(name: &'static [(&'static str, &'static str)]) -> Tally {
+            Tally::reported(names::FAILOVER_EVENTS_TOTAL, name)
+        }
+        FailoverState {
+            breaker: Mutex::default(),
+            tripped: AtomicBool::default(),
+            pending: tokio::sync::Mutex::default(),
+            degraded: AtomicBool::default(),
+            primary_failures: event(&[("event", "primary_failure")]),
+            fallback_reads: event(&[("event", "fallback_read")]),
+            fallback_write_failures: event(&[("event", "fallback_write_failure")]),
+            replayed: event(&[("event", "replayed_write")]),
+            dropped: event(&[("event", "dropped_write")]),
+            queued: AtomicU64::default(),
+            breaker_metric: LazyGauge::default(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +155,7 @@ impl FailoverState {
             Breaker::Closed | Breaker::Counting(_) => Permit::Primary,
             Breaker::Open(since) if since.elapsed() >= cooldown => {
                 *b = Breaker::HalfOpen;
+                self.breaker_metric.set(names::BREAKER_STATE, 1.0);
                 Permit::Probe
             }
             Breaker::Open(_) | Breaker::HalfOpen => Permit::Denied,
@@ -146,10 +169,11 @@ impl FailoverState {
         let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
         *b = Breaker::Closed;
         self.tripped.store(false, Ordering::Release);
+        self.breaker_metric.set(names::BREAKER_STATE, 0.0);
     }
 
     fn failure(&self, threshold: u32) {
-        self.primary_failures.fetch_add(1, Ordering::Relaxed);
+        self.primary_failures.add(1);
         let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
         *b = match *b {
             Breaker::Closed => Breaker::Counting(1),
@@ -160,6 +184,9 @@ impl FailoverState {
             *b = Breaker::Open(Instant::now());
         }
         self.tripped.store(true, Ordering::Release);
+        if matches!(*b, Breaker::Open(_)) {
+            self.breaker_metric.set(names::BREAKER_STATE, 2.0);
+        }
     }
 
     fn breaker_name(&self) -> &'static str {
@@ -325,7 +352,7 @@ impl<B: StorageBackend> Failover<B> {
         while let Some(hint) = pending.front() {
             match hint.apply(self.primary()).await {
                 Ok(()) => {
-                    self.state.replayed.fetch_add(1, Ordering::Relaxed);
+                    self.state.replayed.add(1);
                 }
                 Err(e) if e.is_transient() => {
                     self.state.failure(self.config.failure_threshold);
@@ -334,7 +361,7 @@ impl<B: StorageBackend> Failover<B> {
                 Err(e) => {
                     // The primary refuses it for good (it lost the session it belongs to,
                     // say); the fallback keeps it. Skipping beats blocking every later write.
-                    self.state.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.state.dropped.add(1);
                     tracing::warn!(error = %e, "failover: primary refused a replayed write");
                 }
             }
@@ -364,7 +391,7 @@ impl<B: StorageBackend> Failover<B> {
                 }
             }
         }
-        self.state.fallback_reads.fetch_add(1, Ordering::Relaxed);
+        self.state.fallback_reads.add(1);
         run(self.fallback()).await
     }
 
@@ -379,9 +406,7 @@ impl<B: StorageBackend> Failover<B> {
                 Ok(v) => {
                     self.state.success();
                     if let Err(e) = run(self.fallback()).await {
-                        self.state
-                            .fallback_write_failures
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.state.fallback_write_failures.add(1);
                         tracing::warn!(error = %e, "failover: fallback write failed");
                     }
                     return Ok(v);
@@ -425,7 +450,7 @@ impl<B: StorageBackend> Failover<B> {
             ("replayed_writes", &s.replayed),
             ("dropped_writes", &s.dropped),
         ] {
-            m.insert(name.into(), json!(counter.load(Ordering::Relaxed)));
+            m.insert(name.into(), json!(counter.get()));
         }
         m
     }

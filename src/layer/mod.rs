@@ -37,6 +37,8 @@ mod batch;
 mod cache;
 mod failover;
 mod forward;
+mod metrics;
+pub mod names;
 mod retry;
 mod stack;
 mod timeout;
@@ -47,6 +49,7 @@ pub use batch::{BatchLayer, BatchStats, Batched};
 pub use cache::{CacheLayer, CacheStats, Cached};
 pub use failover::{Failover, FailoverLayer};
 pub use forward::Layered;
+pub use metrics::{MetricsLayer, MetricsPolicy, OperationReport, PerformanceReport};
 pub use retry::{RetryLayer, RetryPolicy};
 pub use stack::{DynLayer, StackBuilder};
 pub use timeout::{TimeoutLayer, TimeoutPolicy};
@@ -109,6 +112,45 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// How many operations there are.
+    pub const COUNT: usize = Operation::CleanupExpiredSessions as usize + 1;
+
+    /// Every operation, in index order.
+    pub const ALL: [Operation; Operation::COUNT] = {
+        use Operation::*;
+        [
+            CreateSession,
+            GetSession,
+            UpdateSession,
+            EndSession,
+            BatchCreateSessions,
+            BatchGetSessions,
+            ListSessions,
+            AddConversationMessage,
+            BatchAddConversationMessages,
+            GetConversationHistory,
+            StoreCheckpoint,
+            GetCheckpoint,
+            ListCheckpoints,
+            PutWrites,
+            BatchPutWrites,
+            GetWrites,
+            DeleteThread,
+            GetTaskContext,
+            StoreTaskContext,
+            Initialize,
+            Close,
+            HealthCheck,
+            GetMetrics,
+            CleanupExpiredSessions,
+        ]
+    };
+
+    /// A dense index in `0..COUNT`, for per-operation tables.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The method name, e.g. `get_session`: a bounded label for metrics and logs.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -154,6 +196,18 @@ impl Operation {
                 | Operation::HealthCheck
                 | Operation::GetMetrics
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Operation;
+
+    #[test]
+    fn all_is_in_index_order() {
+        for (i, op) in Operation::ALL.iter().enumerate() {
+            assert_eq!(op.index(), i, "{op}");
+        }
     }
 }
 

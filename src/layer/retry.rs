@@ -1,13 +1,13 @@
 //! Retry with exponential backoff and jitter.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 use serde_json::json;
 
+use super::names::{self, Tally};
 use super::{Call, Layered, Policy};
 use crate::error::{Result, StorageError};
 use crate::model::Metadata;
@@ -57,10 +57,19 @@ struct RetryConfig {
     retry_non_idempotent: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RetryStats {
-    retries: AtomicU64,
-    exhausted: AtomicU64,
+    retries: Tally,
+    exhausted: Tally,
+}
+
+impl Default for RetryStats {
+    fn default() -> Self {
+        RetryStats {
+            retries: Tally::reported(names::RETRIES_TOTAL, &[]),
+            exhausted: Tally::local(),
+        }
+    }
 }
 
 /// The policy a [`RetryLayer`] runs in its [`Layered`] wrappers.
@@ -123,7 +132,7 @@ impl RetryLayer {
 
     /// Retries made so far by every wrapper of this layer.
     pub fn retries(&self) -> u64 {
-        self.stats.retries.load(Ordering::Relaxed)
+        self.stats.retries.get()
     }
 }
 
@@ -173,12 +182,12 @@ impl Policy for RetryPolicy {
                 .sleep(tokio::time::sleep)
                 .when(|e: &StorageError| self.should_retry(&call, started, e))
                 .notify(|_, _| {
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    self.stats.retries.add(1);
                 })
                 .await;
             if let Err(e) = &result {
                 if e.is_transient() {
-                    self.stats.exhausted.fetch_add(1, Ordering::Relaxed);
+                    self.stats.exhausted.add(1);
                 }
             }
             result
@@ -188,14 +197,8 @@ impl Policy for RetryPolicy {
     fn figures(&self) -> Metadata {
         let mut m = Metadata::new();
         m.insert("max_attempts".into(), json!(self.config.max_attempts));
-        m.insert(
-            "retries".into(),
-            json!(self.stats.retries.load(Ordering::Relaxed)),
-        );
-        m.insert(
-            "gave_up".into(),
-            json!(self.stats.exhausted.load(Ordering::Relaxed)),
-        );
+        m.insert("retries".into(), json!(self.stats.retries.get()));
+        m.insert("gave_up".into(), json!(self.stats.exhausted.get()));
         m
     }
 }

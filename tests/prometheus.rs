@@ -1,0 +1,145 @@
+//! The Prometheus exporter over real HTTP: counters, histogram buckets, bounded labels.
+#![cfg(feature = "prometheus")]
+
+use std::time::Duration;
+
+use aiecs_storage::layer::{names, CacheLayer, MetricsLayer, RetryLayer, StackBuilder};
+use aiecs_storage::{prelude::*, MemoryBackend, Metadata, NewMessage, SessionUpdate};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample line whose name and labels contain every `part`.
+fn sample(text: &str, parts: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| parts.iter().all(|p| l.contains(p)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraped_metrics_count_operations_with_buckets_and_no_ids() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    aiecs_storage::prometheus::serve(addr).unwrap();
+    // The listener starts on the runtime; wait until it accepts.
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let storage = StackBuilder::new()
+        .layer(MetricsLayer::new().with_backend_label("primary"))
+        .layer(CacheLayer::new())
+        .layer(RetryLayer::new())
+        .build(std::sync::Arc::new(MemoryBackend::new()));
+    let ids: Vec<String> = (0..20).map(|i| format!("session-id-{i:04}")).collect();
+    for id in &ids {
+        storage
+            .create_session(id, "user-x", &Metadata::new())
+            .await
+            .unwrap();
+        storage
+            .update_session(id, &SessionUpdate::new().increment_requests())
+            .await
+            .unwrap();
+        storage
+            .add_conversation_message(id, &NewMessage::new("user", "content-y"))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            storage.get_session(id).await.unwrap();
+        }
+    }
+    // Bad input: counted as an error of its kind.
+    assert!(storage.get_session("").await.is_err());
+
+    let text = scrape(addr).await;
+    let ops = names::OPERATIONS_TOTAL;
+    assert_eq!(
+        sample(
+            &text,
+            &[
+                ops,
+                "operation=\"create_session\"",
+                "backend=\"primary\"",
+                "outcome=\"ok\""
+            ]
+        ),
+        Some(20.0)
+    );
+    assert_eq!(
+        sample(&text, &[ops, "operation=\"get_session\"", "outcome=\"ok\""]),
+        Some(60.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &[ops, "operation=\"get_session\"", "outcome=\"error\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &[
+                names::ERRORS_TOTAL,
+                "operation=\"get_session\"",
+                "kind=\"invalid_input\""
+            ]
+        ),
+        Some(1.0)
+    );
+    // A histogram with the crate's buckets, not a summary.
+    let hist = names::OPERATION_DURATION_SECONDS;
+    for le in ["0.00005", "0.001", "10", "+Inf"] {
+        let line = format!("le=\"{le}\"");
+        assert!(
+            sample(
+                &text,
+                &[
+                    &format!("{hist}_bucket"),
+                    "operation=\"get_session\"",
+                    &line
+                ]
+            )
+            .is_some(),
+            "no bucket le={le} in:\n{text}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &text,
+            &[&format!("{hist}_count"), "operation=\"get_session\""]
+        ),
+        Some(61.0)
+    );
+    // The other layers report through the same facade: 2 of the 3 reads per session hit.
+    assert_eq!(sample(&text, &[names::CACHE_HITS_TOTAL]), Some(40.0));
+    assert!(text.contains("# HELP aiecs_storage_operations_total"));
+
+    // Bounded labels: no id or content ever appears as a label value.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        assert!(
+            !line.contains("session-id-")
+                && !line.contains("user-x")
+                && !line.contains("content-y"),
+            "a label carries an id or content: {line}"
+        );
+    }
+}
