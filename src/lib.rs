@@ -38,6 +38,7 @@ pub mod config;
 pub mod error;
 pub mod layer;
 pub mod model;
+pub mod ops;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
 pub mod storage;
@@ -65,6 +66,7 @@ pub use model::{
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
     SessionQuery, SessionStatus, SessionUpdate, TaskWrites, WriteInput,
 };
+pub use ops::health::HealthChecker;
 pub use storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextExt,
     TaskContextStorage,

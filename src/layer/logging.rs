@@ -1,0 +1,253 @@
+//! Structured logging of every operation with `tracing`.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tracing::field::Empty;
+use tracing::Instrument;
+
+use super::{Call, Layered, Policy};
+use crate::error::Result;
+use crate::model::Metadata;
+use crate::storage::StorageBackend;
+
+/// Logs every operation with [`tracing`]: one span per call and one event at its end,
+/// with the operation, the backend, the session or thread id, the latency and the
+/// outcome. Message content, context values, checkpoint data, metadata and credentials
+/// are never logged: the layer only sees which operation ran on which id.
+///
+/// # Levels
+///
+/// | outcome | level | message |
+/// | --- | --- | --- |
+/// | the call failed | `ERROR` | `storage operation failed`, with `error.type` and `error.message` |
+/// | it took at least the slow threshold (default 100 ms) | `WARN` | `slow storage operation` |
+/// | anything else | `DEBUG` | `storage operation` |
+///
+/// The span (named `storage`) is at `DEBUG` too, so a subscriber that filters at `INFO`
+/// creates no span and formats nothing for a call that succeeds quickly: the layer then
+/// costs two clock reads and a few level checks. Enable `aiecs_storage=debug` to see
+/// every call, or to export the spans (for example with `tracing-opentelemetry`).
+///
+/// # Fields
+///
+/// Names follow the OpenTelemetry database conventions where they fit. Both the span and
+/// the event carry the identifying fields, so an event stays complete when a subscriber
+/// (or a per-layer filter) drops the span; a plain-text subscriber at `DEBUG` therefore
+/// prints them twice, once in the span's context. The span also gets `outcome` and
+/// `error.type` when the call ends; its latency is the span's own duration.
+///
+/// | field | value |
+/// | --- | --- |
+/// | `db.system.name` | the backend label: [`StorageBackend::kind`] of the wrapped backend (`memory`, `sqlite`, ...) unless set with [`LoggingLayer::with_backend_label`] |
+/// | `db.operation.name` | the method, e.g. `get_session` ([`Operation::as_str`](super::Operation::as_str)) |
+/// | `aiecs.key` | the session id or thread id, when the call concerns one (ids are not secrets) |
+/// | `duration_ms` | the latency in milliseconds (a float) |
+/// | `outcome` | `ok`, or the error kind (`connection`, `timeout`, `not_found`, ...) |
+/// | `error.type` | the error kind (errors only) |
+/// | `error.message` | the error's `Display` text (errors only): backends keep credentials out of it |
+///
+/// # Order
+///
+/// Outside a [`RetryLayer`](super::RetryLayer) the layer logs each call once, with the
+/// latency of all its attempts; inside it, it logs every attempt.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+/// use std::time::Duration;
+/// use aiecs_storage::layer::LoggingLayer;
+/// use aiecs_storage::{prelude::*, MemoryBackend};
+/// use tower::Layer;
+///
+/// let logging = LoggingLayer::new().with_slow_threshold(Duration::from_millis(250));
+/// let storage = logging.layer(MemoryBackend::new());
+/// // With a subscriber installed, this logs a `storage` span and, at DEBUG,
+/// // `storage operation db.system.name="memory" db.operation.name="create_session"
+/// // aiecs.key="s1" duration_ms=... outcome="ok"`.
+/// storage.create_session("s1", "alice", &Default::default()).await?;
+/// assert_eq!(logging.errors(), 0);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LoggingLayer {
+    backend_label: Option<Cow<'static, str>>,
+    slow_threshold: Duration,
+    stats: Arc<LogStats>,
+}
+
+#[derive(Debug, Default)]
+struct LogStats {
+    errors: AtomicU64,
+    slow: AtomicU64,
+}
+
+/// The policy a [`LoggingLayer`] runs in its [`Layered`] wrappers.
+#[derive(Debug)]
+pub struct LoggingPolicy {
+    backend_label: Cow<'static, str>,
+    slow_threshold: Duration,
+    stats: Arc<LogStats>,
+}
+
+impl Default for LoggingLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LoggingLayer {
+    /// Logs calls slower than 100 ms at `WARN`, and labels them with the wrapped
+    /// backend's kind.
+    pub fn new() -> Self {
+        LoggingLayer {
+            backend_label: None,
+            slow_threshold: Duration::from_millis(100),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Sets the `db.system.name` of every call, instead of the wrapped backend's
+    /// [`kind`](StorageBackend::kind): for example `primary` and `fallback` to tell two
+    /// backends of one kind apart.
+    pub fn with_backend_label(mut self, label: impl Into<Cow<'static, str>>) -> Self {
+        self.backend_label = Some(label.into());
+        self
+    }
+
+    /// Sets the latency from which a successful call is logged at `WARN`.
+    pub fn with_slow_threshold(mut self, threshold: Duration) -> Self {
+        self.slow_threshold = threshold;
+        self
+    }
+
+    /// Failed calls logged so far by every wrapper of this layer.
+    pub fn errors(&self) -> u64 {
+        self.stats.errors.load(Ordering::Relaxed)
+    }
+
+    /// Slow calls logged so far by every wrapper of this layer.
+    pub fn slow_calls(&self) -> u64 {
+        self.stats.slow.load(Ordering::Relaxed)
+    }
+}
+
+impl<B: StorageBackend> tower_layer::Layer<B> for LoggingLayer {
+    type Service = Layered<B, LoggingPolicy>;
+
+    fn layer(&self, inner: B) -> Self::Service {
+        let backend_label = self
+            .backend_label
+            .clone()
+            .unwrap_or(Cow::Borrowed(inner.kind()));
+        Layered::new(
+            inner,
+            Arc::new(LoggingPolicy {
+                backend_label,
+                slow_threshold: self.slow_threshold,
+                stats: self.stats.clone(),
+            }),
+        )
+    }
+}
+
+impl LoggingPolicy {
+    /// The `db.system.name` this policy logs.
+    pub fn backend_label(&self) -> &str {
+        &self.backend_label
+    }
+}
+
+impl Policy for LoggingPolicy {
+    fn name(&self) -> &'static str {
+        "logging"
+    }
+
+    async fn call<'a, T, F, Fut>(&'a self, call: Call<'a>, run: F) -> Result<T>
+    where
+        T: Send + 'a,
+        F: Fn() -> Fut + Send + Sync + 'a,
+        Fut: Future<Output = Result<T>> + Send + 'a,
+    {
+        let system: &str = &self.backend_label;
+        let operation = call.operation.as_str();
+        // Disabled (and nearly free) unless the subscriber wants DEBUG for this target.
+        let span = tracing::debug_span!(
+            "storage",
+            db.system.name = system,
+            db.operation.name = operation,
+            aiecs.key = call.key,
+            outcome = Empty,
+            error.type = Empty,
+        );
+        let started = Instant::now();
+        let result = run().instrument(span.clone()).await;
+        let elapsed = started.elapsed();
+        // Whole microseconds: `0.092`, not `0.09262799999999999`.
+        let duration_ms = elapsed.as_micros() as f64 / 1000.0;
+        span.in_scope(|| match &result {
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                let kind = e.kind().as_str();
+                span.record("outcome", kind);
+                span.record("error.type", kind);
+                tracing::error!(
+                    db.system.name = system,
+                    db.operation.name = operation,
+                    aiecs.key = call.key,
+                    duration_ms,
+                    outcome = kind,
+                    error.type = kind,
+                    error.message = %e,
+                    "storage operation failed"
+                );
+            }
+            Ok(_) if elapsed >= self.slow_threshold => {
+                self.stats.slow.fetch_add(1, Ordering::Relaxed);
+                span.record("outcome", "ok");
+                tracing::warn!(
+                    db.system.name = system,
+                    db.operation.name = operation,
+                    aiecs.key = call.key,
+                    duration_ms,
+                    outcome = "ok",
+                    slow_threshold_ms = self.slow_threshold.as_secs_f64() * 1000.0,
+                    "slow storage operation"
+                );
+            }
+            Ok(_) => {
+                span.record("outcome", "ok");
+                tracing::debug!(
+                    db.system.name = system,
+                    db.operation.name = operation,
+                    aiecs.key = call.key,
+                    duration_ms,
+                    outcome = "ok",
+                    "storage operation"
+                );
+            }
+        });
+        result
+    }
+
+    fn figures(&self) -> Metadata {
+        let mut m = Metadata::new();
+        m.insert("backend_label".into(), json!(self.backend_label));
+        m.insert(
+            "slow_threshold_ms".into(),
+            json!(self.slow_threshold.as_secs_f64() * 1000.0),
+        );
+        m.insert(
+            "errors".into(),
+            json!(self.stats.errors.load(Ordering::Relaxed)),
+        );
+        m.insert(
+            "slow_calls".into(),
+            json!(self.stats.slow.load(Ordering::Relaxed)),
+        );
+        m
+    }
+}
