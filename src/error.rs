@@ -225,6 +225,62 @@ impl StorageError {
     }
 }
 
+impl StorageError {
+    /// A copy of this error for a second caller (one failed batch or shared load
+    /// answers several callers): the same variant, fields and transience; the source
+    /// chain is kept as its text, since a boxed source cannot be cloned.
+    pub fn duplicate(&self) -> StorageError {
+        let source = |source: &Option<BoxError>| -> Option<BoxError> {
+            let first = source.as_deref()?;
+            let mut chain = vec![first.to_string()];
+            let mut next = first.source();
+            while let Some(s) = next {
+                chain.push(s.to_string());
+                next = s.source();
+            }
+            Some(chain.join(": ").into())
+        };
+        match self {
+            StorageError::InvalidInput { field, reason } => StorageError::InvalidInput {
+                field,
+                reason: reason.clone(),
+            },
+            StorageError::NotFound { entity, id } => StorageError::NotFound {
+                entity,
+                id: id.clone(),
+            },
+            StorageError::Connection { message, source: s } => StorageError::Connection {
+                message: message.clone(),
+                source: source(s),
+            },
+            StorageError::Authentication { message } => StorageError::Authentication {
+                message: message.clone(),
+            },
+            StorageError::Timeout { operation, after } => StorageError::Timeout {
+                operation,
+                after: *after,
+            },
+            StorageError::Serialization { message, source: s } => StorageError::Serialization {
+                message: message.clone(),
+                source: source(s),
+            },
+            StorageError::Closed => StorageError::Closed,
+            StorageError::Unavailable { message } => StorageError::Unavailable {
+                message: message.clone(),
+            },
+            StorageError::Backend {
+                message,
+                transient,
+                source: s,
+            } => StorageError::Backend {
+                message: message.clone(),
+                transient: *transient,
+                source: source(s),
+            },
+        }
+    }
+}
+
 impl From<serde_json::Error> for StorageError {
     fn from(err: serde_json::Error) -> Self {
         StorageError::serialization("invalid JSON", err)
@@ -234,6 +290,63 @@ impl From<serde_json::Error> for StorageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn duplicate_of_every_kind_is_equal_in_kind_text_transience_and_source() {
+        let errors = [
+            StorageError::invalid_input("role", "bad"),
+            StorageError::not_found("session", "s1"),
+            StorageError::Connection {
+                message: "refused".into(),
+                source: Some("io: reset".into()),
+            },
+            StorageError::Timeout {
+                operation: "x",
+                after: Duration::from_millis(3),
+            },
+            StorageError::Closed,
+            StorageError::Backend {
+                message: "busy".into(),
+                transient: true,
+                source: None,
+            },
+            StorageError::Backend {
+                message: "constraint".into(),
+                transient: false,
+                source: None,
+            },
+        ];
+        for e in &errors {
+            let copy = StorageError::duplicate(e);
+            assert_eq!(copy.kind(), e.kind());
+            assert_eq!(copy.to_string(), e.to_string());
+            assert_eq!(copy.is_transient(), e.is_transient());
+            assert_eq!(
+                copy.source().map(|s| s.to_string()),
+                e.source().map(|s| s.to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_keeps_kind_text_transience_and_source_text() {
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let e = StorageError::Connection {
+            message: "redis at x".into(),
+            source: Some(Box::new(inner)),
+        };
+        let d = e.duplicate();
+        assert_eq!(d.kind(), e.kind());
+        assert_eq!(d.to_string(), e.to_string());
+        assert_eq!(d.is_transient(), e.is_transient());
+        assert_eq!(
+            std::error::Error::source(&d).map(|s| s.to_string()),
+            Some("reset by peer".to_owned())
+        );
+        let b = StorageError::backend("busy", true, std::io::Error::other("x")).duplicate();
+        assert!(b.is_transient());
+    }
 
     #[test]
     fn transient_kinds() {

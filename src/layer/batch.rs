@@ -1,6 +1,5 @@
 //! Group commit: appends and pending writes gathered into batch calls.
 
-use std::error::Error as _;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -12,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::names::{self, LazyGauge, LazyHistogram};
-use crate::error::{BoxError, Result, StorageError};
+use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata,
     MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionPage,
@@ -462,68 +461,6 @@ fn writer_stopped() -> StorageError {
     }
 }
 
-/// The text of an error's source chain, kept when an error is copied.
-#[derive(Debug)]
-struct SourceText(String);
-
-impl fmt::Display for SourceText {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for SourceText {}
-
-/// An error equal to `e` in kind, message and transient flag, for each caller of a
-/// failed batch ([`StorageError`] is not `Clone`). A source is kept as its text.
-fn same_error(e: &StorageError) -> StorageError {
-    let source = || -> Option<BoxError> {
-        let mut chain = Vec::new();
-        let mut next = e.source();
-        while let Some(s) = next {
-            chain.push(s.to_string());
-            next = s.source();
-        }
-        (!chain.is_empty()).then(|| Box::new(SourceText(chain.join(": "))) as BoxError)
-    };
-    match e {
-        StorageError::InvalidInput { field, reason } => StorageError::InvalidInput {
-            field,
-            reason: reason.clone(),
-        },
-        StorageError::NotFound { entity, id } => StorageError::NotFound {
-            entity,
-            id: id.clone(),
-        },
-        StorageError::Connection { message, .. } => StorageError::Connection {
-            message: message.clone(),
-            source: source(),
-        },
-        StorageError::Authentication { message } => StorageError::Authentication {
-            message: message.clone(),
-        },
-        StorageError::Timeout { operation, after } => StorageError::Timeout {
-            operation,
-            after: *after,
-        },
-        StorageError::Serialization { message, .. } => StorageError::Serialization {
-            message: message.clone(),
-            source: source(),
-        },
-        StorageError::Closed => StorageError::Closed,
-        StorageError::Unavailable { message } => StorageError::Unavailable {
-            message: message.clone(),
-        },
-        StorageError::Backend {
-            message, transient, ..
-        } => StorageError::Backend {
-            message: message.clone(),
-            transient: *transient,
-            source: source(),
-        },
-    }
-}
-
 /// One gathered batch: items in queue order, split by kind.
 struct Batch {
     messages: Vec<(String, NewMessage)>,
@@ -613,7 +550,7 @@ fn answer<T>(result: Result<Vec<Result<T>>>, mut waiters: Vec<Waiter<T>>, counte
     counters.failed_batches.fetch_add(1, Ordering::Relaxed);
     let last = waiters.pop();
     for waiter in waiters {
-        waiter.answer(Err(same_error(&error)));
+        waiter.answer(Err(StorageError::duplicate(&error)));
     }
     if let Some(waiter) = last {
         waiter.answer(Err(error));
@@ -1013,47 +950,5 @@ impl<B: StorageBackend + 'static> StorageBackend for Batched<B> {
 
     async fn cleanup_expired_sessions(&self, max_idle: Duration) -> Result<u64> {
         self.inner.cleanup_expired_sessions(max_idle).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn same_error_keeps_kind_message_and_transience() {
-        let errors = [
-            StorageError::invalid_input("role", "bad"),
-            StorageError::not_found("session", "s1"),
-            StorageError::Connection {
-                message: "refused".into(),
-                source: Some("io: reset".into()),
-            },
-            StorageError::Timeout {
-                operation: "x",
-                after: Duration::from_millis(3),
-            },
-            StorageError::Closed,
-            StorageError::Backend {
-                message: "busy".into(),
-                transient: true,
-                source: None,
-            },
-            StorageError::Backend {
-                message: "constraint".into(),
-                transient: false,
-                source: None,
-            },
-        ];
-        for e in &errors {
-            let copy = same_error(e);
-            assert_eq!(copy.kind(), e.kind());
-            assert_eq!(copy.to_string(), e.to_string());
-            assert_eq!(copy.is_transient(), e.is_transient());
-            assert_eq!(
-                copy.source().map(|s| s.to_string()),
-                e.source().map(|s| s.to_string())
-            );
-        }
     }
 }

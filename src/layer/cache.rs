@@ -11,7 +11,7 @@ use moka::notification::RemovalCause;
 use serde_json::{json, Value};
 
 use super::names::{self, LazyGauge, Tally};
-use crate::error::{BoxError, Result, StorageError};
+use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionPage, SessionQuery,
@@ -567,7 +567,7 @@ impl Shared {
                         Err(e) => {
                             // Callers that joined this load get a copy; this caller
                             // keeps the original with its source.
-                            let copy = duplicate(&e);
+                            let copy = StorageError::duplicate(&e);
                             own_error = Some(e);
                             Err(copy)
                         }
@@ -575,7 +575,9 @@ impl Shared {
                 })
                 .await;
             match loaded {
-                Err(shared) => return Err(own_error.unwrap_or_else(|| duplicate(&shared))),
+                Err(shared) => {
+                    return Err(own_error.unwrap_or_else(|| StorageError::duplicate(&shared)))
+                }
                 Ok(entry) => {
                     if entry.stamp.covers(start) {
                         if let Some(v) = T::from_cached(&entry.value) {
@@ -661,52 +663,6 @@ impl Invalidation<'_> {
 impl Drop for Invalidation<'_> {
     fn drop(&mut self) {
         self.bump();
-    }
-}
-
-/// A copy of `e` for callers that shared a failed load: same variant and fields, the
-/// source kept as text (a boxed source cannot be cloned).
-fn duplicate(e: &StorageError) -> StorageError {
-    fn text(source: &Option<BoxError>) -> Option<BoxError> {
-        source.as_ref().map(|s| s.to_string().into())
-    }
-    match e {
-        StorageError::InvalidInput { field, reason } => StorageError::InvalidInput {
-            field,
-            reason: reason.clone(),
-        },
-        StorageError::NotFound { entity, id } => StorageError::NotFound {
-            entity,
-            id: id.clone(),
-        },
-        StorageError::Connection { message, source } => StorageError::Connection {
-            message: message.clone(),
-            source: text(source),
-        },
-        StorageError::Authentication { message } => StorageError::Authentication {
-            message: message.clone(),
-        },
-        StorageError::Timeout { operation, after } => StorageError::Timeout {
-            operation,
-            after: *after,
-        },
-        StorageError::Serialization { message, source } => StorageError::Serialization {
-            message: message.clone(),
-            source: text(source),
-        },
-        StorageError::Closed => StorageError::Closed,
-        StorageError::Unavailable { message } => StorageError::Unavailable {
-            message: message.clone(),
-        },
-        StorageError::Backend {
-            message,
-            transient,
-            source,
-        } => StorageError::Backend {
-            message: message.clone(),
-            transient: *transient,
-            source: text(source),
-        },
     }
 }
 
@@ -1039,18 +995,5 @@ mod tests {
         assert_eq!(stripe_of("session-1"), stripe_of("session-1"));
         assert!(stripe_of("") < STRIPES);
         assert!(stripe_of("a long thread id") < STRIPES);
-    }
-
-    #[test]
-    fn duplicate_keeps_kind_and_text() {
-        let e = StorageError::backend("boom", true, "inner cause");
-        let d = duplicate(&e);
-        assert_eq!(d.kind(), e.kind());
-        assert_eq!(d.to_string(), e.to_string());
-        assert!(d.is_transient());
-        assert_eq!(
-            std::error::Error::source(&d).unwrap().to_string(),
-            "inner cause"
-        );
     }
 }

@@ -22,4 +22,5 @@ pub fn unique_name(kind: &str) -> String {
     format!("aiecs_test_{kind}_{}", uuid::Uuid::now_v7().simple())
 }
 
+pub mod capture;
 pub mod fault;
