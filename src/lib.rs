@@ -62,9 +62,9 @@ pub use backend::sqlite::SqliteBackend;
 pub use config::open;
 pub use error::{BoxError, ErrorKind, Result, StorageError};
 pub use model::{
-    Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata, MetricsReport,
-    NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
-    SessionQuery, SessionStatus, SessionUpdate, TaskWrites, WriteInput,
+    Checkpoint, CheckpointFilter, HealthReport, HealthStatus, IdPage, Message, Metadata,
+    MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics,
+    SessionPage, SessionQuery, SessionStatus, SessionUpdate, TaskWrites, WriteInput,
 };
 pub use ops::health::HealthChecker;
 pub use storage::{

@@ -504,6 +504,26 @@ pub struct SessionPage {
     pub next_cursor: Option<String>,
 }
 
+/// One page of ids (threads, task contexts), ordered by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdPage {
+    /// The ids, in ascending byte order.
+    pub ids: Vec<String>,
+    /// Pass as `after` to get the next page; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+impl IdPage {
+    /// The page of `ids` (sorted, all after the cursor) holding at most `limit`, with a
+    /// cursor when more remain.
+    pub fn from_sorted(mut ids: Vec<String>, limit: usize) -> Self {
+        let more = ids.len() > limit;
+        ids.truncate(limit);
+        let next_cursor = if more { ids.last().cloned() } else { None };
+        IdPage { ids, next_cursor }
+    }
+}
+
 /// Overall state reported by a health check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -15,9 +15,9 @@ use serde_json::Value;
 
 use crate::error::{Result, StorageError};
 use crate::model::{
-    Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport, NewCheckpoint,
-    NewMessage, NewSession, PendingWrite, Session, SessionPage, SessionQuery, SessionUpdate,
-    TaskWrites, WriteInput,
+    Checkpoint, CheckpointFilter, HealthReport, IdPage, Message, Metadata, MetricsReport,
+    NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionPage, SessionQuery,
+    SessionUpdate, TaskWrites, WriteInput,
 };
 
 /// Sessions and their usage figures (the spec's `ISessionStorage`).
@@ -114,6 +114,17 @@ pub trait ConversationStorage: Send + Sync {
         session_id: &str,
         limit: usize,
     ) -> Result<Vec<Message>>;
+
+    /// Up to `limit` messages of the session (1..=10 000), oldest first, starting at
+    /// position `offset` (0 is the first message ever stored). Messages keep their
+    /// positions, so paging with `offset += page.len()` reads a whole history, however
+    /// long, for export and migration. A missing session has none.
+    async fn get_conversation_range(
+        &self,
+        session_id: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>>;
 }
 
 /// Workflow checkpoints with pending writes (the spec's `ICheckpointStorage` and
@@ -189,6 +200,15 @@ pub trait CheckpointStorage: Send + Sync {
 
     /// Removes every checkpoint and pending write of a thread, in every namespace.
     async fn delete_thread(&self, thread_id: &str) -> Result<()>;
+
+    /// One page of the ids of threads holding checkpoints or pending writes, in
+    /// ascending order, after the cursor `after`; `limit` 1..=10 000. For export and
+    /// migration.
+    async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage>;
+
+    /// The namespaces of a thread that hold checkpoints or pending writes, in ascending
+    /// order (the default namespace is `""`).
+    async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>>;
 }
 
 /// Task context, one JSON value per session (the spec's `ITaskContextStorage`). The
@@ -201,6 +221,10 @@ pub trait TaskContextStorage: Send + Sync {
 
     /// Stores (replaces) the context of the session.
     async fn store_task_context(&self, session_id: &str, context: &Value) -> Result<()>;
+
+    /// One page of the session ids holding a task context, in ascending order, after the
+    /// cursor `after`; `limit` 1..=10 000. For export and migration.
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage>;
 }
 
 /// The unified backend (the spec's `IStorageBackend`): every storage concern plus
@@ -311,6 +335,9 @@ macro_rules! forward_storage {
             async fn get_conversation_history(&self, session_id: &str, limit: usize) -> Result<Vec<Message>> {
                 let $s = self; $inner.get_conversation_history(session_id, limit).await
             }
+            async fn get_conversation_range(&self, session_id: &str, offset: u64, limit: usize) -> Result<Vec<Message>> {
+                let $s = self; $inner.get_conversation_range(session_id, offset, limit).await
+            }
         }
 
         #[async_trait]
@@ -336,6 +363,12 @@ macro_rules! forward_storage {
             async fn delete_thread(&self, thread_id: &str) -> Result<()> {
                 let $s = self; $inner.delete_thread(thread_id).await
             }
+            async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+                let $s = self; $inner.list_threads(after, limit).await
+            }
+            async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
+                let $s = self; $inner.list_checkpoint_namespaces(thread_id).await
+            }
         }
 
         #[async_trait]
@@ -345,6 +378,9 @@ macro_rules! forward_storage {
             }
             async fn store_task_context(&self, session_id: &str, context: &Value) -> Result<()> {
                 let $s = self; $inner.store_task_context(session_id, context).await
+            }
+            async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+                let $s = self; $inner.list_task_contexts(after, limit).await
             }
         }
 

@@ -282,6 +282,14 @@ pub fn session_ids(ids: &[String]) -> Result<()> {
     ids.iter().try_for_each(|s| id("session_id", s))
 }
 
+/// Checks a listing cursor and page size (`list_threads`, `list_task_contexts`).
+pub fn page(after: Option<&str>, limit_value: usize) -> Result<()> {
+    if let Some(a) = after {
+        id("after", a)?;
+    }
+    limit("limit", limit_value)
+}
+
 /// Checks the input of `list_sessions`.
 pub fn session_query(query: &SessionQuery) -> Result<()> {
     if let Some(u) = &query.user_id {

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::error::{Result, StorageError};
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    now, Checkpoint, CheckpointFilter, HealthReport, IdPage, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
     SessionQuery, SessionStatus, SessionUpdate, TaskWrites, WriteInput,
 };
@@ -276,6 +276,28 @@ impl SessionStorage for MemoryBackend {
 
 #[async_trait]
 impl ConversationStorage for MemoryBackend {
+    async fn get_conversation_range(
+        &self,
+        session_id: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        self.check_open()?;
+        validate::id("session_id", session_id)?;
+        validate::limit("limit", limit)?;
+        Ok(self
+            .sessions
+            .get(session_id)
+            .map(|e| {
+                let start = usize::try_from(offset)
+                    .unwrap_or(usize::MAX)
+                    .min(e.messages.len());
+                let end = start.saturating_add(limit).min(e.messages.len());
+                e.messages[start..end].to_vec()
+            })
+            .unwrap_or_default())
+    }
+
     async fn add_conversation_message(
         &self,
         session_id: &str,
@@ -318,6 +340,31 @@ impl ConversationStorage for MemoryBackend {
 
 #[async_trait]
 impl CheckpointStorage for MemoryBackend {
+    async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        self.check_open()?;
+        validate::page(after, limit)?;
+        let mut ids: Vec<String> = self
+            .threads
+            .iter()
+            .filter(|t| after.is_none_or(|a| t.key().as_str() > a))
+            .map(|t| t.key().clone())
+            .collect();
+        ids.sort_unstable();
+        Ok(IdPage::from_sorted(ids, limit))
+    }
+
+    async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
+        self.check_open()?;
+        validate::id("thread_id", thread_id)?;
+        let mut namespaces: Vec<String> = self
+            .threads
+            .get(thread_id)
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        namespaces.sort_unstable();
+        Ok(namespaces)
+    }
+
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         self.check_open()?;
         validate::new_checkpoint(checkpoint)?;
@@ -458,6 +505,19 @@ impl CheckpointStorage for MemoryBackend {
 
 #[async_trait]
 impl TaskContextStorage for MemoryBackend {
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        self.check_open()?;
+        validate::page(after, limit)?;
+        let mut ids: Vec<String> = self
+            .task_contexts
+            .iter()
+            .filter(|c| after.is_none_or(|a| c.key().as_str() > a))
+            .map(|c| c.key().clone())
+            .collect();
+        ids.sort_unstable();
+        Ok(IdPage::from_sorted(ids, limit))
+    }
+
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
         self.check_open()?;
         validate::id("session_id", session_id)?;

@@ -13,7 +13,7 @@ use tokio_rusqlite::Connection;
 
 use crate::error::{Result, StorageError};
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    now, Checkpoint, CheckpointFilter, HealthReport, IdPage, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
     SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
@@ -352,6 +352,34 @@ impl EncodedWrites {
         }
         Ok(())
     }
+}
+
+/// Runs a message query whose columns are message_id, role, content, timestamp, metadata.
+fn messages(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> Sql<Vec<Message>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(args)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(Message {
+            message_id: row.get(0)?,
+            role: row.get(1)?,
+            content: row.get(2)?,
+            timestamp: timestamp(row.get(3)?)?,
+            metadata: decode("message metadata", &row.get::<_, String>(4)?)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs a query whose one column is an id, for listings.
+fn ids(conn: &rusqlite::Connection, sql: &str, args: impl rusqlite::Params) -> Sql<Vec<String>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(args, |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<std::result::Result<_, _>>()?)
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -745,23 +773,34 @@ impl ConversationStorage for SqliteBackend {
         validate::limit("limit", limit)?;
         let id = session_id.to_owned();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(
+            messages(
+                c,
                 "SELECT message_id, role, content, timestamp, metadata FROM \
                  (SELECT * FROM messages WHERE session_id = ?1 ORDER BY seq DESC LIMIT ?2) \
                  ORDER BY seq",
-            )?;
-            let mut rows = stmt.query(params![id, limit as i64])?;
-            let mut out = Vec::new();
-            while let Some(row) = rows.next()? {
-                out.push(Message {
-                    message_id: row.get(0)?,
-                    role: row.get(1)?,
-                    content: row.get(2)?,
-                    timestamp: timestamp(row.get(3)?)?,
-                    metadata: decode("message metadata", &row.get::<_, String>(4)?)?,
-                });
-            }
-            Ok(out)
+                params![id, limit as i64],
+            )
+        })
+        .await
+    }
+
+    async fn get_conversation_range(
+        &self,
+        session_id: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        validate::id("session_id", session_id)?;
+        validate::limit("limit", limit)?;
+        let id = session_id.to_owned();
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        self.read(move |c| {
+            messages(
+                c,
+                "SELECT message_id, role, content, timestamp, metadata FROM messages \
+                 WHERE session_id = ?1 ORDER BY seq LIMIT ?2 OFFSET ?3",
+                params![id, limit as i64, offset],
+            )
         })
         .await
     }
@@ -769,6 +808,38 @@ impl ConversationStorage for SqliteBackend {
 
 #[async_trait]
 impl CheckpointStorage for SqliteBackend {
+    async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        validate::page(after, limit)?;
+        let after = after.unwrap_or_default().to_owned();
+        let found = self
+            .read(move |c| {
+                ids(
+                    c,
+                    "SELECT thread_id FROM (SELECT thread_id FROM checkpoints \
+                     UNION SELECT thread_id FROM checkpoint_writes) \
+                     WHERE thread_id > ?1 ORDER BY thread_id LIMIT ?2",
+                    params![after, limit as i64 + 1],
+                )
+            })
+            .await?;
+        Ok(IdPage::from_sorted(found, limit))
+    }
+
+    async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
+        validate::id("thread_id", thread_id)?;
+        let thread = thread_id.to_owned();
+        self.read(move |c| {
+            ids(
+                c,
+                "SELECT checkpoint_ns FROM checkpoints WHERE thread_id = ?1 \
+                 UNION SELECT checkpoint_ns FROM checkpoint_writes WHERE thread_id = ?1 \
+                 ORDER BY 1",
+                [thread],
+            )
+        })
+        .await
+    }
+
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         validate::new_checkpoint(checkpoint)?;
         let cp = checkpoint.clone();
@@ -970,6 +1041,22 @@ impl CheckpointStorage for SqliteBackend {
 
 #[async_trait]
 impl TaskContextStorage for SqliteBackend {
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        validate::page(after, limit)?;
+        let after = after.unwrap_or_default().to_owned();
+        let found = self
+            .read(move |c| {
+                ids(
+                    c,
+                    "SELECT session_id FROM task_contexts WHERE session_id > ?1 \
+                     ORDER BY session_id LIMIT ?2",
+                    params![after, limit as i64 + 1],
+                )
+            })
+            .await?;
+        Ok(IdPage::from_sorted(found, limit))
+    }
+
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
         validate::id("session_id", session_id)?;
         let id = session_id.to_owned();

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::names::{self, LazyGauge, LazyHistogram};
 use crate::error::{Result, StorageError};
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata,
+    now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, IdPage, Message, Metadata,
     MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionPage,
     SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
@@ -790,6 +790,19 @@ impl<B: StorageBackend + 'static> ConversationStorage for Batched<B> {
             .await?;
         self.inner.get_conversation_history(session_id, limit).await
     }
+
+    async fn get_conversation_range(
+        &self,
+        session_id: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        self.flush_if(self.writer.pending.sessions.contains_key(session_id))
+            .await?;
+        self.inner
+            .get_conversation_range(session_id, offset, limit)
+            .await
+    }
 }
 
 #[async_trait]
@@ -870,10 +883,27 @@ impl<B: StorageBackend + 'static> CheckpointStorage for Batched<B> {
     async fn delete_thread(&self, thread_id: &str) -> Result<()> {
         self.inner.delete_thread(thread_id).await
     }
+
+    async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        // A thread whose first writes are still queued must be listed too.
+        self.flush_if(!self.writer.pending.threads.is_empty())
+            .await?;
+        self.inner.list_threads(after, limit).await
+    }
+
+    async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
+        self.flush_if(self.writer.pending.threads.contains_key(thread_id))
+            .await?;
+        self.inner.list_checkpoint_namespaces(thread_id).await
+    }
 }
 
 #[async_trait]
 impl<B: StorageBackend + 'static> TaskContextStorage for Batched<B> {
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        self.inner.list_task_contexts(after, limit).await
+    }
+
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
         self.inner.get_task_context(session_id).await
     }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::names::{self, LazyGauge, Tally};
 use crate::error::{Result, StorageError};
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    now, Checkpoint, CheckpointFilter, HealthReport, IdPage, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionPage, SessionQuery,
     SessionUpdate, TaskWrites, WriteInput,
 };
@@ -824,6 +824,17 @@ impl<B: StorageBackend> ConversationStorage for Cached<B> {
     ) -> Result<Vec<Message>> {
         self.inner.get_conversation_history(session_id, limit).await
     }
+
+    async fn get_conversation_range(
+        &self,
+        session_id: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        self.inner
+            .get_conversation_range(session_id, offset, limit)
+            .await
+    }
 }
 
 #[async_trait]
@@ -901,10 +912,22 @@ impl<B: StorageBackend> CheckpointStorage for Cached<B> {
         let w = self.shared.write([thread_id], Vec::new());
         w.finish(self.inner.delete_thread(thread_id).await).await
     }
+
+    async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        self.inner.list_threads(after, limit).await
+    }
+
+    async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
+        self.inner.list_checkpoint_namespaces(thread_id).await
+    }
 }
 
 #[async_trait]
 impl<B: StorageBackend> TaskContextStorage for Cached<B> {
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        self.inner.list_task_contexts(after, limit).await
+    }
+
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
         self.shared
             .read(Key::Context(session_id.to_owned()), || {

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use super::names::{self, LazyGauge, Tally};
 use crate::error::{Result, StorageError};
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, Message, Metadata,
+    now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, IdPage, Message, Metadata,
     MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionPage,
     SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
@@ -545,6 +545,16 @@ impl<B: StorageBackend> ConversationStorage for Failover<B> {
         .await
     }
 
+    async fn get_conversation_range(
+        &self,
+        session_id: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        self.read(|b| b.get_conversation_range(session_id, offset, limit))
+            .await
+    }
+
     async fn get_conversation_history(
         &self,
         session_id: &str,
@@ -626,6 +636,14 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
             .await
     }
 
+    async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        self.read(|b| b.list_threads(after, limit)).await
+    }
+
+    async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
+        self.read(|b| b.list_checkpoint_namespaces(thread_id)).await
+    }
+
     async fn delete_thread(&self, thread_id: &str) -> Result<()> {
         self.write(
             || Hint::DeleteThread(thread_id.to_owned()),
@@ -639,6 +657,10 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
 impl<B: StorageBackend> TaskContextStorage for Failover<B> {
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
         self.read(|b| b.get_task_context(session_id)).await
+    }
+
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        self.read(|b| b.list_task_contexts(after, limit)).await
     }
 
     async fn store_task_context(&self, session_id: &str, context: &Value) -> Result<()> {

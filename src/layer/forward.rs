@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{Call, Operation, Policy};
 use crate::error::Result;
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    now, Checkpoint, CheckpointFilter, HealthReport, IdPage, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionPage, SessionQuery,
     SessionUpdate, TaskWrites, WriteInput,
 };
@@ -160,6 +160,20 @@ impl<B: StorageBackend, P: Policy> ConversationStorage for Layered<B, P> {
             .await
     }
 
+    async fn get_conversation_range(
+        &self,
+        session_id: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        let call = Call::new(Operation::GetConversationRange, Some(session_id));
+        self.policy
+            .call(call, || {
+                self.inner.get_conversation_range(session_id, offset, limit)
+            })
+            .await
+    }
+
     async fn get_conversation_history(
         &self,
         session_id: &str,
@@ -176,6 +190,20 @@ impl<B: StorageBackend, P: Policy> ConversationStorage for Layered<B, P> {
 
 #[async_trait]
 impl<B: StorageBackend, P: Policy> CheckpointStorage for Layered<B, P> {
+    async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        let call = Call::new(Operation::ListThreads, None);
+        self.policy
+            .call(call, || self.inner.list_threads(after, limit))
+            .await
+    }
+
+    async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
+        let call = Call::new(Operation::ListCheckpointNamespaces, Some(thread_id));
+        self.policy
+            .call(call, || self.inner.list_checkpoint_namespaces(thread_id))
+            .await
+    }
+
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         let call = Call::new(Operation::StoreCheckpoint, Some(&checkpoint.thread_id));
         self.policy
@@ -262,6 +290,13 @@ impl<B: StorageBackend, P: Policy> CheckpointStorage for Layered<B, P> {
 
 #[async_trait]
 impl<B: StorageBackend, P: Policy> TaskContextStorage for Layered<B, P> {
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        let call = Call::new(Operation::ListTaskContexts, None);
+        self.policy
+            .call(call, || self.inner.list_task_contexts(after, limit))
+            .await
+    }
+
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
         let call = Call::new(Operation::GetTaskContext, Some(session_id));
         self.policy

@@ -83,6 +83,8 @@ pub enum Operation {
     BatchAddConversationMessages,
     /// `get_conversation_history`
     GetConversationHistory,
+    /// `get_conversation_range`
+    GetConversationRange,
     /// `store_checkpoint`
     StoreCheckpoint,
     /// `get_checkpoint`
@@ -97,10 +99,16 @@ pub enum Operation {
     GetWrites,
     /// `delete_thread`
     DeleteThread,
+    /// `list_threads`
+    ListThreads,
+    /// `list_checkpoint_namespaces`
+    ListCheckpointNamespaces,
     /// `get_task_context`
     GetTaskContext,
     /// `store_task_context`
     StoreTaskContext,
+    /// `list_task_contexts`
+    ListTaskContexts,
     /// `initialize`
     Initialize,
     /// `close`
@@ -131,6 +139,7 @@ impl Operation {
             AddConversationMessage,
             BatchAddConversationMessages,
             GetConversationHistory,
+            GetConversationRange,
             StoreCheckpoint,
             GetCheckpoint,
             ListCheckpoints,
@@ -138,8 +147,11 @@ impl Operation {
             BatchPutWrites,
             GetWrites,
             DeleteThread,
+            ListThreads,
+            ListCheckpointNamespaces,
             GetTaskContext,
             StoreTaskContext,
+            ListTaskContexts,
             Initialize,
             Close,
             HealthCheck,
@@ -166,6 +178,7 @@ impl Operation {
             Operation::AddConversationMessage => "add_conversation_message",
             Operation::BatchAddConversationMessages => "batch_add_conversation_messages",
             Operation::GetConversationHistory => "get_conversation_history",
+            Operation::GetConversationRange => "get_conversation_range",
             Operation::StoreCheckpoint => "store_checkpoint",
             Operation::GetCheckpoint => "get_checkpoint",
             Operation::ListCheckpoints => "list_checkpoints",
@@ -173,8 +186,11 @@ impl Operation {
             Operation::BatchPutWrites => "batch_put_writes",
             Operation::GetWrites => "get_writes",
             Operation::DeleteThread => "delete_thread",
+            Operation::ListThreads => "list_threads",
+            Operation::ListCheckpointNamespaces => "list_checkpoint_namespaces",
             Operation::GetTaskContext => "get_task_context",
             Operation::StoreTaskContext => "store_task_context",
+            Operation::ListTaskContexts => "list_task_contexts",
             Operation::Initialize => "initialize",
             Operation::Close => "close",
             Operation::HealthCheck => "health_check",
@@ -191,6 +207,10 @@ impl Operation {
                 | Operation::BatchGetSessions
                 | Operation::ListSessions
                 | Operation::GetConversationHistory
+                | Operation::GetConversationRange
+                | Operation::ListThreads
+                | Operation::ListCheckpointNamespaces
+                | Operation::ListTaskContexts
                 | Operation::GetCheckpoint
                 | Operation::ListCheckpoints
                 | Operation::GetWrites

@@ -16,7 +16,7 @@ use tokio_postgres::Row;
 
 use crate::error::{Result, StorageError};
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    now, Checkpoint, CheckpointFilter, HealthReport, IdPage, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
     SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
@@ -126,6 +126,10 @@ struct Queries {
     add_message: String,
     batch_add_messages: String,
     history: String,
+    history_range: String,
+    list_threads: String,
+    list_namespaces: String,
+    list_task_contexts: String,
     store_checkpoint: String,
     get_checkpoint: String,
     latest_checkpoint: String,
@@ -222,6 +226,24 @@ impl Queries {
                  (SELECT seq, message_id, role, content, timestamp, metadata \
                  FROM {s}.messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2) m \
                  ORDER BY seq"
+            ),
+            history_range: format!(
+                "SELECT message_id, role, content, timestamp, metadata FROM {s}.messages \
+                 WHERE session_id = $1 ORDER BY seq LIMIT $2 OFFSET $3"
+            ),
+            list_threads: format!(
+                "SELECT thread_id FROM (SELECT thread_id FROM {s}.checkpoints \
+                 UNION SELECT thread_id FROM {s}.checkpoint_writes) t \
+                 WHERE thread_id > $1 ORDER BY thread_id LIMIT $2"
+            ),
+            list_namespaces: format!(
+                "SELECT checkpoint_ns FROM {s}.checkpoints WHERE thread_id = $1 \
+                 UNION SELECT checkpoint_ns FROM {s}.checkpoint_writes WHERE thread_id = $1 \
+                 ORDER BY 1"
+            ),
+            list_task_contexts: format!(
+                "SELECT session_id FROM {s}.task_contexts WHERE session_id > $1 \
+                 ORDER BY session_id LIMIT $2"
             ),
             store_checkpoint: format!(
                 "INSERT INTO {s}.checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
@@ -427,6 +449,20 @@ fn session_from_row(row: &Row) -> Result<Session> {
 }
 
 /// A checkpoint from the columns of [`CHECKPOINT_COLUMNS`] starting at `at`.
+fn message_from_row(row: &Row) -> Result<Message> {
+    Ok(Message {
+        message_id: get(row, 0)?,
+        role: get(row, 1)?,
+        content: get(row, 2)?,
+        timestamp: get(row, 3)?,
+        metadata: json_map(row, 4)?,
+    })
+}
+
+fn ids_from_rows(rows: &[Row]) -> Result<Vec<String>> {
+    rows.iter().map(|r| get(r, 0)).collect()
+}
+
 fn checkpoint_from_row(row: &Row, at: usize, metadata: Metadata) -> Result<Checkpoint> {
     Ok(Checkpoint {
         thread_id: get(row, at)?,
@@ -885,22 +921,50 @@ impl ConversationStorage for PostgresBackend {
         let rows = c
             .query(&c.sql.history, &[&session_id, &(limit as i64)])
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Message {
-                    message_id: get(row, 0)?,
-                    role: get(row, 1)?,
-                    content: get(row, 2)?,
-                    timestamp: get(row, 3)?,
-                    metadata: json_map(row, 4)?,
-                })
-            })
-            .collect()
+        rows.iter().map(message_from_row).collect()
+    }
+
+    async fn get_conversation_range(
+        &self,
+        session_id: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        validate::id("session_id", session_id)?;
+        validate::limit("limit", limit)?;
+        let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+        let c = self.conn().await?;
+        let rows = c
+            .query(
+                &c.sql.history_range,
+                &[&session_id, &(limit as i64), &offset],
+            )
+            .await?;
+        rows.iter().map(message_from_row).collect()
     }
 }
 
 #[async_trait]
 impl CheckpointStorage for PostgresBackend {
+    async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        validate::page(after, limit)?;
+        let c = self.conn().await?;
+        let rows = c
+            .query(
+                &c.sql.list_threads,
+                &[&after.unwrap_or_default(), &(limit as i64 + 1)],
+            )
+            .await?;
+        Ok(IdPage::from_sorted(ids_from_rows(&rows)?, limit))
+    }
+
+    async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
+        validate::id("thread_id", thread_id)?;
+        let c = self.conn().await?;
+        let rows = c.query(&c.sql.list_namespaces, &[&thread_id]).await?;
+        ids_from_rows(&rows)
+    }
+
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         validate::new_checkpoint(checkpoint)?;
         let c = self.conn().await?;
@@ -1145,6 +1209,18 @@ impl CheckpointStorage for PostgresBackend {
 
 #[async_trait]
 impl TaskContextStorage for PostgresBackend {
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        validate::page(after, limit)?;
+        let c = self.conn().await?;
+        let rows = c
+            .query(
+                &c.sql.list_task_contexts,
+                &[&after.unwrap_or_default(), &(limit as i64 + 1)],
+            )
+            .await?;
+        Ok(IdPage::from_sorted(ids_from_rows(&rows)?, limit))
+    }
+
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
         validate::id("session_id", session_id)?;
         let c = self.conn().await?;

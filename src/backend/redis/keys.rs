@@ -45,6 +45,15 @@ pub fn escape(id: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Reverses [`escape`].
+pub fn unescape(escaped: &str) -> String {
+    escaped
+        .replace("%7B", "{")
+        .replace("%7D", "}")
+        .replace("%3A", ":")
+        .replace("%25", "%")
+}
+
 /// The four keys of a session, in the order the Lua scripts expect them.
 pub struct SessionKeys {
     /// The session hash.
@@ -134,6 +143,13 @@ impl ThreadKeys {
         ThreadKeys { base, ns }
     }
 
+    /// The namespace a key of this thread's registry belongs to, if it is one.
+    pub fn namespace_of(&self, key: &str) -> Option<String> {
+        let rest = key.strip_prefix(&self.base)?.strip_prefix(":ns:")?;
+        let escaped = rest.split(':').next()?;
+        Some(unescape(escaped))
+    }
+
     /// The per-thread sequence.
     pub fn seq(&self) -> String {
         format!("{}:seq", self.base)
@@ -178,6 +194,13 @@ mod tests {
         );
         let s = SessionKeys::new("p:", "x}y");
         assert_eq!(s.session, "p:{s:x%7Dy}:session");
+        for id in ["a}b{c:d%", "%7B", "plain", ""] {
+            assert_eq!(unescape(&escape(id)), id);
+        }
+        let t = ThreadKeys::new("p:", "t", "n:s");
+        assert_eq!(t.namespace_of(&t.checkpoints()).as_deref(), Some("n:s"));
+        assert_eq!(t.namespace_of(&t.writes("c").1).as_deref(), Some("n:s"));
+        assert_eq!(t.namespace_of(&t.seq()), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tokio::sync::OnceCell;
 
 use crate::error::{Result, StorageError};
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, Message, Metadata, MetricsReport,
+    now, Checkpoint, CheckpointFilter, HealthReport, IdPage, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
     SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
@@ -428,6 +428,31 @@ impl RedisBackend {
         Ok(c)
     }
 
+    /// The ids of `index` after the cursor, in order, whose `key_of(id)` still exists
+    /// (an index entry can outlive its data when a TTL expires it).
+    async fn live_members(
+        &self,
+        index: Index,
+        after: Option<&str>,
+        key_of: impl Fn(&str) -> String,
+    ) -> Result<Vec<String>> {
+        let mut ids = self.index_members(index).await?;
+        ids.retain(|id| after.is_none_or(|a| id.as_str() > a));
+        ids.sort_unstable();
+        ids.dedup();
+        let checks: Vec<Cmd> = ids
+            .iter()
+            .map(|id| redis::cmd("EXISTS").arg(key_of(id)).clone())
+            .collect();
+        let mut live = Vec::with_capacity(ids.len());
+        for (id, exists) in ids.into_iter().zip(self.many(&checks).await?) {
+            if from_value::<i64>(exists)? == 1 {
+                live.push(id);
+            }
+        }
+        Ok(live)
+    }
+
     fn create_cmd(
         &self,
         session_id: &str,
@@ -628,6 +653,11 @@ fn metadata_args(c: &mut Cmd, metadata: &Metadata) -> Result<()> {
         c.arg(format!("m:{k}")).arg(serde_json::to_string(v)?);
     }
     Ok(())
+}
+
+fn decode_message(text: &str) -> Result<Message> {
+    serde_json::from_str(text)
+        .map_err(|e| StorageError::serialization("stored message is not valid JSON", e))
 }
 
 fn from_value<T: FromRedisValue>(v: RedisValue) -> Result<T> {
@@ -852,6 +882,23 @@ impl ConversationStorage for RedisBackend {
         Ok(out)
     }
 
+    async fn get_conversation_range(
+        &self,
+        session_id: &str,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>> {
+        validate::id("session_id", session_id)?;
+        validate::limit("limit", limit)?;
+        let start = i64::try_from(offset).unwrap_or(i64::MAX);
+        let mut c = redis::cmd("LRANGE");
+        c.arg(self.session_keys(session_id).messages)
+            .arg(start)
+            .arg(start.saturating_add(limit as i64 - 1));
+        let raw: Vec<String> = self.run(&c).await?;
+        raw.iter().map(|m| decode_message(m)).collect()
+    }
+
     async fn get_conversation_history(
         &self,
         session_id: &str,
@@ -875,6 +922,28 @@ impl ConversationStorage for RedisBackend {
 
 #[async_trait]
 impl CheckpointStorage for RedisBackend {
+    async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        validate::page(after, limit)?;
+        let registry = |id: &str| ThreadKeys::new(&self.prefix, id, "").registry();
+        let ids = self.live_members(Index::Threads, after, registry).await?;
+        Ok(IdPage::from_sorted(ids, limit))
+    }
+
+    async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
+        validate::id("thread_id", thread_id)?;
+        let keys = ThreadKeys::new(&self.prefix, thread_id, "");
+        let mut c = redis::cmd("SMEMBERS");
+        c.arg(keys.registry());
+        let members: Vec<String> = self.run(&c).await?;
+        let mut namespaces: Vec<String> = members
+            .iter()
+            .filter_map(|k| keys.namespace_of(k))
+            .collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        Ok(namespaces)
+    }
+
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         validate::new_checkpoint(checkpoint)?;
         let keys = ThreadKeys::new(
@@ -1061,6 +1130,13 @@ impl CheckpointStorage for RedisBackend {
 
 #[async_trait]
 impl TaskContextStorage for RedisBackend {
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        validate::page(after, limit)?;
+        let context = |id: &str| self.session_keys(id).context;
+        let ids = self.live_members(Index::Contexts, after, context).await?;
+        Ok(IdPage::from_sorted(ids, limit))
+    }
+
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
         validate::id("session_id", session_id)?;
         let mut c = redis::cmd("GET");

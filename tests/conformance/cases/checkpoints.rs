@@ -601,3 +601,80 @@ pub async fn batch_put_writes_matches_sequential_puts(b: Arc<dyn StorageBackend>
         vec![pw("a", 0, "z", json!(3))]
     );
 }
+
+pub async fn list_threads_pages_every_thread_once_in_order(b: Arc<dyn StorageBackend>) {
+    // Threads with checkpoints, threads with only pending writes, ids needing escapes.
+    let mut expected = Vec::new();
+    for i in 0..23 {
+        let thread = format!("t{i:02}:x{{{i}}}");
+        if i % 3 == 0 {
+            b.put_writes(
+                &thread,
+                "ns",
+                "c1",
+                "task",
+                &[WriteInput::new("ch", json!(i))],
+            )
+            .await
+            .unwrap();
+        } else {
+            b.store_checkpoint(&cp(&thread, "c1", json!(i)))
+                .await
+                .unwrap();
+        }
+        expected.push(thread);
+    }
+    b.store_checkpoint(&cp("gone", "c1", json!(0)))
+        .await
+        .unwrap();
+    b.delete_thread("gone").await.unwrap();
+    expected.sort();
+
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = b.list_threads(after.as_deref(), 10).await.unwrap();
+        assert!(page.ids.len() <= 10);
+        seen.extend(page.ids.iter().cloned());
+        match page.next_cursor {
+            Some(c) => after = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+    assert!(matches!(
+        b.list_threads(None, 0).await,
+        Err(aiecs_storage::StorageError::InvalidInput { field: "limit", .. })
+    ));
+}
+
+pub async fn list_checkpoint_namespaces_names_each_once(b: Arc<dyn StorageBackend>) {
+    b.store_checkpoint(&cp("t1", "c1", json!(1))).await.unwrap();
+    b.store_checkpoint(&cp("t1", "c2", json!(2)).with_namespace("child:1"))
+        .await
+        .unwrap();
+    b.store_checkpoint(&cp("t1", "c3", json!(3)).with_namespace("child:1"))
+        .await
+        .unwrap();
+    b.put_writes(
+        "t1",
+        "writes-only",
+        "c9",
+        "task",
+        &[WriteInput::new("x", json!(0))],
+    )
+    .await
+    .unwrap();
+    b.store_checkpoint(&cp("t2", "c1", json!(1)).with_namespace("elsewhere"))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.list_checkpoint_namespaces("t1").await.unwrap(),
+        ["", "child:1", "writes-only"]
+    );
+    assert!(b
+        .list_checkpoint_namespaces("none")
+        .await
+        .unwrap()
+        .is_empty());
+}

@@ -229,3 +229,45 @@ pub async fn history_is_per_session(b: Arc<dyn StorageBackend>) {
     let last2 = b.get_conversation_history("s1", 2).await.unwrap();
     assert_eq!(contents(&last2), ["one-3", "one-4"]);
 }
+
+pub async fn range_pages_through_the_whole_history_in_order(b: Arc<dyn StorageBackend>) {
+    b.create_session("s1", "u1", &md(json!({}))).await.unwrap();
+    b.create_session("s2", "u1", &md(json!({}))).await.unwrap();
+    for i in 0..250 {
+        b.add_conversation_message("s1", &NewMessage::new("user", format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    b.add_conversation_message("s2", &NewMessage::new("user", "other"))
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        let page = b.get_conversation_range("s1", offset, 100).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 100);
+        offset += page.len() as u64;
+        all.extend(page);
+    }
+    let expected: Vec<String> = (0..250).map(|i| format!("m{i}")).collect();
+    assert_eq!(contents(&all), expected);
+    assert!(b
+        .get_conversation_range("s1", 10_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(b
+        .get_conversation_range("missing", 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let middle = b.get_conversation_range("s1", 120, 3).await.unwrap();
+    assert_eq!(contents(&middle), ["m120", "m121", "m122"]);
+    assert!(matches!(
+        b.get_conversation_range("s1", 0, 0).await,
+        Err(StorageError::InvalidInput { field: "limit", .. })
+    ));
+}

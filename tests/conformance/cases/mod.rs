@@ -57,6 +57,7 @@ macro_rules! all_cases {
             conversation::add_message_moves_session_updated_at,
             conversation::batch_add_gives_per_item_results,
             conversation::history_is_per_session,
+            conversation::range_pages_through_the_whole_history_in_order,
 
             checkpoints::latest_checkpoint_is_last_stored,
             checkpoints::get_checkpoint_by_id,
@@ -70,6 +71,8 @@ macro_rules! all_cases {
             checkpoints::pending_writes_keep_order_and_are_idempotent,
             checkpoints::pending_writes_are_per_checkpoint_and_namespace,
             checkpoints::batch_put_writes_matches_sequential_puts,
+            checkpoints::list_threads_pages_every_thread_once_in_order,
+            checkpoints::list_checkpoint_namespaces_names_each_once,
             checkpoints::delete_thread_removes_everything_of_that_thread,
 
             task_context::task_context_round_trips_nested_json,
@@ -77,6 +80,7 @@ macro_rules! all_cases {
             task_context::task_context_missing_is_none,
             task_context::task_context_is_per_session,
             task_context::task_context_typed_helpers_round_trip,
+            task_context::list_task_contexts_pages_every_context,
 
             lifecycle::initialize_twice_is_ok,
             lifecycle::calls_after_close_fail_with_closed,

@@ -129,3 +129,36 @@ pub async fn task_context_typed_helpers_round_trip(b: Arc<dyn StorageBackend>) {
         "expected Serialization, got {wrong:?}"
     );
 }
+
+pub async fn list_task_contexts_pages_every_context(b: Arc<dyn StorageBackend>) {
+    let mut expected = Vec::new();
+    for i in 0..17 {
+        let id = format!("ctx-{i:02}");
+        if i % 2 == 0 {
+            b.create_session(&id, "u1", &md(json!({}))).await.unwrap();
+        }
+        b.store_task_context(&id, &json!({"i": i})).await.unwrap();
+        expected.push(id);
+    }
+    b.create_session("no-context", "u1", &md(json!({})))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = b.list_task_contexts(after.as_deref(), 5).await.unwrap();
+        seen.extend(page.ids.iter().cloned());
+        match page.next_cursor {
+            Some(c) => after = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+    let last = b.list_task_contexts(Some("ctx-15"), 5).await.unwrap();
+    assert_eq!(last.ids, ["ctx-16"]);
+    assert_eq!(last.next_cursor, None);
+    assert!(matches!(
+        b.list_task_contexts(Some(""), 5).await,
+        Err(StorageError::InvalidInput { field: "after", .. })
+    ));
+}
