@@ -75,6 +75,11 @@ pub trait SessionStorage: Send + Sync {
     /// One page of sessions ordered by id, filtered by user and status, for admin tools
     /// and migration.
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage>;
+
+    /// Writes each session exactly as given (`created_at`, `updated_at`, status,
+    /// metadata, counters), creating or overwriting it. For migration and backup
+    /// restore; applications use `create_session` and `update_session`.
+    async fn restore_sessions(&self, sessions: &[Session]) -> Result<()>;
 }
 
 /// Conversation history (the spec's `IConversationStorage`).
@@ -125,6 +130,13 @@ pub trait ConversationStorage: Send + Sync {
         offset: u64,
         limit: usize,
     ) -> Result<Vec<Message>>;
+
+    /// Appends `messages` with their own ids and timestamps to the session's history,
+    /// oldest first, skipping ids the session already holds (so a rerun stores nothing
+    /// twice). The session's `updated_at` does not move. [`StorageError::NotFound`] if
+    /// the session does not exist. Returns how many were stored. For migration and
+    /// backup restore.
+    async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64>;
 }
 
 /// Workflow checkpoints with pending writes (the spec's `ICheckpointStorage` and
@@ -209,6 +221,11 @@ pub trait CheckpointStorage: Send + Sync {
     /// The namespaces of a thread that hold checkpoints or pending writes, in ascending
     /// order (the default namespace is `""`).
     async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>>;
+
+    /// Stores each checkpoint exactly as given (`created_at` included), in the order
+    /// given: a new id becomes the latest of its thread and namespace, an existing id is
+    /// updated in place. For migration and backup restore.
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()>;
 }
 
 /// Task context, one JSON value per session (the spec's `ITaskContextStorage`). The
@@ -322,6 +339,9 @@ macro_rules! forward_storage {
             async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
                 let $s = self; $inner.list_sessions(query).await
             }
+            async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
+                let $s = self; $inner.restore_sessions(sessions).await
+            }
         }
 
         #[async_trait]
@@ -337,6 +357,9 @@ macro_rules! forward_storage {
             }
             async fn get_conversation_range(&self, session_id: &str, offset: u64, limit: usize) -> Result<Vec<Message>> {
                 let $s = self; $inner.get_conversation_range(session_id, offset, limit).await
+            }
+            async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
+                let $s = self; $inner.restore_messages(session_id, messages).await
             }
         }
 
@@ -368,6 +391,9 @@ macro_rules! forward_storage {
             }
             async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
                 let $s = self; $inner.list_checkpoint_namespaces(thread_id).await
+            }
+            async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+                let $s = self; $inner.restore_checkpoints(checkpoints).await
             }
         }
 

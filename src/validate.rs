@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use crate::error::{Result, StorageError};
 use crate::model::{
-    CheckpointFilter, Metadata, NewCheckpoint, NewMessage, NewSession, SessionQuery, SessionUpdate,
-    WriteInput,
+    Checkpoint, CheckpointFilter, Message, Metadata, NewCheckpoint, NewMessage, NewSession,
+    Session, SessionQuery, SessionUpdate, WriteInput,
 };
 
 /// Longest id (session, user, thread, checkpoint, task, message id), role, status,
@@ -280,6 +280,57 @@ pub fn batch(field: &'static str, len: usize) -> Result<()> {
 pub fn session_ids(ids: &[String]) -> Result<()> {
     batch("session_ids", ids.len())?;
     ids.iter().try_for_each(|s| id("session_id", s))
+}
+
+/// Checks sessions given to `restore_sessions`.
+pub fn restored_sessions(sessions: &[Session]) -> Result<()> {
+    batch("sessions", sessions.len())?;
+    for s in sessions {
+        create_session(&s.session_id, &s.user_id, &s.metadata)?;
+        status(&s.status)?;
+        if !s.metrics.total_processing_time.is_finite() || s.metrics.total_processing_time < 0.0 {
+            return Err(StorageError::invalid_input(
+                "total_processing_time",
+                "must be a finite number of seconds, not negative",
+            ));
+        }
+        if s.metrics.request_count > i64::MAX as u64 || s.metrics.error_count > i64::MAX as u64 {
+            return Err(StorageError::invalid_input(
+                "metrics",
+                "counter is too large",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks messages given to `restore_messages`.
+pub fn restored_messages(session_id: &str, messages: &[Message]) -> Result<()> {
+    id("session_id", session_id)?;
+    batch("messages", messages.len())?;
+    for m in messages {
+        id("message_id", &m.message_id)?;
+        id("role", &m.role)?;
+        content("content", &m.content)?;
+        metadata("metadata", &m.metadata)?;
+    }
+    Ok(())
+}
+
+/// Checks checkpoints given to `restore_checkpoints`.
+pub fn restored_checkpoints(checkpoints: &[Checkpoint]) -> Result<()> {
+    batch("checkpoints", checkpoints.len())?;
+    for c in checkpoints {
+        id("thread_id", &c.thread_id)?;
+        name("checkpoint_ns", &c.checkpoint_ns)?;
+        id("checkpoint_id", &c.checkpoint_id)?;
+        if let Some(p) = &c.parent_checkpoint_id {
+            id("parent_checkpoint_id", p)?;
+        }
+        value("data", &c.data)?;
+        metadata("metadata", &c.metadata)?;
+    }
+    Ok(())
 }
 
 /// Checks a listing cursor and page size (`list_threads`, `list_task_contexts`).

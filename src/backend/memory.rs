@@ -251,6 +251,22 @@ impl SessionStorage for MemoryBackend {
             .collect())
     }
 
+    async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
+        self.check_open()?;
+        validate::restored_sessions(sessions)?;
+        for s in sessions {
+            self.sessions
+                .entry(s.session_id.clone())
+                .and_modify(|e| e.session = s.clone())
+                .or_insert_with(|| SessionEntry {
+                    session: s.clone(),
+                    messages: Vec::new(),
+                    message_ids: HashSet::new(),
+                });
+        }
+        Ok(())
+    }
+
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
         self.check_open()?;
         validate::session_query(query)?;
@@ -276,6 +292,23 @@ impl SessionStorage for MemoryBackend {
 
 #[async_trait]
 impl ConversationStorage for MemoryBackend {
+    async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
+        self.check_open()?;
+        validate::restored_messages(session_id, messages)?;
+        let mut entry = self
+            .sessions
+            .get_mut(session_id)
+            .ok_or_else(|| StorageError::not_found("session", session_id))?;
+        let mut stored = 0;
+        for m in messages {
+            if entry.message_ids.insert(m.message_id.clone()) {
+                entry.messages.push(m.clone());
+                stored += 1;
+            }
+        }
+        Ok(stored)
+    }
+
     async fn get_conversation_range(
         &self,
         session_id: &str,
@@ -351,6 +384,24 @@ impl CheckpointStorage for MemoryBackend {
             .collect();
         ids.sort_unstable();
         Ok(IdPage::from_sorted(ids, limit))
+    }
+
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+        self.check_open()?;
+        validate::restored_checkpoints(checkpoints)?;
+        for c in checkpoints {
+            let mut thread = self.threads.entry(c.thread_id.clone()).or_default();
+            let ns = thread.entry(c.checkpoint_ns.clone()).or_default();
+            match ns.positions.get(&c.checkpoint_id) {
+                Some(&pos) => ns.checkpoints[pos] = c.clone(),
+                None => {
+                    ns.positions
+                        .insert(c.checkpoint_id.clone(), ns.checkpoints.len());
+                    ns.checkpoints.push(c.clone());
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {

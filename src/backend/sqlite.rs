@@ -678,6 +678,46 @@ impl SessionStorage for SqliteBackend {
         .await
     }
 
+    async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
+        validate::restored_sessions(sessions)?;
+        let rows = sessions
+            .iter()
+            .map(|s| Ok((s.clone(), serde_json::to_string(&s.metadata)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO sessions (session_id, user_id, created_at, updated_at, status, \
+                     metadata, request_count, total_processing_time, error_count) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                     ON CONFLICT (session_id) DO UPDATE SET user_id = excluded.user_id, \
+                     created_at = excluded.created_at, updated_at = excluded.updated_at, \
+                     status = excluded.status, metadata = excluded.metadata, \
+                     request_count = excluded.request_count, \
+                     total_processing_time = excluded.total_processing_time, \
+                     error_count = excluded.error_count",
+                )?;
+                for (s, metadata) in &rows {
+                    stmt.execute(params![
+                        s.session_id,
+                        s.user_id,
+                        micros(s.created_at),
+                        micros(s.updated_at),
+                        s.status,
+                        metadata,
+                        s.metrics.request_count as i64,
+                        s.metrics.total_processing_time,
+                        s.metrics.error_count as i64,
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
         validate::session_query(query)?;
         let q = query.clone();
@@ -784,6 +824,45 @@ impl ConversationStorage for SqliteBackend {
         .await
     }
 
+    async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
+        validate::restored_messages(session_id, messages)?;
+        let id = session_id.to_owned();
+        let rows = messages
+            .iter()
+            .map(|m| Ok((m.clone(), serde_json::to_string(&m.metadata)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let exists = tx
+                .prepare_cached("SELECT 1 FROM sessions WHERE session_id = ?1")?
+                .exists([&id])?;
+            if !exists {
+                return Err(StorageError::not_found("session", id).into());
+            }
+            let mut stored = 0u64;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO messages (session_id, message_id, role, content, timestamp, \
+                     metadata) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                     ON CONFLICT (session_id, message_id) DO NOTHING",
+                )?;
+                for (m, metadata) in &rows {
+                    stored += stmt.execute(params![
+                        id,
+                        m.message_id,
+                        m.role,
+                        m.content,
+                        micros(m.timestamp),
+                        metadata
+                    ])? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(stored)
+        })
+        .await
+    }
+
     async fn get_conversation_range(
         &self,
         session_id: &str,
@@ -823,6 +902,48 @@ impl CheckpointStorage for SqliteBackend {
             })
             .await?;
         Ok(IdPage::from_sorted(found, limit))
+    }
+
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+        validate::restored_checkpoints(checkpoints)?;
+        let rows = checkpoints
+            .iter()
+            .map(|c| {
+                Ok((
+                    c.clone(),
+                    serde_json::to_string(&c.data)?,
+                    serde_json::to_string(&c.metadata)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
+                     parent_checkpoint_id, data, metadata, created_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                     ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET \
+                     parent_checkpoint_id = excluded.parent_checkpoint_id, \
+                     data = excluded.data, metadata = excluded.metadata, \
+                     created_at = excluded.created_at",
+                )?;
+                for (cp, data, metadata) in &rows {
+                    stmt.execute(params![
+                        cp.thread_id,
+                        cp.checkpoint_ns,
+                        cp.checkpoint_id,
+                        cp.parent_checkpoint_id,
+                        data,
+                        metadata,
+                        micros(cp.created_at),
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
     }
 
     async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {

@@ -721,6 +721,10 @@ impl<B: StorageBackend + 'static> SessionStorage for Batched<B> {
             .await
     }
 
+    async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
+        self.inner.restore_sessions(sessions).await
+    }
+
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
         self.inner.get_session(session_id).await
     }
@@ -789,6 +793,13 @@ impl<B: StorageBackend + 'static> ConversationStorage for Batched<B> {
         self.flush_if(self.writer.pending.sessions.contains_key(session_id))
             .await?;
         self.inner.get_conversation_history(session_id, limit).await
+    }
+
+    async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
+        // Queued appends to the session go first, so positions follow call order.
+        self.flush_if(self.writer.pending.sessions.contains_key(session_id))
+            .await?;
+        self.inner.restore_messages(session_id, messages).await
     }
 
     async fn get_conversation_range(
@@ -882,6 +893,10 @@ impl<B: StorageBackend + 'static> CheckpointStorage for Batched<B> {
 
     async fn delete_thread(&self, thread_id: &str) -> Result<()> {
         self.inner.delete_thread(thread_id).await
+    }
+
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+        self.inner.restore_checkpoints(checkpoints).await
     }
 
     async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {

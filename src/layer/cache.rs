@@ -724,6 +724,17 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
             .await
     }
 
+    async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
+        let w = self.shared.write(
+            sessions.iter().map(|s| s.session_id.as_str()),
+            sessions
+                .iter()
+                .map(|s| Key::Session(s.session_id.clone()))
+                .collect(),
+        );
+        w.finish(self.inner.restore_sessions(sessions).await).await
+    }
+
     async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
         // Input the inner backend would refuse (or an empty batch, which only tells
         // whether it is open) goes to it whole, so the answer is its own.
@@ -825,6 +836,11 @@ impl<B: StorageBackend> ConversationStorage for Cached<B> {
         self.inner.get_conversation_history(session_id, limit).await
     }
 
+    async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
+        // Restoring leaves the session record alone; nothing cached changes.
+        self.inner.restore_messages(session_id, messages).await
+    }
+
     async fn get_conversation_range(
         &self,
         session_id: &str,
@@ -847,6 +863,23 @@ impl<B: StorageBackend> CheckpointStorage for Cached<B> {
         ];
         let w = self.shared.write([thread.as_str()], keys);
         w.finish(self.inner.store_checkpoint(checkpoint).await)
+            .await
+    }
+
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+        let keys = checkpoints
+            .iter()
+            .flat_map(|c| {
+                [
+                    Key::checkpoint(&c.thread_id, &c.checkpoint_ns, Some(&c.checkpoint_id)),
+                    Key::checkpoint(&c.thread_id, &c.checkpoint_ns, None),
+                ]
+            })
+            .collect();
+        let w = self
+            .shared
+            .write(checkpoints.iter().map(|c| c.thread_id.as_str()), keys);
+        w.finish(self.inner.restore_checkpoints(checkpoints).await)
             .await
     }
 

@@ -291,6 +291,9 @@ enum Hint {
     DeleteThread(String),
     StoreTaskContext(String, Value),
     Cleanup(Duration),
+    RestoreSessions(Vec<Session>),
+    RestoreMessages(String, Vec<Message>),
+    RestoreCheckpoints(Vec<Checkpoint>),
 }
 
 impl Hint {
@@ -320,6 +323,9 @@ impl Hint {
             Hint::DeleteThread(t) => b.delete_thread(t).await,
             Hint::StoreTaskContext(id, v) => b.store_task_context(id, v).await,
             Hint::Cleanup(d) => b.cleanup_expired_sessions(*d).await.map(drop),
+            Hint::RestoreSessions(s) => b.restore_sessions(s).await,
+            Hint::RestoreMessages(id, m) => b.restore_messages(id, m).await.map(drop),
+            Hint::RestoreCheckpoints(c) => b.restore_checkpoints(c).await,
         }
     }
 }
@@ -507,6 +513,14 @@ impl<B: StorageBackend> SessionStorage for Failover<B> {
         self.read(|b| b.batch_get_sessions(session_ids)).await
     }
 
+    async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
+        self.write(
+            || Hint::RestoreSessions(sessions.to_vec()),
+            |b| b.restore_sessions(sessions),
+        )
+        .await
+    }
+
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
         self.read(|b| b.list_sessions(query)).await
     }
@@ -541,6 +555,14 @@ impl<B: StorageBackend> ConversationStorage for Failover<B> {
         self.write(
             || Hint::BatchAddMessages(messages.to_vec()),
             |b| b.batch_add_conversation_messages(messages),
+        )
+        .await
+    }
+
+    async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
+        self.write(
+            || Hint::RestoreMessages(session_id.to_owned(), messages.to_vec()),
+            |b| b.restore_messages(session_id, messages),
         )
         .await
     }
@@ -634,6 +656,14 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
     ) -> Result<Vec<PendingWrite>> {
         self.read(|b| b.get_writes(thread_id, checkpoint_ns, checkpoint_id))
             .await
+    }
+
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+        self.write(
+            || Hint::RestoreCheckpoints(checkpoints.to_vec()),
+            |b| b.restore_checkpoints(checkpoints),
+        )
+        .await
     }
 
     async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {

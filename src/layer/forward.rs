@@ -111,6 +111,13 @@ impl<B: StorageBackend, P: Policy> SessionStorage for Layered<B, P> {
             .await
     }
 
+    async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
+        let call = Call::new(Operation::RestoreSessions, None);
+        self.policy
+            .call(call, || self.inner.restore_sessions(sessions))
+            .await
+    }
+
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
         let call = Call::new(Operation::ListSessions, None);
         self.policy
@@ -160,6 +167,13 @@ impl<B: StorageBackend, P: Policy> ConversationStorage for Layered<B, P> {
             .await
     }
 
+    async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
+        let call = Call::new(Operation::RestoreMessages, Some(session_id));
+        self.policy
+            .call(call, || self.inner.restore_messages(session_id, messages))
+            .await
+    }
+
     async fn get_conversation_range(
         &self,
         session_id: &str,
@@ -190,6 +204,13 @@ impl<B: StorageBackend, P: Policy> ConversationStorage for Layered<B, P> {
 
 #[async_trait]
 impl<B: StorageBackend, P: Policy> CheckpointStorage for Layered<B, P> {
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+        let call = Call::new(Operation::RestoreCheckpoints, None);
+        self.policy
+            .call(call, || self.inner.restore_checkpoints(checkpoints))
+            .await
+    }
+
     async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
         let call = Call::new(Operation::ListThreads, None);
         self.policy

@@ -77,6 +77,8 @@ pub enum Operation {
     BatchGetSessions,
     /// `list_sessions`
     ListSessions,
+    /// `restore_sessions`
+    RestoreSessions,
     /// `add_conversation_message`
     AddConversationMessage,
     /// `batch_add_conversation_messages`
@@ -85,6 +87,8 @@ pub enum Operation {
     GetConversationHistory,
     /// `get_conversation_range`
     GetConversationRange,
+    /// `restore_messages`
+    RestoreMessages,
     /// `store_checkpoint`
     StoreCheckpoint,
     /// `get_checkpoint`
@@ -103,6 +107,8 @@ pub enum Operation {
     ListThreads,
     /// `list_checkpoint_namespaces`
     ListCheckpointNamespaces,
+    /// `restore_checkpoints`
+    RestoreCheckpoints,
     /// `get_task_context`
     GetTaskContext,
     /// `store_task_context`
@@ -136,10 +142,12 @@ impl Operation {
             BatchCreateSessions,
             BatchGetSessions,
             ListSessions,
+            RestoreSessions,
             AddConversationMessage,
             BatchAddConversationMessages,
             GetConversationHistory,
             GetConversationRange,
+            RestoreMessages,
             StoreCheckpoint,
             GetCheckpoint,
             ListCheckpoints,
@@ -149,6 +157,7 @@ impl Operation {
             DeleteThread,
             ListThreads,
             ListCheckpointNamespaces,
+            RestoreCheckpoints,
             GetTaskContext,
             StoreTaskContext,
             ListTaskContexts,
@@ -175,10 +184,12 @@ impl Operation {
             Operation::BatchCreateSessions => "batch_create_sessions",
             Operation::BatchGetSessions => "batch_get_sessions",
             Operation::ListSessions => "list_sessions",
+            Operation::RestoreSessions => "restore_sessions",
             Operation::AddConversationMessage => "add_conversation_message",
             Operation::BatchAddConversationMessages => "batch_add_conversation_messages",
             Operation::GetConversationHistory => "get_conversation_history",
             Operation::GetConversationRange => "get_conversation_range",
+            Operation::RestoreMessages => "restore_messages",
             Operation::StoreCheckpoint => "store_checkpoint",
             Operation::GetCheckpoint => "get_checkpoint",
             Operation::ListCheckpoints => "list_checkpoints",
@@ -188,6 +199,7 @@ impl Operation {
             Operation::DeleteThread => "delete_thread",
             Operation::ListThreads => "list_threads",
             Operation::ListCheckpointNamespaces => "list_checkpoint_namespaces",
+            Operation::RestoreCheckpoints => "restore_checkpoints",
             Operation::GetTaskContext => "get_task_context",
             Operation::StoreTaskContext => "store_task_context",
             Operation::ListTaskContexts => "list_task_contexts",

@@ -127,6 +127,10 @@ struct Queries {
     batch_add_messages: String,
     history: String,
     history_range: String,
+    restore_sessions: String,
+    session_exists: String,
+    restore_messages: String,
+    restore_checkpoints: String,
     list_threads: String,
     list_namespaces: String,
     list_task_contexts: String,
@@ -226,6 +230,41 @@ impl Queries {
                  (SELECT seq, message_id, role, content, timestamp, metadata \
                  FROM {s}.messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2) m \
                  ORDER BY seq"
+            ),
+            restore_sessions: format!(
+                "INSERT INTO {s}.sessions (session_id, user_id, created_at, updated_at, status, \
+                 metadata, request_count, total_processing_time, error_count) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], \
+                 $4::timestamptz[], $5::text[], $6::jsonb[], $7::bigint[], $8::float8[], \
+                 $9::bigint[]) \
+                 ON CONFLICT (session_id) DO UPDATE SET user_id = EXCLUDED.user_id, \
+                 created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, \
+                 status = EXCLUDED.status, metadata = EXCLUDED.metadata, \
+                 request_count = EXCLUDED.request_count, \
+                 total_processing_time = EXCLUDED.total_processing_time, \
+                 error_count = EXCLUDED.error_count"
+            ),
+            session_exists: format!("SELECT 1 FROM {s}.sessions WHERE session_id = $1"),
+            restore_messages: format!(
+                "INSERT INTO {s}.messages (session_id, message_id, role, content, timestamp, \
+                 metadata) \
+                 SELECT $1::text, m.message_id, m.role, m.content, m.ts, m.metadata \
+                 FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[], \
+                 $6::jsonb[]) WITH ORDINALITY AS m (message_id, role, content, ts, metadata, n) \
+                 ORDER BY m.n \
+                 ON CONFLICT (session_id, message_id) DO NOTHING"
+            ),
+            restore_checkpoints: format!(
+                "INSERT INTO {s}.checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
+                 parent_checkpoint_id, data, metadata, created_at) \
+                 SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent, c.data, \
+                 c.metadata, c.created_at FROM unnest($1::text[], $2::text[], $3::text[], \
+                 $4::text[], $5::jsonb[], $6::jsonb[], $7::timestamptz[]) WITH ORDINALITY \
+                 AS c (thread_id, checkpoint_ns, checkpoint_id, parent, data, metadata, \
+                 created_at, n) ORDER BY c.n \
+                 ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET \
+                 parent_checkpoint_id = EXCLUDED.parent_checkpoint_id, data = EXCLUDED.data, \
+                 metadata = EXCLUDED.metadata, created_at = EXCLUDED.created_at"
             ),
             history_range: format!(
                 "SELECT message_id, role, content, timestamp, metadata FROM {s}.messages \
@@ -791,6 +830,51 @@ impl SessionStorage for PostgresBackend {
             .collect())
     }
 
+    async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
+        validate::restored_sessions(sessions)?;
+        // One INSERT cannot upsert a row twice: keep the last copy of a repeated id.
+        let mut last: std::collections::HashMap<&str, usize> = Default::default();
+        for (i, s) in sessions.iter().enumerate() {
+            last.insert(&s.session_id, i);
+        }
+        let rows: Vec<&Session> = sessions
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| last[s.session_id.as_str()] == *i)
+            .map(|(_, s)| s)
+            .collect();
+        let c = self.conn().await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = rows.iter().map(|s| s.session_id.as_str()).collect();
+        let users: Vec<&str> = rows.iter().map(|s| s.user_id.as_str()).collect();
+        let created: Vec<_> = rows.iter().map(|s| s.created_at).collect();
+        let updated: Vec<_> = rows.iter().map(|s| s.updated_at).collect();
+        let statuses: Vec<&str> = rows.iter().map(|s| s.status.as_str()).collect();
+        let metadata: Vec<Value> = rows
+            .iter()
+            .map(|s| Value::Object(s.metadata.clone()))
+            .collect();
+        let requests: Vec<i64> = rows
+            .iter()
+            .map(|s| s.metrics.request_count as i64)
+            .collect();
+        let times: Vec<f64> = rows
+            .iter()
+            .map(|s| s.metrics.total_processing_time)
+            .collect();
+        let errors: Vec<i64> = rows.iter().map(|s| s.metrics.error_count as i64).collect();
+        c.execute(
+            &c.sql.restore_sessions,
+            &[
+                &ids, &users, &created, &updated, &statuses, &metadata, &requests, &times, &errors,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
         validate::session_query(query)?;
         let c = self.conn().await?;
@@ -924,6 +1008,33 @@ impl ConversationStorage for PostgresBackend {
         rows.iter().map(message_from_row).collect()
     }
 
+    async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
+        validate::restored_messages(session_id, messages)?;
+        let c = self.conn().await?;
+        if c.query_opt(&c.sql.session_exists, &[&session_id])
+            .await?
+            .is_none()
+        {
+            return Err(StorageError::not_found("session", session_id));
+        }
+        if messages.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
+        let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
+        let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        let times: Vec<_> = messages.iter().map(|m| m.timestamp).collect();
+        let metadata: Vec<Value> = messages
+            .iter()
+            .map(|m| Value::Object(m.metadata.clone()))
+            .collect();
+        c.execute(
+            &c.sql.restore_messages,
+            &[&session_id, &ids, &roles, &contents, &times, &metadata],
+        )
+        .await
+    }
+
     async fn get_conversation_range(
         &self,
         session_id: &str,
@@ -956,6 +1067,59 @@ impl CheckpointStorage for PostgresBackend {
             )
             .await?;
         Ok(IdPage::from_sorted(ids_from_rows(&rows)?, limit))
+    }
+
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+        validate::restored_checkpoints(checkpoints)?;
+        // A repeated key keeps its first position and its last values, as a sequence of
+        // single restores would (one INSERT cannot upsert a row twice).
+        let mut rows: Vec<&Checkpoint> = Vec::with_capacity(checkpoints.len());
+        let mut at: std::collections::HashMap<(&str, &str, &str), usize> = Default::default();
+        for cp in checkpoints {
+            let key = (
+                cp.thread_id.as_str(),
+                cp.checkpoint_ns.as_str(),
+                cp.checkpoint_id.as_str(),
+            );
+            match at.get(&key) {
+                Some(&i) => rows[i] = cp,
+                None => {
+                    at.insert(key, rows.len());
+                    rows.push(cp);
+                }
+            }
+        }
+        let c = self.conn().await?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let threads: Vec<&str> = rows.iter().map(|c| c.thread_id.as_str()).collect();
+        let namespaces: Vec<&str> = rows.iter().map(|c| c.checkpoint_ns.as_str()).collect();
+        let ids: Vec<&str> = rows.iter().map(|c| c.checkpoint_id.as_str()).collect();
+        let parents: Vec<Option<&str>> = rows
+            .iter()
+            .map(|c| c.parent_checkpoint_id.as_deref())
+            .collect();
+        let data: Vec<&Value> = rows.iter().map(|c| &c.data).collect();
+        let metadata: Vec<Value> = rows
+            .iter()
+            .map(|c| Value::Object(c.metadata.clone()))
+            .collect();
+        let created: Vec<_> = rows.iter().map(|c| c.created_at).collect();
+        c.execute(
+            &c.sql.restore_checkpoints,
+            &[
+                &threads,
+                &namespaces,
+                &ids,
+                &parents,
+                &data,
+                &metadata,
+                &created,
+            ],
+        )
+        .await?;
+        Ok(())
     }
 
     async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {

@@ -400,6 +400,33 @@ impl RedisBackend {
         Ok(ids)
     }
 
+    fn checkpoint_cmd(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: &str,
+        record: &CheckpointRecord,
+        created_at: i64,
+        restore: bool,
+    ) -> Result<Cmd> {
+        let keys = ThreadKeys::new(&self.prefix, thread_id, checkpoint_ns);
+        let mut c = evalsha(
+            &scripts::STORE_CHECKPOINT,
+            &[
+                &keys.seq(),
+                &keys.order(),
+                &keys.checkpoints(),
+                &keys.registry(),
+            ],
+        );
+        c.arg(checkpoint_id)
+            .arg(serde_json::to_string(record)?)
+            .arg(created_at)
+            .arg(Self::ttl_ms(self.checkpoint_ttl))
+            .arg(if restore { "1" } else { "0" });
+        Ok(c)
+    }
+
     fn put_writes_cmd(
         &self,
         thread_id: &str,
@@ -708,6 +735,33 @@ impl SessionStorage for RedisBackend {
         self.session_from_hash(session_id, hash)
     }
 
+    async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
+        validate::restored_sessions(sessions)?;
+        let mut cmds = Vec::with_capacity(sessions.len() * 2);
+        for s in sessions {
+            let keys = self.session_keys(&s.session_id);
+            let mut c = evalsha(&scripts::RESTORE_SESSION, &keys.all());
+            c.arg(&s.user_id)
+                .arg(s.created_at.timestamp_micros())
+                .arg(s.updated_at.timestamp_micros())
+                .arg(&s.status)
+                .arg(s.metrics.request_count)
+                .arg(s.metrics.total_processing_time.to_string())
+                .arg(s.metrics.error_count)
+                .arg(Self::ttl_ms(self.session_ttl));
+            metadata_args(&mut c, &s.metadata)?;
+            cmds.push(c);
+            // The exact score, not GT: a restored session may be older than a stale entry.
+            let mut index = redis::cmd("ZADD");
+            index
+                .arg(Index::Sessions.key_of(&self.prefix, &s.session_id))
+                .arg(s.updated_at.timestamp_micros())
+                .arg(&s.session_id);
+            cmds.push(index);
+        }
+        self.many(&cmds).await.map(|_| ())
+    }
+
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
         validate::id("session_id", session_id)?;
         let mut c = redis::cmd("HGETALL");
@@ -882,6 +936,26 @@ impl ConversationStorage for RedisBackend {
         Ok(out)
     }
 
+    async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
+        validate::restored_messages(session_id, messages)?;
+        let keys = self.session_keys(session_id);
+        let mut c = evalsha(&scripts::RESTORE_MESSAGES, &keys.all());
+        for m in messages {
+            let stored = StoredMessage {
+                message_id: &m.message_id,
+                role: &m.role,
+                content: &m.content,
+                timestamp: m.timestamp,
+                metadata: &m.metadata,
+            };
+            c.arg(&m.message_id).arg(serde_json::to_string(&stored)?);
+        }
+        match self.run::<i64>(&c).await? {
+            -1 => Err(StorageError::not_found("session", session_id)),
+            n => Ok(n as u64),
+        }
+    }
+
     async fn get_conversation_range(
         &self,
         session_id: &str,
@@ -946,32 +1020,44 @@ impl CheckpointStorage for RedisBackend {
 
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         validate::new_checkpoint(checkpoint)?;
-        let keys = ThreadKeys::new(
-            &self.prefix,
-            &checkpoint.thread_id,
-            &checkpoint.checkpoint_ns,
-        );
         let record = CheckpointRecord {
             parent: checkpoint.parent_checkpoint_id.clone(),
             data: checkpoint.data.clone(),
             metadata: checkpoint.metadata.clone(),
         };
-        let mut c = evalsha(
-            &scripts::STORE_CHECKPOINT,
-            &[
-                &keys.seq(),
-                &keys.order(),
-                &keys.checkpoints(),
-                &keys.registry(),
-            ],
-        );
-        c.arg(&checkpoint.checkpoint_id)
-            .arg(serde_json::to_string(&record)?)
-            .arg(now().timestamp_micros())
-            .arg(Self::ttl_ms(self.checkpoint_ttl));
+        let c = self.checkpoint_cmd(
+            &checkpoint.thread_id,
+            &checkpoint.checkpoint_ns,
+            &checkpoint.checkpoint_id,
+            &record,
+            now().timestamp_micros(),
+            false,
+        )?;
         self.many(&[c, self.thread_index_cmd("SADD", &checkpoint.thread_id)])
             .await
             .map(|_| ())
+    }
+
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+        validate::restored_checkpoints(checkpoints)?;
+        let mut cmds = Vec::with_capacity(checkpoints.len() * 2);
+        for cp in checkpoints {
+            let record = CheckpointRecord {
+                parent: cp.parent_checkpoint_id.clone(),
+                data: cp.data.clone(),
+                metadata: cp.metadata.clone(),
+            };
+            cmds.push(self.checkpoint_cmd(
+                &cp.thread_id,
+                &cp.checkpoint_ns,
+                &cp.checkpoint_id,
+                &record,
+                cp.created_at.timestamp_micros(),
+                true,
+            )?);
+            cmds.push(self.thread_index_cmd("SADD", &cp.thread_id));
+        }
+        self.many(&cmds).await.map(|_| ())
     }
 
     async fn get_checkpoint(

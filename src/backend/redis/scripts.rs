@@ -97,6 +97,45 @@ return touch(ARGV[3], ARGV[4], ARGV[5])
     ))
 });
 
+/// Writes a session exactly. KEYS: the four session keys. ARGV: user, created_at,
+/// updated_at, status, request_count, total_processing_time, error_count, ttl ms, then
+/// `m:key`/JSON pairs.
+pub static RESTORE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local s = KEYS[1]
+redis.call('DEL', s)
+redis.call('HSET', s, 'user_id', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[3],
+  'indexed_at', ARGV[3], 'status', ARGV[4], 'request_count', ARGV[5],
+  'total_processing_time', ARGV[6], 'error_count', ARGV[7])
+for i = 9, #ARGV, 2 do redis.call('HSET', s, ARGV[i], ARGV[i + 1]) end
+if tonumber(ARGV[8]) > 0 then
+  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[8]) end
+end
+return 1
+"#,
+    )
+});
+
+/// Appends messages with their own ids, skipping known ids. KEYS: the four session keys.
+/// ARGV: id/JSON pairs. Returns -1 when the session is missing, else how many were
+/// stored.
+pub static RESTORE_MESSAGES: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local stored = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('SADD', KEYS[3], ARGV[i]) == 1 then
+    redis.call('RPUSH', KEYS[2], ARGV[i + 1])
+    stored = stored + 1
+  end
+end
+return stored
+"#,
+    )
+});
+
 /// Removes a session if it has been idle since before ARGV[1] (µs). Returns -1 when it
 /// was already gone, 0 when it was removed, or its `updated_at` when it is still live
 /// (so the caller can correct the index).
@@ -118,7 +157,8 @@ return tonumber(updated)
 });
 
 /// Stores or updates a checkpoint. KEYS: seq, order, checkpoints, registry. ARGV: id,
-/// record JSON, now, ttl ms.
+/// record JSON, created_at (µs), ttl ms, and '1' to overwrite created_at of an existing
+/// id (a restore) rather than keep it (a store).
 pub static STORE_CHECKPOINT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
@@ -128,6 +168,7 @@ if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then
   redis.call('HSET', KEYS[3], 'c:' .. ARGV[1], ARGV[3])
 end
 redis.call('HSET', KEYS[3], 'r:' .. ARGV[1], ARGV[2])
+if ARGV[5] == '1' then redis.call('HSET', KEYS[3], 'c:' .. ARGV[1], ARGV[3]) end
 redis.call('SADD', KEYS[4], KEYS[2], KEYS[3])
 if tonumber(ARGV[4]) > 0 then
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
@@ -262,7 +303,7 @@ return 1
 });
 
 /// Every script, for loading them at `initialize()` and after a server lost its cache.
-pub fn all() -> [&'static Lua; 12] {
+pub fn all() -> [&'static Lua; 14] {
     [
         &CREATE_SESSION,
         &UPDATE_SESSION,
@@ -276,5 +317,7 @@ pub fn all() -> [&'static Lua; 12] {
         &DELETE_THREAD,
         &FIX_INDEX,
         &COUNT_THREAD,
+        &RESTORE_SESSION,
+        &RESTORE_MESSAGES,
     ]
 }

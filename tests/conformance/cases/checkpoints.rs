@@ -678,3 +678,55 @@ pub async fn list_checkpoint_namespaces_names_each_once(b: Arc<dyn StorageBacken
         .unwrap()
         .is_empty());
 }
+
+pub async fn restore_checkpoints_keeps_store_order_and_created_at(b: Arc<dyn StorageBackend>) {
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let make = |id: &str, parent: Option<&str>, t: &str, ns: &str| Checkpoint {
+        thread_id: "t1".into(),
+        checkpoint_ns: ns.into(),
+        checkpoint_id: id.into(),
+        parent_checkpoint_id: parent.map(str::to_owned),
+        data: json!({"id": id}),
+        metadata: md(json!({"source": "loop"})),
+        created_at: at(t),
+    };
+    // Ids whose order differs from store order.
+    let cps = vec![
+        make("z", None, "2024-03-01T00:00:00Z", ""),
+        make("a", Some("z"), "2024-03-01T00:00:01Z", ""),
+        make("m", Some("a"), "2024-03-01T00:00:02.000001Z", ""),
+        make("a", None, "2024-03-01T00:00:09Z", "child"),
+    ];
+    b.restore_checkpoints(&cps).await.unwrap();
+    let list = b
+        .list_checkpoints("t1", "", &CheckpointFilter::new())
+        .await
+        .unwrap();
+    assert_eq!(list, vec![cps[2].clone(), cps[1].clone(), cps[0].clone()]);
+    assert_eq!(
+        b.get_checkpoint("t1", "child", None).await.unwrap(),
+        Some(cps[3].clone())
+    );
+    // Restoring an existing id again updates it in place; latest does not change.
+    let mut changed = cps[1].clone();
+    changed.data = json!("changed");
+    b.restore_checkpoints(std::slice::from_ref(&changed))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.get_checkpoint("t1", "", None)
+            .await
+            .unwrap()
+            .unwrap()
+            .checkpoint_id,
+        "m"
+    );
+    assert_eq!(
+        b.get_checkpoint("t1", "", Some("a")).await.unwrap(),
+        Some(changed)
+    );
+}

@@ -271,3 +271,39 @@ pub async fn range_pages_through_the_whole_history_in_order(b: Arc<dyn StorageBa
         Err(StorageError::InvalidInput { field: "limit", .. })
     ));
 }
+
+pub async fn restore_messages_keeps_ids_timestamps_and_order_once(b: Arc<dyn StorageBackend>) {
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let msg = |id: &str, t: &str| aiecs_storage::Message {
+        message_id: id.into(),
+        role: "user".into(),
+        content: format!("content of {id}"),
+        timestamp: at(t),
+        metadata: md(json!({"id": id})),
+    };
+    let first = vec![
+        msg("a", "2024-01-01T00:00:01Z"),
+        msg("b", "2024-01-01T00:00:02.5Z"),
+        msg("c", "2024-01-01T00:00:03Z"),
+    ];
+    assert!(matches!(
+        b.restore_messages("missing", &first).await,
+        Err(StorageError::NotFound { .. })
+    ));
+    b.create_session("s1", "u1", &md(json!({}))).await.unwrap();
+    let before = b.get_session("s1").await.unwrap().unwrap().updated_at;
+    assert_eq!(b.restore_messages("s1", &first).await.unwrap(), 3);
+    let mut again = first.clone();
+    again.push(msg("d", "2024-01-01T00:00:04Z"));
+    // A rerun stores only what is new.
+    assert_eq!(b.restore_messages("s1", &again).await.unwrap(), 1);
+    assert_eq!(b.get_conversation_history("s1", 50).await.unwrap(), again);
+    assert_eq!(
+        b.get_session("s1").await.unwrap().unwrap().updated_at,
+        before
+    );
+}

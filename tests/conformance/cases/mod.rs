@@ -46,6 +46,7 @@ macro_rules! all_cases {
             sessions::batch_create_upserts_existing,
             sessions::list_sessions_pages_in_id_order,
             sessions::list_sessions_filters_by_user_and_status,
+            sessions::restore_sessions_writes_every_field_exactly,
 
             conversation::history_is_newest_limit_oldest_first,
             conversation::add_to_missing_session_is_not_found,
@@ -58,6 +59,7 @@ macro_rules! all_cases {
             conversation::batch_add_gives_per_item_results,
             conversation::history_is_per_session,
             conversation::range_pages_through_the_whole_history_in_order,
+            conversation::restore_messages_keeps_ids_timestamps_and_order_once,
 
             checkpoints::latest_checkpoint_is_last_stored,
             checkpoints::get_checkpoint_by_id,
@@ -73,6 +75,7 @@ macro_rules! all_cases {
             checkpoints::batch_put_writes_matches_sequential_puts,
             checkpoints::list_threads_pages_every_thread_once_in_order,
             checkpoints::list_checkpoint_namespaces_names_each_once,
+            checkpoints::restore_checkpoints_keeps_store_order_and_created_at,
             checkpoints::delete_thread_removes_everything_of_that_thread,
 
             task_context::task_context_round_trips_nested_json,

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use aiecs_storage::{
     NewSession, SessionMetrics, SessionQuery, SessionStatus, SessionUpdate, StorageBackend,
+    StorageError,
 };
 use serde_json::json;
 
@@ -373,4 +374,54 @@ pub async fn list_sessions_filters_by_user_and_status(b: Arc<dyn StorageBackend>
         .unwrap();
     assert!(none.sessions.is_empty());
     assert_eq!(none.next_cursor, None);
+}
+
+pub async fn restore_sessions_writes_every_field_exactly(b: Arc<dyn StorageBackend>) {
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let mut session = aiecs_storage::Session {
+        session_id: "old".into(),
+        user_id: "u9".into(),
+        created_at: at("2024-01-02T03:04:05.123456Z"),
+        updated_at: at("2024-02-03T04:05:06.654321Z"),
+        status: "completed".into(),
+        metadata: md(json!({"k": {"nested": [1, 2.5, "x"]}, "n": null})),
+        metrics: aiecs_storage::SessionMetrics {
+            request_count: 7,
+            total_processing_time: 1.5,
+            error_count: 2,
+        },
+    };
+    b.create_session("old", "someone", &md(json!({"stale": true})))
+        .await
+        .unwrap();
+    b.restore_sessions(std::slice::from_ref(&session))
+        .await
+        .unwrap();
+    assert_eq!(b.get_session("old").await.unwrap().unwrap(), session);
+    // Again with other values: overwritten, not merged or added to.
+    session.metrics.request_count = 3;
+    session.metadata = md(json!({"only": 1}));
+    b.restore_sessions(std::slice::from_ref(&session))
+        .await
+        .unwrap();
+    assert_eq!(b.get_session("old").await.unwrap().unwrap(), session);
+    // Counters keep adding from the restored values.
+    b.update_session("old", &SessionUpdate::new().increment_requests())
+        .await
+        .unwrap();
+    let s = b.get_session("old").await.unwrap().unwrap();
+    assert_eq!(s.metrics.request_count, 4);
+    let mut bad = session.clone();
+    bad.session_id = String::new();
+    assert!(matches!(
+        b.restore_sessions(&[bad]).await,
+        Err(StorageError::InvalidInput {
+            field: "session_id",
+            ..
+        })
+    ));
 }
