@@ -59,14 +59,16 @@ pub use backend::postgres::PostgresBackend;
 pub use backend::redis::RedisBackend;
 #[cfg(feature = "sqlite")]
 pub use backend::sqlite::SqliteBackend;
-pub use config::open;
+pub use config::{open, LayerConfig, StorageConfig};
 pub use error::{BoxError, ErrorKind, Result, StorageError};
 pub use model::{
     Checkpoint, CheckpointFilter, HealthReport, HealthStatus, IdPage, Message, Metadata,
     MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics,
     SessionPage, SessionQuery, SessionStatus, SessionUpdate, TaskWrites, WriteInput,
 };
+pub use ops::cleanup::CleanupTask;
 pub use ops::health::HealthChecker;
+pub use ops::migrate::Migrator;
 pub use storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextExt,
     TaskContextStorage,

@@ -1,0 +1,484 @@
+//! `aiecs-storage`: health checks, diagnostics, statistics, migration, backup and
+//! cleanup for any aiecs-storage backend (feature `cli`).
+//!
+//! Every command takes a backend URL or `--config FILE` (a TOML stack configuration).
+//! Exit status is 0 only on success; `--json` prints machine-readable output. No
+//! password is ever printed: URLs are shown redacted.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aiecs_storage::prelude::*;
+use aiecs_storage::{HealthChecker, HealthStatus, MetricsReport};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(
+    name = "aiecs-storage",
+    version,
+    about = "Operate aiecs-storage backends"
+)]
+struct Cli {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the storage is: a URL, or a configuration file naming one with its layers.
+#[derive(Args, Clone)]
+struct Target {
+    /// Backend URL: memory://, sqlite://path, redis://, rediss://, redis+cluster://, postgres://
+    url: Option<String>,
+    /// A TOML stack configuration instead of a URL.
+    #[arg(long, value_name = "FILE", conflicts_with = "url")]
+    config: Option<std::path::PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the health checker: connection and a timed metrics read.
+    Health {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Count sessions, messages, checkpoints, pending writes and task contexts.
+    Stats {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Tell apart refused, timed out, auth and TLS failures, then round-trip a record.
+    Diagnose {
+        #[command(flatten)]
+        target: Target,
+        /// Seconds to wait for the connection.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
+    /// Copy everything from one backend to another; rerunning is safe, an interrupted
+    /// run resumes where it stopped.
+    Migrate {
+        /// Source URL.
+        #[arg(long, required_unless_present = "from_config")]
+        from: Option<String>,
+        /// Source configuration file instead of --from.
+        #[arg(long, value_name = "FILE", conflicts_with = "from")]
+        from_config: Option<std::path::PathBuf>,
+        /// Target URL.
+        #[arg(long, required_unless_present = "to_config")]
+        to: Option<String>,
+        /// Target configuration file instead of --to.
+        #[arg(long, value_name = "FILE", conflicts_with = "to")]
+        to_config: Option<std::path::PathBuf>,
+        /// Records per batch (1..=10000).
+        #[arg(long, default_value_t = 100)]
+        batch_size: usize,
+        /// Compare counts and per-session and per-thread checksums afterwards.
+        #[arg(long)]
+        verify: bool,
+        /// Where progress is kept for resuming (default: a file in the temp directory
+        /// named after the two URLs).
+        #[arg(long, value_name = "FILE")]
+        state_file: Option<std::path::PathBuf>,
+    },
+    /// Write a whole store, one session or one thread as JSON lines.
+    Export {
+        #[command(flatten)]
+        target: Target,
+        /// Only this session (with its messages and task context).
+        #[arg(long, conflicts_with = "thread")]
+        session: Option<String>,
+        /// Only this thread (every namespace, checkpoint and pending write).
+        #[arg(long)]
+        thread: Option<String>,
+        /// Write here instead of standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+    },
+    /// Read JSON lines written by export into a backend: `import URL FILE`, or
+    /// `import --config CFG FILE`.
+    Import {
+        /// The backend URL (omitted with --config), then the export file.
+        #[arg(num_args = 1..=2, value_names = ["URL", "FILE"], required = true)]
+        args: Vec<String>,
+        /// A TOML stack configuration instead of a URL.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
+    },
+    /// Remove sessions idle longer than the given hours, with their messages and context.
+    Cleanup {
+        #[command(flatten)]
+        target: Target,
+        /// Sessions idle longer than this many hours are removed.
+        #[arg(long, value_name = "H")]
+        max_idle_hours: f64,
+    },
+}
+
+/// What a command prints and whether it succeeded.
+struct Outcome {
+    ok: bool,
+    text: String,
+    json: Value,
+}
+
+fn open(target: &Target) -> aiecs_storage::Result<Arc<dyn StorageBackend>> {
+    open_either(&target.url, &target.config)
+}
+
+fn open_either(
+    url: &Option<String>,
+    config: &Option<std::path::PathBuf>,
+) -> aiecs_storage::Result<Arc<dyn StorageBackend>> {
+    match (url, config) {
+        (Some(url), None) => aiecs_storage::open(url),
+        (None, Some(path)) => aiecs_storage::config::StorageConfig::from_file(path)?
+            .with_env_overrides()?
+            .build(),
+        _ => Err(aiecs_storage::StorageError::invalid_input(
+            "url",
+            "give a backend URL or --config FILE",
+        )),
+    }
+}
+
+/// The figures of the backend itself: a stack nests them under its layers' reports.
+fn backend_values(report: &MetricsReport) -> &aiecs_storage::Metadata {
+    let mut r = report;
+    while let Some(inner) = r.components.first() {
+        r = inner;
+    }
+    &r.values
+}
+
+async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
+    match command {
+        Command::Health { target } => {
+            let storage = open(&target)?;
+            let report = HealthChecker::new(storage.clone()).check().await;
+            let ok = report.status != HealthStatus::Unhealthy;
+            let mut text = format!("status: {:?}\n", report.status).to_lowercase();
+            if let Ok(Value::Object(checks)) = serde_json::to_value(&report.checks) {
+                for (name, check) in checks {
+                    text.push_str(&format!("{name}: {check}\n"));
+                }
+            }
+            for issue in &report.issues {
+                text.push_str(&format!("issue: {issue}\n"));
+            }
+            let _ = storage.close().await;
+            Ok(Outcome {
+                ok,
+                text,
+                json: serde_json::to_value(&report)?,
+            })
+        }
+        Command::Stats { target } => {
+            let storage = open(&target)?;
+            storage.initialize().await?;
+            let report = storage.get_metrics().await?;
+            let values = backend_values(&report);
+            let mut stats = serde_json::Map::new();
+            let mut text = String::new();
+            for key in [
+                "sessions",
+                "messages",
+                "checkpoints",
+                "pending_writes",
+                "task_contexts",
+            ] {
+                let v = values.get(key).cloned().unwrap_or(Value::Null);
+                text.push_str(&format!("{key}: {v}\n"));
+                stats.insert(key.into(), v);
+            }
+            storage.close().await?;
+            Ok(Outcome {
+                ok: true,
+                text,
+                json: Value::Object(stats),
+            })
+        }
+        Command::Diagnose { target, timeout } => {
+            let timeout = Duration::try_from_secs_f64(timeout).map_err(|_| {
+                aiecs_storage::StorageError::invalid_input(
+                    "timeout",
+                    "must be seconds, not negative",
+                )
+            })?;
+            let storage = open(&target)?;
+            let connection = match &target.url {
+                Some(url) => Some(aiecs_storage::ops::diagnose_connection(url, timeout).await),
+                None => None,
+            };
+            let consistency = aiecs_storage::ops::diagnose_consistency(storage.as_ref()).await;
+            let _ = storage.close().await;
+            let conn_json = serde_json::to_value(&connection)?;
+            let cons_json = serde_json::to_value(&consistency)?;
+            let conn_ok = conn_json.get("ok").and_then(Value::as_bool).unwrap_or(true);
+            let cons_ok = cons_json
+                .get("ok")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let text = format!(
+                "connection: {}\nconsistency: {}\n",
+                serde_json::to_string_pretty(&conn_json)?,
+                serde_json::to_string_pretty(&cons_json)?
+            );
+            Ok(Outcome {
+                ok: conn_ok && cons_ok,
+                text,
+                json: json!({ "connection": conn_json, "consistency": cons_json }),
+            })
+        }
+        Command::Migrate {
+            from,
+            from_config,
+            to,
+            to_config,
+            batch_size,
+            verify,
+            state_file,
+        } => {
+            let source = open_either(&from, &from_config)?;
+            let target = open_either(&to, &to_config)?;
+            source.initialize().await?;
+            target.initialize().await?;
+            let state = state_file
+                .unwrap_or_else(|| default_state_file(&from, &to, &from_config, &to_config));
+            let bar = progress::Bar::new();
+            let report = aiecs_storage::Migrator::new(source.as_ref(), target.as_ref())
+                .batch_size(batch_size)
+                .state_file(&state)
+                .on_progress(|p| bar.update(p))
+                .run()
+                .await;
+            bar.finish();
+            let report = report?;
+            let mut json = json!({ "migration": report });
+            let mut text = format!(
+                "copied {} sessions, {} messages, {} task contexts, {} checkpoints, {} pending writes in {:.1?}{}\n",
+                report.copied.sessions,
+                report.copied.messages,
+                report.copied.task_contexts,
+                report.copied.checkpoints,
+                report.copied.writes,
+                report.elapsed,
+                if report.resumed_from.is_some() { " (resumed)" } else { "" },
+            );
+            let mut ok = true;
+            if verify {
+                let check = aiecs_storage::ops::verify(source.as_ref(), target.as_ref()).await?;
+                ok = check.is_clean();
+                text.push_str(&format!(
+                    "verify: {} ({} sessions, {} threads checked, {} differences)\n",
+                    if ok { "clean" } else { "DIFFERENT" },
+                    check.sessions_checked,
+                    check.threads_checked,
+                    check.differences.len()
+                ));
+                for d in &check.differences {
+                    text.push_str(&format!("  {}\n", serde_json::to_string(d)?));
+                }
+                json["verify"] = serde_json::to_value(&check)?;
+            }
+            source.close().await?;
+            target.close().await?;
+            Ok(Outcome { ok, text, json })
+        }
+        Command::Export {
+            target,
+            session,
+            thread,
+            output,
+        } => {
+            use aiecs_storage::ops::transfer::{export, Scope, TransferOptions};
+            let storage = open(&target)?;
+            let scope = match (session, thread) {
+                (Some(s), _) => Scope::session(s),
+                (_, Some(t)) => Scope::thread(t),
+                _ => Scope::All,
+            };
+            let options = TransferOptions::default();
+            let counts = match &output {
+                Some(path) => {
+                    let file = std::fs::File::create(path).map_err(|e| {
+                        aiecs_storage::StorageError::invalid_input("output", e.to_string())
+                    })?;
+                    export(
+                        storage.as_ref(),
+                        &scope,
+                        std::io::BufWriter::new(file),
+                        &options,
+                    )
+                    .await?
+                }
+                None => {
+                    export(storage.as_ref(), &scope, std::io::stdout().lock(), &options).await?
+                }
+            };
+            storage.close().await?;
+            // The records went to standard output; the summary goes to standard error.
+            eprintln!("exported {}", serde_json::to_string(&counts)?);
+            Ok(Outcome {
+                ok: true,
+                text: String::new(),
+                json: Value::Null,
+            })
+        }
+        Command::Import { mut args, config } => {
+            use aiecs_storage::ops::transfer::{import, TransferOptions};
+            let file = std::path::PathBuf::from(args.pop().unwrap_or_default());
+            let target = Target {
+                url: args.pop(),
+                config,
+            };
+            let storage = open(&target)?;
+            let input = std::fs::File::open(&file)
+                .map_err(|e| aiecs_storage::StorageError::invalid_input("file", e.to_string()))?;
+            let counts = import(
+                storage.as_ref(),
+                std::io::BufReader::new(input),
+                &TransferOptions::default(),
+            )
+            .await?;
+            storage.close().await?;
+            Ok(Outcome {
+                ok: true,
+                text: format!("imported {}\n", serde_json::to_string(&counts)?),
+                json: serde_json::to_value(counts)?,
+            })
+        }
+        Command::Cleanup {
+            target,
+            max_idle_hours,
+        } => {
+            if !(max_idle_hours.is_finite() && max_idle_hours >= 0.0) {
+                return Err(aiecs_storage::StorageError::invalid_input(
+                    "max_idle_hours",
+                    "must be a number of hours, not negative",
+                ));
+            }
+            let storage = open(&target)?;
+            let removed = aiecs_storage::ops::run_cleanup(
+                storage.as_ref(),
+                Duration::from_secs_f64(max_idle_hours * 3600.0),
+            )
+            .await?;
+            storage.close().await?;
+            Ok(Outcome {
+                ok: true,
+                text: format!("removed {removed} idle sessions\n"),
+                json: json!({ "removed": removed }),
+            })
+        }
+    }
+}
+
+/// A state file per pair of stores, so rerunning the same migration resumes it.
+fn default_state_file(
+    from: &Option<String>,
+    to: &Option<String>,
+    from_config: &Option<std::path::PathBuf>,
+    to_config: &Option<std::path::PathBuf>,
+) -> std::path::PathBuf {
+    let key = format!("{from:?}|{to:?}|{from_config:?}|{to_config:?}");
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    std::env::temp_dir().join(format!("aiecs-migrate-{hash:016x}.json"))
+}
+
+mod progress {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use aiecs_storage::ops::migrate::Progress;
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+    /// A bar with rate and ETA, drawn only once a migration has run for a second, so
+    /// short runs print nothing but their summary.
+    pub struct Bar {
+        bar: ProgressBar,
+        started: Instant,
+        shown: Mutex<bool>,
+    }
+
+    impl Bar {
+        pub fn new() -> Self {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} units ({per_sec}, ETA {eta}) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            Bar {
+                bar,
+                started: Instant::now(),
+                shown: Mutex::new(false),
+            }
+        }
+
+        pub fn update(&self, p: &Progress) {
+            if let Some(t) = &p.totals {
+                self.bar.set_length(t.units());
+            }
+            self.bar.set_position(p.units_done());
+            self.bar
+                .set_message(format!("{:?}", p.phase).to_lowercase());
+            let mut shown = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+            if !*shown && self.started.elapsed() > Duration::from_secs(1) {
+                self.bar.set_draw_target(ProgressDrawTarget::stderr());
+                *shown = true;
+            }
+        }
+
+        pub fn finish(&self) {
+            self.bar.finish_and_clear();
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(outcome) => {
+            if cli.json {
+                println!("{}", outcome.json);
+            } else {
+                print!("{}", outcome.text);
+            }
+            if outcome.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({ "error": e.to_string(), "kind": e.kind().as_str() })
+                );
+            } else {
+                eprintln!("error: {e}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1316 @@
+//! Diagnostics: why a backend cannot be reached, and whether what it stores reads back
+//! unchanged (the spec's `diagnose_connection_issue` and `diagnose_data_consistency`).
+//!
+//! - [`diagnose_connection`] tells apart a refused connection, a timeout, a name that
+//!   does not resolve, refused credentials and a failed TLS handshake.
+//! - [`diagnose_consistency`] writes a session, a message, a checkpoint with a pending
+//!   write and a task context, reads each back, compares, and cleans up after itself.
+//!
+//! Both return a serializable report and never fail; neither shows a password.
+
+use std::future::Future;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::config::{open, redact_url, scrub};
+use crate::error::{Result, StorageError};
+use crate::model::{now, Metadata, NewCheckpoint, NewMessage, WriteInput};
+use crate::storage::StorageBackend;
+
+/// The prefix of the session and thread ids [`diagnose_consistency`] writes.
+pub const DIAGNOSE_PREFIX: &str = "aiecs-diagnose-";
+
+/// The status [`diagnose_consistency`] ends its session with.
+pub const DIAGNOSTIC_STATUS: &str = "diagnostic";
+
+/// The user id of the sessions [`diagnose_consistency`] writes.
+pub const DIAGNOSE_USER: &str = "aiecs-diagnose";
+
+// ---------------------------------------------------------------------------------------
+// Connection
+// ---------------------------------------------------------------------------------------
+
+/// What [`diagnose_connection`] concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ConnectionOutcome {
+    /// The server answered and the backend initialized.
+    Ok,
+    /// Nothing listens at the address (the connection was actively refused).
+    Refused,
+    /// No answer within the timeout: a host that drops packets, a firewall, or a server
+    /// that accepts connections and never answers.
+    TimedOut,
+    /// The server refused the credentials.
+    AuthFailed,
+    /// The TLS handshake failed: the port does not speak TLS, or the certificate is not
+    /// trusted or does not match the host.
+    TlsFailed,
+    /// The host name does not resolve.
+    DnsFailed,
+    /// The URL is malformed, or names a backend this build cannot open.
+    InvalidUrl,
+    /// Anything else; the message says what.
+    Other,
+}
+
+impl ConnectionOutcome {
+    /// A stable snake_case name (`ok`, `refused`, `timed_out`, ...).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ConnectionOutcome::Ok => "ok",
+            ConnectionOutcome::Refused => "refused",
+            ConnectionOutcome::TimedOut => "timed_out",
+            ConnectionOutcome::AuthFailed => "auth_failed",
+            ConnectionOutcome::TlsFailed => "tls_failed",
+            ConnectionOutcome::DnsFailed => "dns_failed",
+            ConnectionOutcome::InvalidUrl => "invalid_url",
+            ConnectionOutcome::Other => "other",
+        }
+    }
+
+    /// What to check next, in one sentence.
+    pub const fn advice(self) -> &'static str {
+        match self {
+            ConnectionOutcome::Ok => "nothing to do",
+            ConnectionOutcome::Refused => {
+                "nothing listens there: check that the server runs and the host and port \
+                 are right"
+            }
+            ConnectionOutcome::TimedOut => {
+                "no answer in time: check the host, firewalls and security groups, and \
+                 whether the server is overloaded or hung"
+            }
+            ConnectionOutcome::AuthFailed => {
+                "the server refused the credentials: check the user name and password \
+                 (and the ACL user, for Redis)"
+            }
+            ConnectionOutcome::TlsFailed => {
+                "the TLS handshake failed: check that the port speaks TLS (rediss:// and \
+                 sslmode=require need a TLS port) and that the server's certificate is \
+                 trusted and matches the host name"
+            }
+            ConnectionOutcome::DnsFailed => {
+                "the host name does not resolve: check its spelling and the DNS settings"
+            }
+            ConnectionOutcome::InvalidUrl => {
+                "fix the URL: see aiecs_storage::open for the forms and the features they \
+                 need"
+            }
+            ConnectionOutcome::Other => "see the message",
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectionOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a [`ConnectionDiagnosis`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiagnosisStep {
+    /// `tcp_connect`, `plain_ping` (for `rediss://`: does the port answer without TLS?),
+    /// `open`, `initialize` or `health_check`.
+    pub step: String,
+    /// Whether it worked.
+    pub ok: bool,
+    /// How long it took, serialized as milliseconds.
+    #[serde(rename = "latency_ms", with = "duration_ms")]
+    pub latency: Duration,
+    /// What it found (the address reached, the error), without credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// What [`diagnose_connection`] found. Serializes as `{ok, target, backend, outcome,
+/// latency_ms, message, advice, checked_at, steps}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionDiagnosis {
+    /// Whether the outcome is [`ConnectionOutcome::Ok`] (a summary for JSON readers).
+    pub ok: bool,
+    /// The URL diagnosed, with its password replaced by `***`.
+    pub target: String,
+    /// The URL's scheme (`redis`, `postgres`, `sqlite`, ...).
+    pub backend: String,
+    /// The conclusion.
+    pub outcome: ConnectionOutcome,
+    /// How long the whole diagnosis took, serialized as milliseconds.
+    #[serde(rename = "latency_ms", with = "duration_ms")]
+    pub latency: Duration,
+    /// What happened, in a sentence, with the error when there is one.
+    pub message: String,
+    /// What to check next ([`ConnectionOutcome::advice`]).
+    pub advice: String,
+    /// When the diagnosis started.
+    pub checked_at: DateTime<Utc>,
+    /// The steps run, in order; the last one decided the outcome.
+    pub steps: Vec<DiagnosisStep>,
+}
+
+impl ConnectionDiagnosis {
+    /// Whether the backend could be reached and initialized.
+    pub fn is_ok(&self) -> bool {
+        self.outcome == ConnectionOutcome::Ok
+    }
+}
+
+/// Where a URL's server listens.
+enum Endpoint {
+    /// No network: memory, SQLite, a Unix socket, or a scheme `open` will refuse.
+    Local,
+    /// Host and port pairs (several for a cluster's seed nodes).
+    Tcp(Vec<(String, u16)>),
+}
+
+/// Finds out why `url` can or cannot be reached, within about `timeout` in all.
+///
+/// For a network backend it first resolves the host and opens a plain TCP connection
+/// (telling apart [`DnsFailed`](ConnectionOutcome::DnsFailed),
+/// [`Refused`](ConnectionOutcome::Refused) and
+/// [`TimedOut`](ConnectionOutcome::TimedOut)). For `rediss://` it then sends a plain-text
+/// `PING`: a plain Redis reply means the port does not speak TLS
+/// ([`TlsFailed`](ConnectionOutcome::TlsFailed)), a case in which the TLS handshake would
+/// only hang until the timeout. If all that works, it opens the backend with
+/// [`open`] and runs `initialize()` and `health_check()`, and classifies their error:
+/// refused credentials are [`AuthFailed`](ConnectionOutcome::AuthFailed), a connection
+/// error about TLS, certificates or the handshake is
+/// [`TlsFailed`](ConnectionOutcome::TlsFailed), a timeout is
+/// [`TimedOut`](ConnectionOutcome::TimedOut). For `memory://` and SQLite it only
+/// initializes. The backend is closed afterwards. For a cluster URL, the seed nodes are
+/// tried in order and the first one that accepts a connection is used.
+///
+/// The report shows the URL and every message with the password replaced by `***`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use aiecs_storage::ops::diagnose::{diagnose_connection, ConnectionOutcome};
+///
+/// let report = diagnose_connection("sqlite::memory:", Duration::from_secs(2)).await;
+/// assert_eq!(report.outcome, ConnectionOutcome::Ok);
+///
+/// // A port nothing listens on.
+/// let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+/// let url = format!("postgres://app:s3cret@127.0.0.1:{port}/db");
+/// let report = diagnose_connection(&url, Duration::from_secs(2)).await;
+/// assert_eq!(report.outcome, ConnectionOutcome::Refused);
+/// assert!(!serde_json::to_string(&report).unwrap().contains("s3cret"));
+/// # }
+/// ```
+pub async fn diagnose_connection(url: &str, timeout: Duration) -> ConnectionDiagnosis {
+    let checked_at = now();
+    let started = Instant::now();
+    let deadline = started + timeout;
+    let mut steps = Vec::new();
+    let (outcome, message) = run_connection(url, deadline, timeout, &mut steps).await;
+    for step in &mut steps {
+        step.detail = step.detail.take().map(|d| scrub(&d, url));
+    }
+    let report = ConnectionDiagnosis {
+        ok: outcome == ConnectionOutcome::Ok,
+        target: redact_url(url),
+        backend: url.split_once(':').map_or("", |(s, _)| s).to_owned(),
+        outcome,
+        latency: started.elapsed(),
+        message: scrub(&message, url),
+        advice: outcome.advice().to_owned(),
+        checked_at,
+        steps,
+    };
+    if report.is_ok() {
+        tracing::debug!(target_url = %report.target, outcome = outcome.as_str(), "storage connection diagnosis: ok");
+    } else {
+        tracing::warn!(
+            target_url = %report.target,
+            outcome = outcome.as_str(),
+            message = %report.message,
+            "storage connection diagnosis: {outcome}"
+        );
+    }
+    report
+}
+
+async fn run_connection(
+    url: &str,
+    deadline: Instant,
+    timeout: Duration,
+    steps: &mut Vec<DiagnosisStep>,
+) -> (ConnectionOutcome, String) {
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let redacted = redact_url(url);
+
+    let mut reached = None;
+    if let Endpoint::Tcp(nodes) = endpoint(url) {
+        let mut failures = Vec::new();
+        for (host, port) in nodes {
+            let started = Instant::now();
+            let result = tcp_probe(host.clone(), port, left()).await;
+            let latency = started.elapsed();
+            match result {
+                Ok(addr) => {
+                    steps.push(step("tcp_connect", true, latency, Some(addr.to_string())));
+                    reached = Some(addr);
+                    break;
+                }
+                Err((outcome, detail)) => {
+                    steps.push(step("tcp_connect", false, latency, Some(detail.clone())));
+                    failures.push((outcome, detail));
+                }
+            }
+        }
+        if reached.is_none() {
+            let all = failures
+                .iter()
+                .map(|(_, d)| d.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let outcome = failures
+                .first()
+                .map_or(ConnectionOutcome::Other, |(o, _)| *o);
+            let message = match outcome {
+                ConnectionOutcome::DnsFailed => {
+                    format!("cannot resolve the host of {redacted}: {all}")
+                }
+                ConnectionOutcome::Refused => format!("connection to {redacted} refused: {all}"),
+                ConnectionOutcome::TimedOut => {
+                    format!("no TCP connection to {redacted} within {timeout:?}: {all}")
+                }
+                _ => format!("cannot connect to {redacted}: {all}"),
+            };
+            return (outcome, message);
+        }
+    }
+
+    // TLS spoken to a plain Redis port gets no answer at all (the server waits for the
+    // end of an inline command), so the handshake would only time out. A plain PING
+    // tells the two apart: a RESP reply means the port does not speak TLS.
+    if let (Some(addr), true) = (reached, url.starts_with("rediss")) {
+        let started = Instant::now();
+        let budget = (left() / 3).min(Duration::from_secs(1));
+        let reply = plain_resp_reply(addr, budget).await;
+        if reply.is_none() {
+            steps.push(step(
+                "plain_ping",
+                true,
+                started.elapsed(),
+                Some("no plain-text Redis answer".into()),
+            ));
+        }
+        if let Some(reply) = reply {
+            steps.push(step(
+                "plain_ping",
+                false,
+                started.elapsed(),
+                Some(format!("answered without TLS: {reply}")),
+            ));
+            return (
+                ConnectionOutcome::TlsFailed,
+                format!(
+                    "{redacted} ({addr}) answers in plain Redis, not TLS (a PING got `{reply}`): \
+                     the TLS handshake cannot succeed on this port; use redis:// or the \
+                     server's TLS port"
+                ),
+            );
+        }
+    }
+
+    let started = Instant::now();
+    let backend = match open(url) {
+        Ok(backend) => {
+            steps.push(step("open", true, started.elapsed(), None));
+            backend
+        }
+        Err(e) => {
+            steps.push(step("open", false, started.elapsed(), Some(e.to_string())));
+            let outcome = match e {
+                StorageError::InvalidInput { .. } => ConnectionOutcome::InvalidUrl,
+                _ => ConnectionOutcome::Other,
+            };
+            return (outcome, format!("cannot open {redacted}: {e}"));
+        }
+    };
+
+    let result = async {
+        let started = Instant::now();
+        let result = within(left(), "initialize", backend.initialize()).await;
+        steps.push(step(
+            "initialize",
+            result.is_ok(),
+            started.elapsed(),
+            result.as_ref().err().map(|e| e.to_string()),
+        ));
+        result?;
+        let started = Instant::now();
+        let result = within(left(), "health_check", backend.health_check()).await;
+        steps.push(step(
+            "health_check",
+            result.is_ok(),
+            started.elapsed(),
+            result.as_ref().err().map(|e| e.to_string()),
+        ));
+        result
+    }
+    .await;
+    // Release connections; a close that hangs must not hang the diagnosis.
+    let _ = tokio::time::timeout(Duration::from_secs(1), backend.close()).await;
+
+    let via = reached.map(|a| format!(" ({a})")).unwrap_or_default();
+    match result {
+        Ok(report) => (
+            ConnectionOutcome::Ok,
+            format!(
+                "reached {redacted}{via}: the {} backend initialized and reports itself {}",
+                backend.kind(),
+                serde_json::to_value(report.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ),
+        ),
+        Err(e) => {
+            let outcome = classify(&e);
+            let message = match outcome {
+                ConnectionOutcome::TimedOut if reached.is_some() => format!(
+                    "{redacted}{via} accepted the TCP connection but the {} backend did not \
+                     answer within {timeout:?}: {e}",
+                    backend.kind()
+                ),
+                _ => format!("{redacted}{via}: {e}"),
+            };
+            (outcome, message)
+        }
+    }
+}
+
+fn step(name: &str, ok: bool, latency: Duration, detail: Option<String>) -> DiagnosisStep {
+    DiagnosisStep {
+        step: name.to_owned(),
+        ok,
+        latency,
+        detail,
+    }
+}
+
+async fn within<T>(
+    timeout: Duration,
+    operation: &'static str,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(StorageError::Timeout {
+            operation,
+            after: timeout,
+        }),
+    }
+}
+
+/// The error's text with its whole source chain, lower-cased, for classification.
+fn full_text(e: &StorageError) -> String {
+    let mut text = e.to_string();
+    let mut next = std::error::Error::source(e);
+    while let Some(source) = next {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        next = source.source();
+    }
+    text.to_lowercase()
+}
+
+fn classify(e: &StorageError) -> ConnectionOutcome {
+    const TLS: [&str; 9] = [
+        "tls",
+        "ssl",
+        "certificate",
+        "handshake",
+        "x509",
+        "unknownissuer",
+        "corrupt message",
+        "invalidcontenttype",
+        "peer sent no certificates",
+    ];
+    match e {
+        StorageError::Authentication { .. } => ConnectionOutcome::AuthFailed,
+        StorageError::Timeout { .. } => ConnectionOutcome::TimedOut,
+        StorageError::InvalidInput { .. } => ConnectionOutcome::InvalidUrl,
+        StorageError::Connection { .. }
+        | StorageError::Backend { .. }
+        | StorageError::Unavailable { .. } => {
+            let text = full_text(e);
+            if TLS.iter().any(|w| text.contains(w)) {
+                ConnectionOutcome::TlsFailed
+            } else if text.contains("password") && text.contains("invalid")
+                || text.contains("noauth")
+                || text.contains("wrongpass")
+                || text.contains("authentication")
+            {
+                ConnectionOutcome::AuthFailed
+            } else if text.contains("refused") {
+                ConnectionOutcome::Refused
+            } else if text.contains("timed out") || text.contains("timeout") {
+                ConnectionOutcome::TimedOut
+            } else if text.contains("lookup") || text.contains("resolve") {
+                ConnectionOutcome::DnsFailed
+            } else {
+                ConnectionOutcome::Other
+            }
+        }
+        _ => ConnectionOutcome::Other,
+    }
+}
+
+/// Where the server of `url` listens. Schemes other than Redis and PostgreSQL need no
+/// network (or are refused later by `open`).
+fn endpoint(url: &str) -> Endpoint {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Endpoint::Local;
+    };
+    let (default_port, cluster) = match scheme {
+        "redis" | "rediss" => (6379, false),
+        "redis+cluster" | "rediss+cluster" => (6379, true),
+        "postgres" | "postgresql" => (5432, false),
+        _ => return Endpoint::Local,
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    if default_port == 5432 {
+        // `?host=` overrides the URL's host; a path there is a Unix-socket directory.
+        if let Some(host) = query
+            .split('&')
+            .find_map(|p| p.strip_prefix("host="))
+            .filter(|h| !h.is_empty())
+        {
+            if host.starts_with('/') || host.starts_with("%2F") || host.starts_with("%2f") {
+                return Endpoint::Local;
+            }
+            let port = split_host_port(hosts, default_port).1;
+            return Endpoint::Tcp(vec![(host.to_owned(), port)]);
+        }
+    }
+    let list: Vec<&str> = if cluster {
+        hosts.split(',').filter(|h| !h.is_empty()).collect()
+    } else {
+        vec![hosts]
+    };
+    let nodes: Vec<(String, u16)> = list
+        .into_iter()
+        .map(|h| {
+            let (host, port) = split_host_port(h, default_port);
+            let host = if host.is_empty() { "localhost" } else { host };
+            (host.to_owned(), port)
+        })
+        .collect();
+    if nodes.is_empty() {
+        Endpoint::Local
+    } else {
+        Endpoint::Tcp(nodes)
+    }
+}
+
+/// `host:port`, `[v6]:port`, `host` or `[v6]`, with the default port when none is given
+/// (or it does not parse: `open` reports that later).
+fn split_host_port(hostport: &str, default_port: u16) -> (&str, u16) {
+    if let Some(rest) = hostport.strip_prefix('[') {
+        if let Some((host, after)) = rest.split_once(']') {
+            let port = after
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(default_port);
+            return (host, port);
+        }
+    }
+    match hostport.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host, port.parse().unwrap_or(default_port)),
+        _ => (hostport, default_port),
+    }
+}
+
+/// Resolves `host` and opens a plain TCP connection to one of its addresses within
+/// `timeout`. Runs on the blocking pool: the standard resolver has no async form.
+async fn tcp_probe(
+    host: String,
+    port: u16,
+    timeout: Duration,
+) -> std::result::Result<SocketAddr, (ConnectionOutcome, String)> {
+    use std::io::ErrorKind;
+
+    if timeout.is_zero() {
+        return Err((
+            ConnectionOutcome::TimedOut,
+            format!("{host}:{port}: no time left"),
+        ));
+    }
+    let target = format!("{host}:{port}");
+    let probe = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + timeout;
+        let addrs: Vec<SocketAddr> = match (host.as_str(), port).to_socket_addrs() {
+            Ok(addrs) => addrs.collect(),
+            Err(e) => {
+                return Err((
+                    ConnectionOutcome::DnsFailed,
+                    format!("cannot resolve `{host}`: {e}"),
+                ))
+            }
+        };
+        if addrs.is_empty() {
+            return Err((
+                ConnectionOutcome::DnsFailed,
+                format!("`{host}` resolves to no address"),
+            ));
+        }
+        let mut last = (ConnectionOutcome::Other, String::new());
+        for addr in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err((
+                    ConnectionOutcome::TimedOut,
+                    format!("{addr}: no answer within {timeout:?}"),
+                ));
+            }
+            match TcpStream::connect_timeout(&addr, left) {
+                Ok(_) => return Ok(addr),
+                Err(e) => {
+                    let outcome = match e.kind() {
+                        ErrorKind::ConnectionRefused => ConnectionOutcome::Refused,
+                        ErrorKind::TimedOut | ErrorKind::WouldBlock => ConnectionOutcome::TimedOut,
+                        _ => ConnectionOutcome::Other,
+                    };
+                    let detail = match outcome {
+                        ConnectionOutcome::TimedOut => {
+                            format!("{addr}: no answer within {timeout:?}")
+                        }
+                        _ => format!("{addr}: {e}"),
+                    };
+                    last = (outcome, detail);
+                }
+            }
+        }
+        Err(last)
+    });
+    // The resolver may block past the deadline; stop waiting for it then.
+    match tokio::time::timeout(timeout + Duration::from_millis(50), probe).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err((ConnectionOutcome::Other, format!("{target}: {e}"))),
+        Err(_) => Err((
+            ConnectionOutcome::TimedOut,
+            format!("{target}: no answer (or name resolution) within {timeout:?}"),
+        )),
+    }
+}
+
+/// Sends a plain-text `PING` to `addr` and returns the first line of the reply if it is
+/// RESP (`+PONG`, `-NOAUTH ...`): proof that the port speaks plain Redis. `None` when
+/// there is no such reply within `timeout` (a TLS port answers with an alert or closes).
+async fn plain_resp_reply(addr: SocketAddr, timeout: Duration) -> Option<String> {
+    use std::io::{Read, Write};
+
+    if timeout.is_zero() {
+        return None;
+    }
+    let probe = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, timeout).ok()?;
+        stream.set_read_timeout(Some(timeout)).ok()?;
+        stream.set_write_timeout(Some(timeout)).ok()?;
+        stream.write_all(b"PING\r\n").ok()?;
+        let mut buf = [0u8; 128];
+        let n = stream.read(&mut buf).ok()?;
+        let reply = String::from_utf8_lossy(&buf[..n]);
+        let line = reply.lines().next().unwrap_or("").trim();
+        let resp = matches!(line.chars().next(), Some('+' | '-' | '$' | '*' | ':'))
+            && line.chars().all(|c| !c.is_control());
+        resp.then(|| line.chars().take(60).collect())
+    });
+    tokio::time::timeout(timeout + Duration::from_millis(50), probe)
+        .await
+        .ok()?
+        .ok()?
+}
+
+// ---------------------------------------------------------------------------------------
+// Consistency
+// ---------------------------------------------------------------------------------------
+
+/// The result of one check of a [`ConsistencyDiagnosis`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckOutcome {
+    /// What was read equals what was written.
+    Ok,
+    /// The calls worked but what was read differs from what was written (or is
+    /// missing).
+    Mismatch,
+    /// A call failed; the details hold the error.
+    Failed,
+    /// Not run: it needs an earlier step that failed.
+    Skipped,
+}
+
+/// One check of a [`ConsistencyDiagnosis`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsistencyCheck {
+    /// `session`, `message`, `checkpoint`, `pending_writes`, `task_context`, or, for the
+    /// cleanup, `delete_thread` and `end_session`.
+    pub name: String,
+    /// The result.
+    pub outcome: CheckOutcome,
+    /// How long the check took, serialized as milliseconds.
+    #[serde(rename = "latency_ms", with = "duration_ms")]
+    pub latency: Duration,
+    /// What differed, or the error, or why it was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<String>,
+}
+
+/// What [`diagnose_consistency`] found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsistencyDiagnosis {
+    /// Whether every check passed and the cleanup worked (`consistent && cleaned_up`):
+    /// a summary for JSON readers.
+    pub ok: bool,
+    /// The backend's [`kind`](StorageBackend::kind).
+    pub backend: String,
+    /// The session id written (`aiecs-diagnose-<uuid>`).
+    pub session_id: String,
+    /// The checkpoint thread id written (the same id).
+    pub thread_id: String,
+    /// Whether every check is [`CheckOutcome::Ok`].
+    pub consistent: bool,
+    /// The write-read-compare checks, in the order they ran.
+    pub checks: Vec<ConsistencyCheck>,
+    /// Whether the cleanup worked (every cleanup step [`CheckOutcome::Ok`]).
+    pub cleaned_up: bool,
+    /// The cleanup steps: `delete_thread` (then a read proving the thread is gone) and
+    /// `end_session`.
+    pub cleanup: Vec<ConsistencyCheck>,
+    /// What stays in the store after the diagnosis, and when it goes.
+    pub leftovers: Vec<String>,
+    /// How long the whole diagnosis took, serialized as milliseconds.
+    #[serde(rename = "latency_ms", with = "duration_ms")]
+    pub latency: Duration,
+    /// When it started.
+    pub checked_at: DateTime<Utc>,
+}
+
+impl ConsistencyDiagnosis {
+    /// The check named `name`, among the checks and the cleanup steps.
+    pub fn check(&self, name: &str) -> Option<&ConsistencyCheck> {
+        self.checks
+            .iter()
+            .chain(&self.cleanup)
+            .find(|c| c.name == name)
+    }
+}
+
+/// Writes one of each kind of record, reads each back and compares (the spec's
+/// `diagnose_data_consistency`), with a 10 s limit per call. See
+/// [`diagnose_consistency_within`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use aiecs_storage::ops::diagnose::diagnose_consistency;
+/// use aiecs_storage::MemoryBackend;
+///
+/// let report = diagnose_consistency(&MemoryBackend::new()).await;
+/// assert!(report.consistent, "{report:#?}");
+/// assert!(report.cleaned_up);
+/// # }
+/// ```
+pub async fn diagnose_consistency(storage: &dyn StorageBackend) -> ConsistencyDiagnosis {
+    diagnose_consistency_within(storage, Duration::from_secs(10)).await
+}
+
+/// Writes one of each kind of record under a fresh id `aiecs-diagnose-<uuid>`, reads
+/// each back and compares what was written with what was read:
+///
+/// | check | writes | reads |
+/// | --- | --- | --- |
+/// | `session` | `create_session` (metadata with non-ASCII text and a float) | `get_session` |
+/// | `message` | `add_conversation_message` with a fixed id | `get_conversation_history` |
+/// | `checkpoint` | `store_checkpoint` | `get_checkpoint` by id and as latest |
+/// | `pending_writes` | `put_writes` | `get_writes` |
+/// | `task_context` | `store_task_context` | `get_task_context` |
+///
+/// Each call is bounded by `step_timeout`, so a hung backend cannot hang the diagnosis.
+/// A check that fails or mismatches does not stop the others (the message and task
+/// context checks are skipped when the session could not be created).
+///
+/// **Cleanup** runs whatever happened before: `delete_thread` removes the checkpoint
+/// and its writes (and a read then proves them gone), and `end_session` sets the
+/// session's status to `diagnostic`. The contract has no call that deletes one session,
+/// so the session, its message and its task context stay until
+/// [`cleanup_expired_sessions`](StorageBackend::cleanup_expired_sessions) removes them
+/// (for example [`CleanupTask`](super::cleanup::CleanupTask)); the report lists them in
+/// `leftovers`. Find them with `list_sessions` filtered on user `aiecs-diagnose` or
+/// status `diagnostic`. The cleanup runs after failed and mismatched checks alike; it
+/// cannot run if the calling task is cancelled midway or a backend panics.
+pub async fn diagnose_consistency_within(
+    storage: &dyn StorageBackend,
+    step_timeout: Duration,
+) -> ConsistencyDiagnosis {
+    let checked_at = now();
+    let started = Instant::now();
+    let id = format!("{DIAGNOSE_PREFIX}{}", uuid::Uuid::now_v7().simple());
+    let probe = Probe {
+        storage,
+        timeout: step_timeout,
+    };
+    let mut checks = Vec::new();
+
+    let session = probe.session(&id).await;
+    let session_created = session.1;
+    checks.push(session.0);
+    let needs_session = |name: &str| ConsistencyCheck {
+        name: name.to_owned(),
+        outcome: CheckOutcome::Skipped,
+        latency: Duration::ZERO,
+        details: Some("needs the session, which could not be created".into()),
+    };
+    checks.push(if session_created {
+        probe.message(&id).await
+    } else {
+        needs_session("message")
+    });
+    let (checkpoint, stored) = probe.checkpoint(&id).await;
+    checks.push(checkpoint);
+    checks.push(if stored {
+        probe.pending_writes(&id).await
+    } else {
+        ConsistencyCheck {
+            name: "pending_writes".into(),
+            outcome: CheckOutcome::Skipped,
+            latency: Duration::ZERO,
+            details: Some("needs the checkpoint, which could not be stored".into()),
+        }
+    });
+    checks.push(if session_created {
+        probe.task_context(&id).await
+    } else {
+        needs_session("task_context")
+    });
+
+    // Cleanup: always, whatever the checks found.
+    let cleanup = vec![probe.delete_thread(&id).await, probe.end_session(&id).await];
+    let cleaned_up = cleanup.iter().all(|c| c.outcome == CheckOutcome::Ok);
+    let mut leftovers = vec![format!(
+        "session `{id}` (status `{DIAGNOSTIC_STATUS}`, user `{DIAGNOSE_USER}`) with its \
+         message and task context: the contract has no call to delete one session; the \
+         next cleanup_expired_sessions run removes them once they are idle longer than its \
+         max_idle"
+    )];
+    if cleanup[0].outcome != CheckOutcome::Ok {
+        leftovers.push(format!(
+            "checkpoint thread `{id}`: delete_thread did not complete; run it again"
+        ));
+    }
+
+    let consistent = checks.iter().all(|c| c.outcome == CheckOutcome::Ok);
+    let report = ConsistencyDiagnosis {
+        ok: consistent && cleaned_up,
+        backend: storage.kind().to_owned(),
+        session_id: id.clone(),
+        thread_id: id,
+        consistent,
+        checks,
+        cleaned_up,
+        cleanup,
+        leftovers,
+        latency: started.elapsed(),
+        checked_at,
+    };
+    if report.consistent && report.cleaned_up {
+        tracing::debug!(
+            db.system.name = report.backend.as_str(),
+            session_id = report.session_id.as_str(),
+            "storage consistency diagnosis: consistent"
+        );
+    } else {
+        let problems: Vec<String> = report
+            .checks
+            .iter()
+            .chain(&report.cleanup)
+            .filter(|c| c.outcome != CheckOutcome::Ok)
+            .map(|c| {
+                format!(
+                    "{} {:?}: {}",
+                    c.name,
+                    c.outcome,
+                    c.details.as_deref().unwrap_or("")
+                )
+            })
+            .collect();
+        tracing::warn!(
+            db.system.name = report.backend.as_str(),
+            session_id = report.session_id.as_str(),
+            consistent = report.consistent,
+            cleaned_up = report.cleaned_up,
+            problems = %problems.join("; "),
+            "storage consistency diagnosis found problems"
+        );
+    }
+    report
+}
+
+/// The calls of one consistency diagnosis, each bounded by `timeout`.
+struct Probe<'a> {
+    storage: &'a dyn StorageBackend,
+    timeout: Duration,
+}
+
+/// Sample values with non-ASCII text, a float and nesting, to catch encoding losses.
+fn sample(kind: &str) -> Value {
+    json!({
+        "aiecs_diagnose": kind,
+        "text": "consistency ✓ — héllo, 世界, 🦀",
+        "float": 1.5,
+        "int": 42,
+        "nested": {"list": [1, "two", null, true]},
+    })
+}
+
+fn sample_metadata(kind: &str) -> Metadata {
+    match sample(kind) {
+        Value::Object(map) => map,
+        _ => Metadata::new(),
+    }
+}
+
+/// Field-by-field differences between what was written and what was read.
+struct Diff(Vec<String>);
+
+impl Diff {
+    fn new() -> Self {
+        Diff(Vec::new())
+    }
+
+    fn field<T: PartialEq + std::fmt::Debug>(&mut self, name: &str, wrote: T, read: T) {
+        if wrote != read {
+            self.0
+                .push(format!("{name}: wrote {wrote:?}, read {read:?}"));
+        }
+    }
+
+    fn into_check(self, name: &str, latency: Duration) -> ConsistencyCheck {
+        if self.0.is_empty() {
+            ConsistencyCheck {
+                name: name.to_owned(),
+                outcome: CheckOutcome::Ok,
+                latency,
+                details: None,
+            }
+        } else {
+            ConsistencyCheck {
+                name: name.to_owned(),
+                outcome: CheckOutcome::Mismatch,
+                latency,
+                details: Some(self.0.join("; ")),
+            }
+        }
+    }
+}
+
+fn failed(name: &str, latency: Duration, call: &str, e: &StorageError) -> ConsistencyCheck {
+    ConsistencyCheck {
+        name: name.to_owned(),
+        outcome: CheckOutcome::Failed,
+        latency,
+        details: Some(format!("{call} failed: {e}")),
+    }
+}
+
+fn mismatch(name: &str, latency: Duration, details: String) -> ConsistencyCheck {
+    ConsistencyCheck {
+        name: name.to_owned(),
+        outcome: CheckOutcome::Mismatch,
+        latency,
+        details: Some(details),
+    }
+}
+
+impl Probe<'_> {
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        within(self.timeout, operation, call).await
+    }
+
+    /// The session check, and whether the session may exist (so that later checks and
+    /// the cleanup use it).
+    async fn session(&self, id: &str) -> (ConsistencyCheck, bool) {
+        const NAME: &str = "session";
+        let started = Instant::now();
+        let metadata = sample_metadata(NAME);
+        let written = match self
+            .call(
+                "create_session",
+                self.storage.create_session(id, DIAGNOSE_USER, &metadata),
+            )
+            .await
+        {
+            Ok(s) => s,
+            // A create that failed (or timed out and landed later) is ended by the
+            // cleanup all the same.
+            Err(e) => return (failed(NAME, started.elapsed(), "create_session", &e), false),
+        };
+        let read = match self.call("get_session", self.storage.get_session(id)).await {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                return (
+                    mismatch(
+                        NAME,
+                        started.elapsed(),
+                        "get_session found no session right after create_session".into(),
+                    ),
+                    true,
+                )
+            }
+            Err(e) => return (failed(NAME, started.elapsed(), "get_session", &e), true),
+        };
+        let mut diff = Diff::new();
+        diff.field("session_id", id, read.session_id.as_str());
+        diff.field("user_id", DIAGNOSE_USER, read.user_id.as_str());
+        diff.field("metadata", &metadata, &read.metadata);
+        diff.field("status", written.status.as_str(), read.status.as_str());
+        diff.field("created_at", written.created_at, read.created_at);
+        diff.field("updated_at", written.updated_at, read.updated_at);
+        diff.field("metrics", &written.metrics, &read.metrics);
+        (diff.into_check(NAME, started.elapsed()), true)
+    }
+
+    async fn message(&self, id: &str) -> ConsistencyCheck {
+        const NAME: &str = "message";
+        let started = Instant::now();
+        let message_id = format!("{id}-m1");
+        let message = NewMessage::new("user", "consistency ✓ — héllo, 世界, 🦀\nline two")
+            .with_id(message_id.clone())
+            .with_metadata(sample_metadata(NAME));
+        let returned = match self
+            .call(
+                "add_conversation_message",
+                self.storage.add_conversation_message(id, &message),
+            )
+            .await
+        {
+            Ok(returned) => returned,
+            Err(e) => return failed(NAME, started.elapsed(), "add_conversation_message", &e),
+        };
+        let history = match self
+            .call(
+                "get_conversation_history",
+                self.storage.get_conversation_history(id, 10),
+            )
+            .await
+        {
+            Ok(history) => history,
+            Err(e) => return failed(NAME, started.elapsed(), "get_conversation_history", &e),
+        };
+        let mut diff = Diff::new();
+        diff.field("returned id", message_id.as_str(), returned.as_str());
+        diff.field("messages in history", 1, history.len());
+        match history.iter().find(|m| m.message_id == message_id) {
+            None => diff
+                .0
+                .push(format!("message `{message_id}` missing from the history")),
+            Some(read) => {
+                diff.field("role", message.role.as_str(), read.role.as_str());
+                diff.field("content", message.content.as_str(), read.content.as_str());
+                diff.field("metadata", &message.metadata, &read.metadata);
+            }
+        }
+        diff.into_check(NAME, started.elapsed())
+    }
+
+    /// The checkpoint check, and whether the checkpoint was stored.
+    async fn checkpoint(&self, thread: &str) -> (ConsistencyCheck, bool) {
+        const NAME: &str = "checkpoint";
+        let started = Instant::now();
+        let checkpoint = NewCheckpoint::new(thread, "c1", sample("checkpoint data"))
+            .with_parent("c0")
+            .with_metadata(sample_metadata(NAME));
+        if let Err(e) = self
+            .call(
+                "store_checkpoint",
+                self.storage.store_checkpoint(&checkpoint),
+            )
+            .await
+        {
+            return (
+                failed(NAME, started.elapsed(), "store_checkpoint", &e),
+                false,
+            );
+        }
+        let mut diff = Diff::new();
+        for (label, wanted) in [("by id", Some("c1")), ("latest", None)] {
+            match self
+                .call(
+                    "get_checkpoint",
+                    self.storage.get_checkpoint(thread, "", wanted),
+                )
+                .await
+            {
+                Err(e) => return (failed(NAME, started.elapsed(), "get_checkpoint", &e), true),
+                Ok(None) => diff
+                    .0
+                    .push(format!("get_checkpoint ({label}) found nothing")),
+                Ok(Some(read)) => {
+                    diff.field(
+                        &format!("checkpoint_id ({label})"),
+                        "c1",
+                        read.checkpoint_id.as_str(),
+                    );
+                    diff.field(
+                        &format!("thread_id ({label})"),
+                        thread,
+                        read.thread_id.as_str(),
+                    );
+                    diff.field(&format!("data ({label})"), &checkpoint.data, &read.data);
+                    diff.field(
+                        &format!("metadata ({label})"),
+                        &checkpoint.metadata,
+                        &read.metadata,
+                    );
+                    diff.field(
+                        &format!("parent ({label})"),
+                        checkpoint.parent_checkpoint_id.as_deref(),
+                        read.parent_checkpoint_id.as_deref(),
+                    );
+                }
+            }
+        }
+        (diff.into_check(NAME, started.elapsed()), true)
+    }
+
+    async fn pending_writes(&self, thread: &str) -> ConsistencyCheck {
+        const NAME: &str = "pending_writes";
+        let started = Instant::now();
+        let writes = [
+            WriteInput::new("messages", sample("write 0")),
+            WriteInput::new("state", json!(["ü", 2.25])),
+        ];
+        if let Err(e) = self
+            .call(
+                "put_writes",
+                self.storage
+                    .put_writes(thread, "", "c1", "diagnose-task", &writes),
+            )
+            .await
+        {
+            return failed(NAME, started.elapsed(), "put_writes", &e);
+        }
+        let read = match self
+            .call("get_writes", self.storage.get_writes(thread, "", "c1"))
+            .await
+        {
+            Ok(read) => read,
+            Err(e) => return failed(NAME, started.elapsed(), "get_writes", &e),
+        };
+        let mut diff = Diff::new();
+        diff.field("writes", writes.len(), read.len());
+        for (i, (wrote, got)) in writes.iter().zip(&read).enumerate() {
+            diff.field(
+                &format!("writes[{i}].task_id"),
+                "diagnose-task",
+                got.task_id.as_str(),
+            );
+            diff.field(&format!("writes[{i}].idx"), i as u32, got.idx);
+            diff.field(
+                &format!("writes[{i}].channel"),
+                wrote.channel.as_str(),
+                got.channel.as_str(),
+            );
+            diff.field(&format!("writes[{i}].value"), &wrote.value, &got.value);
+        }
+        diff.into_check(NAME, started.elapsed())
+    }
+
+    async fn task_context(&self, id: &str) -> ConsistencyCheck {
+        const NAME: &str = "task_context";
+        let started = Instant::now();
+        let context = sample(NAME);
+        if let Err(e) = self
+            .call(
+                "store_task_context",
+                self.storage.store_task_context(id, &context),
+            )
+            .await
+        {
+            return failed(NAME, started.elapsed(), "store_task_context", &e);
+        }
+        match self
+            .call("get_task_context", self.storage.get_task_context(id))
+            .await
+        {
+            Err(e) => failed(NAME, started.elapsed(), "get_task_context", &e),
+            Ok(None) => mismatch(
+                NAME,
+                started.elapsed(),
+                "get_task_context found nothing right after store_task_context".into(),
+            ),
+            Ok(Some(read)) => {
+                let mut diff = Diff::new();
+                diff.field("context", &context, &read);
+                diff.into_check(NAME, started.elapsed())
+            }
+        }
+    }
+
+    async fn delete_thread(&self, thread: &str) -> ConsistencyCheck {
+        const NAME: &str = "delete_thread";
+        let started = Instant::now();
+        if let Err(e) = self
+            .call("delete_thread", self.storage.delete_thread(thread))
+            .await
+        {
+            return failed(NAME, started.elapsed(), "delete_thread", &e);
+        }
+        match self
+            .call(
+                "get_checkpoint",
+                self.storage.get_checkpoint(thread, "", None),
+            )
+            .await
+        {
+            Ok(None) => ConsistencyCheck {
+                name: NAME.into(),
+                outcome: CheckOutcome::Ok,
+                latency: started.elapsed(),
+                details: None,
+            },
+            Ok(Some(c)) => mismatch(
+                NAME,
+                started.elapsed(),
+                format!(
+                    "checkpoint `{}` still readable after delete_thread",
+                    c.checkpoint_id
+                ),
+            ),
+            Err(e) => failed(
+                NAME,
+                started.elapsed(),
+                "get_checkpoint after delete_thread",
+                &e,
+            ),
+        }
+    }
+
+    async fn end_session(&self, id: &str) -> ConsistencyCheck {
+        const NAME: &str = "end_session";
+        let started = Instant::now();
+        match self
+            .call(
+                "end_session",
+                self.storage.end_session(id, DIAGNOSTIC_STATUS),
+            )
+            .await
+        {
+            Ok(found) => ConsistencyCheck {
+                name: NAME.into(),
+                outcome: CheckOutcome::Ok,
+                latency: started.elapsed(),
+                details: (!found).then(|| "no session to end: it was never created".into()),
+            },
+            Err(e) => failed(NAME, started.elapsed(), "end_session", &e),
+        }
+    }
+}
+
+mod duration_ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let ms = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(ms / 1000.0).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_of_each_form() {
+        let tcp = |url: &str| match endpoint(url) {
+            Endpoint::Tcp(nodes) => nodes,
+            Endpoint::Local => Vec::new(),
+        };
+        assert_eq!(tcp("redis://:pw@h:7000/0"), [("h".to_owned(), 7000)]);
+        assert_eq!(tcp("rediss://h"), [("h".to_owned(), 6379)]);
+        assert_eq!(tcp("redis://"), [("localhost".to_owned(), 6379)]);
+        assert_eq!(
+            tcp("redis+cluster://u:p@a:1,b:2"),
+            [("a".to_owned(), 1), ("b".to_owned(), 2)]
+        );
+        assert_eq!(
+            tcp("postgres://u:p@[::1]:6000/db"),
+            [("::1".to_owned(), 6000)]
+        );
+        assert_eq!(tcp("postgresql://u@db/x"), [("db".to_owned(), 5432)]);
+        assert_eq!(tcp("postgres://u@/x?host=db2"), [("db2".to_owned(), 5432)]);
+        assert!(tcp("postgres://u@/x?host=/var/run/postgresql").is_empty());
+        assert!(tcp("sqlite::memory:").is_empty());
+        assert!(tcp("memory://").is_empty());
+    }
+
+    #[test]
+    fn differences_make_a_mismatch_naming_the_field() {
+        let mut diff = Diff::new();
+        diff.field("content", "héllo", "hello");
+        diff.field("role", "user", "user");
+        let check = diff.into_check("message", Duration::ZERO);
+        assert_eq!(check.outcome, CheckOutcome::Mismatch);
+        assert_eq!(
+            check.details.as_deref(),
+            Some("content: wrote \"héllo\", read \"hello\"")
+        );
+        let same = Diff::new().into_check("message", Duration::ZERO);
+        assert_eq!(same.outcome, CheckOutcome::Ok);
+    }
+
+    #[test]
+    fn errors_are_classified_by_kind_then_text() {
+        let conn = |m: &str| StorageError::Connection {
+            message: m.into(),
+            source: None,
+        };
+        assert_eq!(
+            classify(&StorageError::Authentication {
+                message: "x".into()
+            }),
+            ConnectionOutcome::AuthFailed
+        );
+        assert_eq!(
+            classify(&StorageError::Timeout {
+                operation: "x",
+                after: Duration::from_millis(1)
+            }),
+            ConnectionOutcome::TimedOut
+        );
+        assert_eq!(
+            classify(&conn(
+                "error performing TLS handshake: invalid peer certificate"
+            )),
+            ConnectionOutcome::TlsFailed
+        );
+        assert_eq!(
+            classify(&conn("connection refused")),
+            ConnectionOutcome::Refused
+        );
+        assert_eq!(classify(&conn("broken pipe")), ConnectionOutcome::Other);
+    }
+}

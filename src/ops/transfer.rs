@@ -1,0 +1,1223 @@
+//! One streaming path for migration, export and import.
+//!
+//! A [`Source`] walks a backend in a fixed order and yields [`Batch`]es of [`Record`]s; a
+//! [`Sink`] applies records to a backend with the contract's `restore_*` methods, which
+//! keep ids, timestamps, status and counters as they are. The three operations are
+//! compositions of the two:
+//!
+//! - [`export`]: source -> JSON lines (one [`Record`] per line, a [`Record::Header`] first);
+//! - [`import`]: JSON lines -> sink;
+//! - [`Migrator`](crate::ops::migrate::Migrator): source -> sink, with a resumable state
+//!   file.
+//!
+//! Every write a sink makes is idempotent (sessions overwritten, messages deduplicated by
+//! id, checkpoints upserted, pending writes keyed by task and index, task contexts
+//! replaced), so applying the same records twice changes nothing.
+//!
+//! # Walk order
+//!
+//! For [`Scope::All`] the source walks three phases, each in id order by cursor:
+//!
+//! 1. sessions: a page of [`Record::Session`]s, then the history of each session of the
+//!    page as [`Record::Messages`] (oldest first, `offset` = position of the first one);
+//! 2. task contexts: every [`Record::TaskContext`], including those of ids that hold no
+//!    session;
+//! 3. threads: for each thread, each namespace (ascending), its checkpoints oldest first
+//!    ([`Record::Checkpoints`], the order they were stored, so "latest" is kept) and then
+//!    the pending writes of each checkpoint ([`Record::Writes`]).
+//!
+//! After each session, task context and thread the source marks a [`Position`]: once the
+//! batch holding that mark is applied, everything before the position is copied.
+//!
+//! # Limits
+//!
+//! The contract enumerates pending writes by checkpoint only, so pending writes stored
+//! against a checkpoint id that was never stored itself are not walked.
+//!
+//! # JSON lines
+//!
+//! ```text
+//! {"type":"header","format":"aiecs-storage","version":1,"scope":{"kind":"all"},"source":"memory","exported_at":"..."}
+//! {"type":"session","session_id":"s1","user_id":"alice","created_at":"...","updated_at":"...","status":"active","metadata":{},"metrics":{...}}
+//! {"type":"messages","session_id":"s1","offset":0,"messages":[{"message_id":"...","role":"user",...}]}
+//! {"type":"task_context","session_id":"s1","context":{"step":3}}
+//! {"type":"checkpoints","thread_id":"t1","checkpoint_ns":"","checkpoints":[{...},{...}]}
+//! {"type":"writes","thread_id":"t1","checkpoint_ns":"","checkpoint_id":"c2","writes":[{"task_id":"a","idx":0,...}]}
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{BufRead, Write};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Result, StorageError};
+use crate::model::{
+    now, Checkpoint, CheckpointFilter, Message, PendingWrite, Session, SessionQuery, TaskWrites,
+    WriteInput,
+};
+use crate::storage::StorageBackend;
+use crate::validate::{self, MAX_LIMIT};
+
+/// The `format` of an export's header line.
+pub const FORMAT: &str = "aiecs-storage";
+
+/// The version of the JSON lines format written by [`export`]. [`import`] reads this
+/// version and older ones.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The default number of items (sessions, messages, checkpoints, ...) per batch.
+pub const DEFAULT_BATCH_SIZE: usize = 100;
+
+/// What a walk covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Scope {
+    /// Every session with its history, every task context, every thread.
+    #[default]
+    All,
+    /// One session: the session, its history and its task context.
+    Session {
+        /// The session id.
+        session_id: String,
+    },
+    /// One thread: every namespace, checkpoint and pending write of it.
+    Thread {
+        /// The thread id.
+        thread_id: String,
+    },
+}
+
+impl Scope {
+    /// One session: the session, its history and its task context.
+    pub fn session(session_id: impl Into<String>) -> Self {
+        Scope::Session {
+            session_id: session_id.into(),
+        }
+    }
+
+    /// One thread: every namespace, checkpoint and pending write of it.
+    pub fn thread(thread_id: impl Into<String>) -> Self {
+        Scope::Thread {
+            thread_id: thread_id.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scope::All => f.write_str("the whole store"),
+            Scope::Session { session_id } => write!(f, "session `{session_id}`"),
+            Scope::Thread { thread_id } => write!(f, "thread `{thread_id}`"),
+        }
+    }
+}
+
+/// The first line of an export.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExportHeader {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// The format version ([`FORMAT_VERSION`] when written by this crate).
+    pub version: u32,
+    /// What the export covers.
+    pub scope: Scope,
+    /// The [`kind`](StorageBackend::kind) of the backend exported.
+    pub source: String,
+    /// When the export started.
+    pub exported_at: DateTime<Utc>,
+}
+
+/// One line of an export, and the unit a [`Source`] yields and a [`Sink`] applies.
+///
+/// Serialized with a `type` tag (`header`, `session`, `messages`, `task_context`,
+/// `checkpoints`, `writes`); the other fields are those of the variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Record {
+    /// The first line of an export; applying it does nothing.
+    Header(ExportHeader),
+    /// A session exactly as stored (timestamps, status, metadata, counters).
+    Session(Session),
+    /// Consecutive messages of a session's history, oldest first.
+    Messages {
+        /// The session.
+        session_id: String,
+        /// The position of the first message in the source's history (0 = oldest).
+        offset: u64,
+        /// The messages, with their ids and timestamps.
+        messages: Vec<Message>,
+    },
+    /// The task context of a session id (which need not hold a session).
+    TaskContext {
+        /// The session id.
+        session_id: String,
+        /// The context.
+        context: Value,
+    },
+    /// Consecutive checkpoints of a thread and namespace, oldest first (the order they
+    /// were stored, so the last one applied is the latest).
+    Checkpoints {
+        /// The thread.
+        thread_id: String,
+        /// The namespace.
+        checkpoint_ns: String,
+        /// The checkpoints; each names the same thread and namespace.
+        checkpoints: Vec<Checkpoint>,
+    },
+    /// The pending writes of one checkpoint, in the order they were first stored.
+    Writes {
+        /// The thread.
+        thread_id: String,
+        /// The namespace.
+        checkpoint_ns: String,
+        /// The checkpoint the writes belong to.
+        checkpoint_id: String,
+        /// The writes; within a task, `idx` runs 0, 1, 2, ...
+        writes: Vec<PendingWrite>,
+    },
+}
+
+impl Record {
+    /// How many items (sessions, messages, contexts, checkpoints, writes) it holds.
+    pub fn items(&self) -> u64 {
+        match self {
+            Record::Header(_) => 0,
+            Record::Session(_) | Record::TaskContext { .. } => 1,
+            Record::Messages { messages, .. } => messages.len() as u64,
+            Record::Checkpoints { checkpoints, .. } => checkpoints.len() as u64,
+            Record::Writes { writes, .. } => writes.len() as u64,
+        }
+    }
+}
+
+/// A phase of a [`Scope::All`] walk, in walk order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Sessions with their histories.
+    Sessions,
+    /// Task contexts.
+    TaskContexts,
+    /// Threads with their checkpoints and pending writes.
+    Threads,
+    /// Nothing left.
+    Done,
+}
+
+impl Phase {
+    /// A stable snake_case name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Phase::Sessions => "sessions",
+            Phase::TaskContexts => "task_contexts",
+            Phase::Threads => "threads",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// Where a walk stands: everything of earlier phases, and everything of `phase` up to and
+/// including the id `after`, is done.
+///
+/// For [`Scope::Session`] and [`Scope::Thread`] only [`Phase::Done`] matters: any other
+/// position walks the one session or thread again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// The phase in progress.
+    pub phase: Phase,
+    /// The last id of `phase` that is done (`None`: none yet).
+    pub after: Option<String>,
+}
+
+impl Position {
+    /// The start of a walk.
+    pub const fn start() -> Self {
+        Position {
+            phase: Phase::Sessions,
+            after: None,
+        }
+    }
+
+    /// The end of a walk.
+    pub const fn done() -> Self {
+        Position {
+            phase: Phase::Done,
+            after: None,
+        }
+    }
+
+    fn at(phase: Phase, after: impl Into<String>) -> Self {
+        Position {
+            phase,
+            after: Some(after.into()),
+        }
+    }
+}
+
+impl Default for Position {
+    fn default() -> Self {
+        Position::start()
+    }
+}
+
+/// Units (sessions, task contexts, threads) a walk has completed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Units {
+    /// Sessions copied with their whole history.
+    pub sessions: u64,
+    /// Task contexts copied.
+    pub task_contexts: u64,
+    /// Threads copied with every namespace, checkpoint and pending write.
+    pub threads: u64,
+}
+
+impl Units {
+    /// Adds `other` to these counts.
+    pub fn add(&mut self, other: Units) {
+        self.sessions += other.sessions;
+        self.task_contexts += other.task_contexts;
+        self.threads += other.threads;
+    }
+}
+
+/// What a [`Source`] yields: records holding up to `batch_size` items, and the position
+/// reached once they are applied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// The records, in walk order.
+    pub records: Vec<Record>,
+    /// Set when the batch completes a unit (a session with its history, a task context, a
+    /// thread): once `records` are applied, everything before this position is copied.
+    pub completed: Option<Position>,
+    /// The units this batch completes.
+    pub units: Units,
+}
+
+impl Batch {
+    /// How many items the records hold.
+    pub fn items(&self) -> u64 {
+        self.records.iter().map(Record::items).sum()
+    }
+}
+
+/// Counts of what was read, written or stored by an export, import or migration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferCounts {
+    /// All items: the sum of the others except `new_messages`.
+    pub records: u64,
+    /// Sessions.
+    pub sessions: u64,
+    /// Messages.
+    pub messages: u64,
+    /// Messages the target did not hold yet (import and migration; 0 for export).
+    pub new_messages: u64,
+    /// Task contexts.
+    pub task_contexts: u64,
+    /// Checkpoints.
+    pub checkpoints: u64,
+    /// Pending writes.
+    pub writes: u64,
+    /// Batches applied or written.
+    pub batches: u64,
+}
+
+impl TransferCounts {
+    /// Adds `other` to these counts.
+    pub fn add(&mut self, other: &TransferCounts) {
+        self.records += other.records;
+        self.sessions += other.sessions;
+        self.messages += other.messages;
+        self.new_messages += other.new_messages;
+        self.task_contexts += other.task_contexts;
+        self.checkpoints += other.checkpoints;
+        self.writes += other.writes;
+        self.batches += other.batches;
+    }
+
+    fn count(&mut self, record: &Record) {
+        let n = record.items();
+        self.records += n;
+        match record {
+            Record::Header(_) => {}
+            Record::Session(_) => self.sessions += n,
+            Record::Messages { .. } => self.messages += n,
+            Record::TaskContext { .. } => self.task_contexts += n,
+            Record::Checkpoints { .. } => self.checkpoints += n,
+            Record::Writes { .. } => self.writes += n,
+        }
+    }
+}
+
+/// Checks a batch size: 1..=10 000 (the contract's page limit).
+pub fn check_batch_size(batch_size: usize) -> Result<()> {
+    validate::limit("batch_size", batch_size)
+}
+
+enum Work {
+    SessionPage {
+        after: Option<String>,
+    },
+    OneSession {
+        session_id: String,
+    },
+    Messages {
+        session_id: String,
+        offset: u64,
+    },
+    Context {
+        session_id: String,
+    },
+    ContextPage {
+        after: Option<String>,
+    },
+    ThreadPage {
+        after: Option<String>,
+    },
+    Thread {
+        thread_id: String,
+        required: bool,
+    },
+    Checkpoints {
+        thread_id: String,
+        checkpoint_ns: String,
+        oldest_first: VecDeque<Checkpoint>,
+    },
+    Writes {
+        thread_id: String,
+        checkpoint_ns: String,
+        checkpoint_id: String,
+    },
+    Mark {
+        position: Position,
+        unit: Option<Unit>,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Unit {
+    Session,
+    TaskContext,
+    Thread,
+}
+
+/// Walks a backend and yields its content as [`Batch`]es of [`Record`]s, in the order
+/// described in the [module docs](self). For [`Scope::Session`] and [`Scope::Thread`], a
+/// missing session or thread is [`StorageError::NotFound`] (see
+/// [`Source::allow_missing`]). Each batch holds up to `batch_size` items (a
+/// [`Record::Writes`] holds all writes of its checkpoint, so a batch may hold more).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+/// use aiecs_storage::ops::transfer::{Scope, Source};
+/// use aiecs_storage::{MemoryBackend, prelude::*};
+/// let store = MemoryBackend::new();
+/// store.create_session("s1", "alice", &Default::default()).await?;
+/// let mut source = Source::new(&store, Scope::All, 100)?;
+/// let mut items = 0;
+/// while let Some(batch) = source.next_batch().await? {
+///     items += batch.items();
+/// }
+/// assert_eq!(items, 1);
+/// # Ok(()) }
+/// ```
+pub struct Source<'a> {
+    backend: &'a dyn StorageBackend,
+    batch_size: usize,
+    work: VecDeque<Work>,
+    allow_missing: bool,
+}
+
+impl std::fmt::Debug for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("backend", &self.backend.kind())
+            .field("batch_size", &self.batch_size)
+            .field("pending_work", &self.work.len())
+            .finish()
+    }
+}
+
+impl<'a> Source<'a> {
+    /// A walk of `scope` from the start. `batch_size` is 1..=10 000.
+    pub fn new(backend: &'a dyn StorageBackend, scope: Scope, batch_size: usize) -> Result<Self> {
+        Self::resume(backend, scope, batch_size, Position::start())
+    }
+
+    /// A walk of `scope` that continues after `position` (see [`Position`]).
+    pub fn resume(
+        backend: &'a dyn StorageBackend,
+        scope: Scope,
+        batch_size: usize,
+        position: Position,
+    ) -> Result<Self> {
+        check_batch_size(batch_size)?;
+        let mut work = VecDeque::new();
+        if position.phase != Phase::Done {
+            match scope {
+                Scope::All => {
+                    if let Some(after) = &position.after {
+                        validate::id("after", after)?;
+                    }
+                    let after = position.after;
+                    work.push_back(match position.phase {
+                        Phase::Sessions => Work::SessionPage { after },
+                        Phase::TaskContexts => Work::ContextPage { after },
+                        Phase::Threads => Work::ThreadPage { after },
+                        Phase::Done => unreachable!("checked above"),
+                    });
+                }
+                Scope::Session { session_id } => {
+                    validate::id("session_id", &session_id)?;
+                    work.push_back(Work::OneSession { session_id });
+                    work.push_back(Work::Mark {
+                        position: Position::done(),
+                        unit: Some(Unit::Session),
+                    });
+                }
+                Scope::Thread { thread_id } => {
+                    validate::id("thread_id", &thread_id)?;
+                    work.push_back(Work::Thread {
+                        thread_id,
+                        required: true,
+                    });
+                    work.push_back(Work::Mark {
+                        position: Position::done(),
+                        unit: Some(Unit::Thread),
+                    });
+                }
+            }
+        }
+        Ok(Source {
+            backend,
+            batch_size,
+            work,
+            allow_missing: false,
+        })
+    }
+
+    /// For [`Scope::Session`] and [`Scope::Thread`]: a missing session or thread yields
+    /// nothing (the session's task context, if any, is still walked) instead of
+    /// [`StorageError::NotFound`].
+    pub fn allow_missing(mut self) -> Self {
+        self.allow_missing = true;
+        self
+    }
+
+    /// The next batch, or `None` when the walk is over.
+    pub async fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let mut batch = Batch::default();
+        let mut items = 0usize;
+        loop {
+            while let Some(Work::Mark { .. }) = self.work.front() {
+                if let Some(Work::Mark { position, unit }) = self.work.pop_front() {
+                    match unit {
+                        Some(Unit::Session) => batch.units.sessions += 1,
+                        Some(Unit::TaskContext) => batch.units.task_contexts += 1,
+                        Some(Unit::Thread) => batch.units.threads += 1,
+                        None => {}
+                    }
+                    batch.completed = Some(position);
+                }
+            }
+            if items >= self.batch_size {
+                break;
+            }
+            let Some(work) = self.work.pop_front() else {
+                break;
+            };
+            let space = self.batch_size - items;
+            let before = batch.records.len();
+            self.step(work, space, &mut batch.records).await?;
+            items += batch.records[before..]
+                .iter()
+                .map(|r| r.items() as usize)
+                .sum::<usize>();
+        }
+        if batch.records.is_empty() && batch.completed.is_none() {
+            Ok(None)
+        } else {
+            Ok(Some(batch))
+        }
+    }
+
+    fn push_front(&mut self, items: Vec<Work>) {
+        for w in items.into_iter().rev() {
+            self.work.push_front(w);
+        }
+    }
+
+    async fn step(&mut self, work: Work, space: usize, out: &mut Vec<Record>) -> Result<()> {
+        let b = self.backend;
+        match work {
+            Work::SessionPage { after } => {
+                let page = b
+                    .list_sessions(&SessionQuery {
+                        after,
+                        limit: space,
+                        ..SessionQuery::default()
+                    })
+                    .await?;
+                let mut next = Vec::with_capacity(page.sessions.len() * 2 + 2);
+                for s in page.sessions {
+                    next.push(Work::Messages {
+                        session_id: s.session_id.clone(),
+                        offset: 0,
+                    });
+                    next.push(Work::Mark {
+                        position: Position::at(Phase::Sessions, s.session_id.clone()),
+                        unit: Some(Unit::Session),
+                    });
+                    out.push(Record::Session(s));
+                }
+                match page.next_cursor {
+                    Some(cursor) => next.push(Work::SessionPage {
+                        after: Some(cursor),
+                    }),
+                    None => {
+                        next.push(Work::Mark {
+                            position: Position {
+                                phase: Phase::TaskContexts,
+                                after: None,
+                            },
+                            unit: None,
+                        });
+                        next.push(Work::ContextPage { after: None });
+                    }
+                }
+                self.push_front(next);
+            }
+            Work::OneSession { session_id } => match b.get_session(&session_id).await? {
+                Some(session) => {
+                    out.push(Record::Session(session));
+                    self.push_front(vec![
+                        Work::Messages {
+                            session_id: session_id.clone(),
+                            offset: 0,
+                        },
+                        Work::Context { session_id },
+                    ]);
+                }
+                None if self.allow_missing => {
+                    self.work.push_front(Work::Context { session_id });
+                }
+                None => return Err(StorageError::not_found("session", session_id)),
+            },
+            Work::Messages { session_id, offset } => {
+                let messages = b.get_conversation_range(&session_id, offset, space).await?;
+                let n = messages.len();
+                if n == space {
+                    self.work.push_front(Work::Messages {
+                        session_id: session_id.clone(),
+                        offset: offset + n as u64,
+                    });
+                }
+                if n > 0 {
+                    out.push(Record::Messages {
+                        session_id,
+                        offset,
+                        messages,
+                    });
+                }
+            }
+            Work::Context { session_id } => {
+                if let Some(context) = b.get_task_context(&session_id).await? {
+                    out.push(Record::TaskContext {
+                        session_id,
+                        context,
+                    });
+                }
+            }
+            Work::ContextPage { after } => {
+                let page = b.list_task_contexts(after.as_deref(), space).await?;
+                let mut next = Vec::with_capacity(page.ids.len() * 2 + 2);
+                for id in page.ids {
+                    next.push(Work::Context {
+                        session_id: id.clone(),
+                    });
+                    next.push(Work::Mark {
+                        position: Position::at(Phase::TaskContexts, id),
+                        unit: Some(Unit::TaskContext),
+                    });
+                }
+                match page.next_cursor {
+                    Some(cursor) => next.push(Work::ContextPage {
+                        after: Some(cursor),
+                    }),
+                    None => {
+                        next.push(Work::Mark {
+                            position: Position {
+                                phase: Phase::Threads,
+                                after: None,
+                            },
+                            unit: None,
+                        });
+                        next.push(Work::ThreadPage { after: None });
+                    }
+                }
+                self.push_front(next);
+            }
+            Work::ThreadPage { after } => {
+                let page = b.list_threads(after.as_deref(), self.batch_size).await?;
+                let mut next = Vec::with_capacity(page.ids.len() * 2 + 1);
+                for id in page.ids {
+                    next.push(Work::Thread {
+                        thread_id: id.clone(),
+                        required: false,
+                    });
+                    next.push(Work::Mark {
+                        position: Position::at(Phase::Threads, id),
+                        unit: Some(Unit::Thread),
+                    });
+                }
+                next.push(match page.next_cursor {
+                    Some(cursor) => Work::ThreadPage {
+                        after: Some(cursor),
+                    },
+                    None => Work::Mark {
+                        position: Position::done(),
+                        unit: None,
+                    },
+                });
+                self.push_front(next);
+            }
+            Work::Thread {
+                thread_id,
+                required,
+            } => {
+                let namespaces = b.list_checkpoint_namespaces(&thread_id).await?;
+                if namespaces.is_empty() && required && !self.allow_missing {
+                    return Err(StorageError::not_found("thread", thread_id));
+                }
+                let mut next = Vec::new();
+                for ns in namespaces {
+                    let oldest_first = all_checkpoints(b, &thread_id, &ns).await?;
+                    let ids: Vec<String> = oldest_first
+                        .iter()
+                        .map(|c| c.checkpoint_id.clone())
+                        .collect();
+                    if !oldest_first.is_empty() {
+                        next.push(Work::Checkpoints {
+                            thread_id: thread_id.clone(),
+                            checkpoint_ns: ns.clone(),
+                            oldest_first,
+                        });
+                    }
+                    for checkpoint_id in ids {
+                        next.push(Work::Writes {
+                            thread_id: thread_id.clone(),
+                            checkpoint_ns: ns.clone(),
+                            checkpoint_id,
+                        });
+                    }
+                }
+                self.push_front(next);
+            }
+            Work::Checkpoints {
+                thread_id,
+                checkpoint_ns,
+                mut oldest_first,
+            } => {
+                let take = space.min(oldest_first.len());
+                let checkpoints: Vec<Checkpoint> = oldest_first.drain(..take).collect();
+                if !oldest_first.is_empty() {
+                    self.work.push_front(Work::Checkpoints {
+                        thread_id: thread_id.clone(),
+                        checkpoint_ns: checkpoint_ns.clone(),
+                        oldest_first,
+                    });
+                }
+                out.push(Record::Checkpoints {
+                    thread_id,
+                    checkpoint_ns,
+                    checkpoints,
+                });
+            }
+            Work::Writes {
+                thread_id,
+                checkpoint_ns,
+                checkpoint_id,
+            } => {
+                let writes = b
+                    .get_writes(&thread_id, &checkpoint_ns, &checkpoint_id)
+                    .await?;
+                if !writes.is_empty() {
+                    out.push(Record::Writes {
+                        thread_id,
+                        checkpoint_ns,
+                        checkpoint_id,
+                        writes,
+                    });
+                }
+            }
+            Work::Mark { .. } => unreachable!("marks are taken in next_batch"),
+        }
+        Ok(())
+    }
+}
+
+/// Every checkpoint of a thread and namespace, oldest first (store order), read newest
+/// first in pages of 10 000.
+async fn all_checkpoints(
+    b: &dyn StorageBackend,
+    thread_id: &str,
+    ns: &str,
+) -> Result<VecDeque<Checkpoint>> {
+    let mut newest_first: Vec<Checkpoint> = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let filter = CheckpointFilter {
+            limit: MAX_LIMIT,
+            before: before.take(),
+            ..CheckpointFilter::default()
+        };
+        let page = b.list_checkpoints(thread_id, ns, &filter).await?;
+        let full = page.len() == MAX_LIMIT;
+        before = page.last().map(|c| c.checkpoint_id.clone());
+        newest_first.extend(page);
+        if !full {
+            break;
+        }
+    }
+    Ok(newest_first.into_iter().rev().collect())
+}
+
+/// Applies [`Record`]s to a backend with the contract's `restore_*` methods.
+///
+/// Consecutive records of one kind are merged into one call where the contract allows
+/// (sessions, checkpoints, pending writes), in chunks of at most 10 000 items.
+/// A [`Record::Messages`] of a session the backend does not hold fails with
+/// [`StorageError::NotFound`]: a session's record must come before its messages.
+#[derive(Clone, Copy)]
+pub struct Sink<'a> {
+    backend: &'a dyn StorageBackend,
+}
+
+impl std::fmt::Debug for Sink<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("backend", &self.backend.kind())
+            .finish()
+    }
+}
+
+impl<'a> Sink<'a> {
+    /// A sink writing to `backend`.
+    pub fn new(backend: &'a dyn StorageBackend) -> Self {
+        Sink { backend }
+    }
+
+    /// Applies `records` in order and returns what it wrote (`batches` is 1).
+    pub async fn apply(&self, records: Vec<Record>) -> Result<TransferCounts> {
+        let mut counts = TransferCounts {
+            batches: 1,
+            ..TransferCounts::default()
+        };
+        let mut sessions: Vec<Session> = Vec::new();
+        let mut checkpoints: Vec<Checkpoint> = Vec::new();
+        let mut writes: Vec<TaskWrites> = Vec::new();
+        for record in records {
+            counts.count(&record);
+            if !matches!(record, Record::Session(_)) {
+                self.flush_sessions(&mut sessions).await?;
+            }
+            if !matches!(record, Record::Checkpoints { .. }) {
+                self.flush_checkpoints(&mut checkpoints).await?;
+            }
+            if !matches!(record, Record::Writes { .. }) {
+                self.flush_writes(&mut writes).await?;
+            }
+            match record {
+                Record::Header(_) => {}
+                Record::Session(s) => sessions.push(s),
+                Record::Messages {
+                    session_id,
+                    messages,
+                    ..
+                } => {
+                    for chunk in messages.chunks(MAX_LIMIT) {
+                        counts.new_messages +=
+                            self.backend.restore_messages(&session_id, chunk).await?;
+                    }
+                }
+                Record::TaskContext {
+                    session_id,
+                    context,
+                } => {
+                    self.backend
+                        .store_task_context(&session_id, &context)
+                        .await?;
+                }
+                Record::Checkpoints {
+                    thread_id,
+                    checkpoint_ns,
+                    checkpoints: list,
+                } => {
+                    if let Some(c) = list
+                        .iter()
+                        .find(|c| c.thread_id != thread_id || c.checkpoint_ns != checkpoint_ns)
+                    {
+                        return Err(StorageError::invalid_input(
+                            "checkpoints",
+                            format!(
+                                "checkpoint `{}` names thread `{}` namespace `{}` in a record \
+                                 of thread `{thread_id}` namespace `{checkpoint_ns}`",
+                                c.checkpoint_id, c.thread_id, c.checkpoint_ns
+                            ),
+                        ));
+                    }
+                    checkpoints.extend(list);
+                }
+                Record::Writes {
+                    thread_id,
+                    checkpoint_ns,
+                    checkpoint_id,
+                    writes: list,
+                } => writes.extend(task_writes(
+                    &thread_id,
+                    &checkpoint_ns,
+                    &checkpoint_id,
+                    list,
+                )?),
+            }
+        }
+        self.flush_sessions(&mut sessions).await?;
+        self.flush_checkpoints(&mut checkpoints).await?;
+        self.flush_writes(&mut writes).await?;
+        Ok(counts)
+    }
+
+    async fn flush_sessions(&self, sessions: &mut Vec<Session>) -> Result<()> {
+        for chunk in sessions.chunks(MAX_LIMIT) {
+            self.backend.restore_sessions(chunk).await?;
+        }
+        sessions.clear();
+        Ok(())
+    }
+
+    async fn flush_checkpoints(&self, checkpoints: &mut Vec<Checkpoint>) -> Result<()> {
+        for chunk in checkpoints.chunks(MAX_LIMIT) {
+            self.backend.restore_checkpoints(chunk).await?;
+        }
+        checkpoints.clear();
+        Ok(())
+    }
+
+    async fn flush_writes(&self, writes: &mut Vec<TaskWrites>) -> Result<()> {
+        for chunk in writes.chunks(MAX_LIMIT) {
+            for result in self.backend.batch_put_writes(chunk).await? {
+                result?;
+            }
+        }
+        writes.clear();
+        Ok(())
+    }
+}
+
+/// Turns the stored writes of a checkpoint (first-stored order) into `put_writes` calls
+/// that reproduce that order: one call per run of consecutive writes of a task, each
+/// holding the task's writes 0..=k seen so far (a write's key is its index in the call,
+/// so earlier ones are rewritten in place and keep their position).
+fn task_writes(
+    thread_id: &str,
+    checkpoint_ns: &str,
+    checkpoint_id: &str,
+    writes: Vec<PendingWrite>,
+) -> Result<Vec<TaskWrites>> {
+    let mut per_task: HashMap<String, Vec<WriteInput>> = HashMap::new();
+    let mut out: Vec<TaskWrites> = Vec::new();
+    let mut writes = writes.into_iter().peekable();
+    while let Some(first) = writes.next() {
+        let task_id = first.task_id.clone();
+        let list = per_task.entry(task_id.clone()).or_default();
+        let push = |w: PendingWrite, list: &mut Vec<WriteInput>| -> Result<()> {
+            match (w.idx as usize).cmp(&list.len()) {
+                std::cmp::Ordering::Equal => list.push(WriteInput::new(w.channel, w.value)),
+                std::cmp::Ordering::Less => {
+                    list[w.idx as usize] = WriteInput::new(w.channel, w.value);
+                }
+                std::cmp::Ordering::Greater => {
+                    return Err(StorageError::invalid_input(
+                        "writes",
+                        format!(
+                            "write {} of task `{}` at checkpoint `{checkpoint_id}` comes \
+                             before write {}: a task's writes are numbered 0, 1, 2, ...",
+                            w.idx,
+                            w.task_id,
+                            list.len()
+                        ),
+                    ))
+                }
+            }
+            Ok(())
+        };
+        push(first, list)?;
+        while writes.peek().is_some_and(|w| w.task_id == task_id) {
+            if let Some(w) = writes.next() {
+                push(w, list)?;
+            }
+        }
+        out.push(TaskWrites {
+            thread_id: thread_id.to_owned(),
+            checkpoint_ns: checkpoint_ns.to_owned(),
+            checkpoint_id: checkpoint_id.to_owned(),
+            task_id,
+            writes: list.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn io_error(what: String, e: std::io::Error) -> StorageError {
+    StorageError::Backend {
+        message: format!("{what}: {e}"),
+        transient: false,
+        source: Some(Box::new(e)),
+    }
+}
+
+/// Options of [`export`] and [`import`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransferOptions {
+    /// Items per batch: per read page on export, per group of writes on import
+    /// (1..=10 000; default 100).
+    pub batch_size: usize,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        TransferOptions {
+            batch_size: DEFAULT_BATCH_SIZE,
+        }
+    }
+}
+
+/// Writes `scope` of `source` to `out` as JSON lines: a [`Record::Header`], then one
+/// [`Record`] per line. Returns what was written.
+///
+/// `out` is written synchronously; wrap a file in a [`std::io::BufWriter`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+/// use aiecs_storage::ops::transfer::{export, import, Scope, TransferOptions};
+/// use aiecs_storage::{MemoryBackend, NewMessage, prelude::*};
+/// let source = MemoryBackend::new();
+/// source.create_session("s1", "alice", &Default::default()).await?;
+/// source.add_conversation_message("s1", &NewMessage::new("user", "hi")).await?;
+///
+/// let mut lines = Vec::new();
+/// export(&source, &Scope::All, &mut lines, &TransferOptions::default()).await?;
+/// let target = MemoryBackend::new();
+/// let counts = import(&target, lines.as_slice(), &TransferOptions::default()).await?;
+/// assert_eq!((counts.sessions, counts.messages), (1, 1));
+/// assert_eq!(target.get_conversation_history("s1", 50).await?[0].content, "hi");
+/// # Ok(()) }
+/// ```
+pub async fn export<W: Write>(
+    source: &dyn StorageBackend,
+    scope: &Scope,
+    out: W,
+    options: &TransferOptions,
+) -> Result<TransferCounts> {
+    export_with_progress(source, scope, out, options, |_| {}).await
+}
+
+/// [`export`], calling `progress` with the running counts after each batch.
+pub async fn export_with_progress<W: Write>(
+    source: &dyn StorageBackend,
+    scope: &Scope,
+    mut out: W,
+    options: &TransferOptions,
+    mut progress: impl FnMut(&TransferCounts),
+) -> Result<TransferCounts> {
+    let mut walk = Source::new(source, scope.clone(), options.batch_size)?;
+    let header = Record::Header(ExportHeader {
+        format: FORMAT.to_owned(),
+        version: FORMAT_VERSION,
+        scope: scope.clone(),
+        source: source.kind().to_owned(),
+        exported_at: now(),
+    });
+    let mut line = 1u64;
+    write_line(&mut out, &header, line)?;
+    let mut counts = TransferCounts::default();
+    while let Some(batch) = walk.next_batch().await? {
+        for record in &batch.records {
+            line += 1;
+            write_line(&mut out, record, line)?;
+            counts.count(record);
+        }
+        counts.batches += 1;
+        progress(&counts);
+    }
+    out.flush()
+        .map_err(|e| io_error("could not write the export".into(), e))?;
+    Ok(counts)
+}
+
+fn write_line<W: Write>(out: &mut W, record: &Record, line: u64) -> Result<()> {
+    let mut bytes = serde_json::to_vec(record).map_err(|e| {
+        StorageError::serialization(format!("line {line}: could not encode the record: {e}"), e)
+    })?;
+    bytes.push(b'\n');
+    out.write_all(&bytes)
+        .map_err(|e| io_error(format!("could not write line {line} of the export"), e))
+}
+
+/// Reads JSON lines written by [`export`] from `input` and applies them to `target`
+/// through a [`Sink`], `batch_size` items at a time. Blank lines are skipped. Returns
+/// what was applied.
+///
+/// A line that is not a record is [`StorageError::Serialization`] naming its line number,
+/// and so is a header of another format or of a newer version. Records before the bad
+/// line may already be applied; importing again after fixing the file is safe (every
+/// write is idempotent).
+pub async fn import<R: BufRead>(
+    target: &dyn StorageBackend,
+    input: R,
+    options: &TransferOptions,
+) -> Result<TransferCounts> {
+    import_with_progress(target, input, options, |_| {}).await
+}
+
+/// [`import`], calling `progress` with the running counts after each batch.
+pub async fn import_with_progress<R: BufRead>(
+    target: &dyn StorageBackend,
+    mut input: R,
+    options: &TransferOptions,
+    mut progress: impl FnMut(&TransferCounts),
+) -> Result<TransferCounts> {
+    check_batch_size(options.batch_size)?;
+    let sink = Sink::new(target);
+    let mut counts = TransferCounts::default();
+    let mut pending: Vec<Record> = Vec::new();
+    let mut pending_items = 0u64;
+    let mut buf = String::new();
+    let mut line = 0u64;
+    loop {
+        buf.clear();
+        line += 1;
+        let read = input.read_line(&mut buf).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                StorageError::serialization(format!("line {line}: not UTF-8 text: {e}"), e)
+            } else {
+                io_error(format!("could not read line {line} of the import"), e)
+            }
+        })?;
+        if read == 0 {
+            break;
+        }
+        let text = buf.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let record: Record = serde_json::from_str(text).map_err(|e| {
+            StorageError::serialization(format!("line {line}: not a valid record: {e}"), e)
+        })?;
+        if let Record::Header(h) = &record {
+            if h.format != FORMAT {
+                return Err(StorageError::Serialization {
+                    message: format!(
+                        "line {line}: the header names format `{}`, not `{FORMAT}`",
+                        h.format
+                    ),
+                    source: None,
+                });
+            }
+            if h.version > FORMAT_VERSION {
+                return Err(StorageError::Serialization {
+                    message: format!(
+                        "line {line}: format version {} is newer than this build reads \
+                         ({FORMAT_VERSION})",
+                        h.version
+                    ),
+                    source: None,
+                });
+            }
+            continue;
+        }
+        pending_items += record.items();
+        pending.push(record);
+        if pending_items >= options.batch_size as u64 {
+            counts.add(&sink.apply(std::mem::take(&mut pending)).await?);
+            pending_items = 0;
+            progress(&counts);
+        }
+    }
+    if !pending.is_empty() {
+        counts.add(&sink.apply(pending).await?);
+        progress(&counts);
+    }
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn w(task: &str, idx: u32, channel: &str) -> PendingWrite {
+        PendingWrite {
+            task_id: task.into(),
+            idx,
+            channel: channel.into(),
+            value: json!(idx),
+        }
+    }
+
+    #[test]
+    fn writes_split_into_runs_that_keep_first_stored_order() {
+        let calls = task_writes(
+            "t",
+            "",
+            "c",
+            vec![
+                w("a", 0, "x"),
+                w("a", 1, "y"),
+                w("b", 0, "z"),
+                w("a", 2, "q"),
+            ],
+        )
+        .unwrap();
+        let shape: Vec<(String, Vec<String>)> = calls
+            .iter()
+            .map(|c| {
+                (
+                    c.task_id.clone(),
+                    c.writes.iter().map(|w| w.channel.clone()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                ("a".to_owned(), vec!["x".to_owned(), "y".to_owned()]),
+                ("b".to_owned(), vec!["z".to_owned()]),
+                (
+                    "a".to_owned(),
+                    vec!["x".to_owned(), "y".to_owned(), "q".to_owned()]
+                ),
+            ]
+        );
+        let err = task_writes("t", "", "c", vec![w("a", 1, "x")]).unwrap_err();
+        assert!(err.to_string().contains("numbered"), "{err}");
+    }
+
+    #[test]
+    fn records_are_tagged_by_type() {
+        let r = Record::TaskContext {
+            session_id: "s".into(),
+            context: json!({"a": 1}),
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "task_context", "session_id": "s", "context": {"a": 1}})
+        );
+        assert_eq!(serde_json::from_value::<Record>(v).unwrap(), r);
+        let s = serde_json::to_value(Scope::session("s1")).unwrap();
+        assert_eq!(s, json!({"kind": "session", "session_id": "s1"}));
+    }
+}

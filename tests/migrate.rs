@@ -1,0 +1,858 @@
+//! Migration, export/import and verification between backends.
+
+mod common;
+
+use std::io::BufReader;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aiecs_storage::layer::Operation;
+use aiecs_storage::ops::migrate::{
+    read_state, verify, verify_scope, DifferenceKind, Entity, MigrateOptions, Migrator, Progress,
+};
+use aiecs_storage::ops::transfer::{
+    export, import, Record, Scope, Source, TransferOptions, FORMAT_VERSION,
+};
+use aiecs_storage::{
+    prelude::*, CheckpointFilter, ErrorKind, MemoryBackend, Metadata, NewCheckpoint, NewMessage,
+    SessionQuery, SessionUpdate, SqliteBackend, StorageError, WriteInput,
+};
+use common::fault::{Faults, Target};
+use serde_json::json;
+
+const SESSIONS: usize = 50;
+const MESSAGES: usize = 30;
+const THREADS: usize = 10;
+const CHECKPOINTS: usize = 15;
+
+fn meta(v: serde_json::Value) -> Metadata {
+    v.as_object().cloned().unwrap()
+}
+
+/// 50 sessions x 30 messages (some updated, ended, with metadata), task contexts (one
+/// for an id with no session), 10 threads x 15 checkpoints over two namespaces with
+/// parents, an in-place update of an old checkpoint, and pending writes of interleaved
+/// tasks.
+async fn populate(b: &dyn StorageBackend) {
+    for i in 0..SESSIONS {
+        let id = format!("s{i:02}");
+        b.create_session(
+            &id,
+            &format!("u{}", i % 5),
+            &meta(json!({"i": i, "tier": "free"})),
+        )
+        .await
+        .unwrap();
+        for j in 0..MESSAGES {
+            let mut m = NewMessage::new(
+                if j % 2 == 0 { "user" } else { "assistant" },
+                format!("{id} message {j} ✓"),
+            );
+            if j % 3 == 0 {
+                m = m.with_id(format!("{id}-m{j}"));
+            }
+            if j % 5 == 0 {
+                m = m.with_metadata(meta(
+                    json!({"tokens": j * 7, "nested": {"b": 1, "a": [1.5, null]}}),
+                ));
+            }
+            b.add_conversation_message(&id, &m).await.unwrap();
+        }
+        if i % 3 == 0 {
+            let u = SessionUpdate::new()
+                .increment_requests()
+                .add_processing_time(0.125 * i as f64)
+                .metadata_entry("updated", true)
+                .status("paused");
+            assert!(b.update_session(&id, &u).await.unwrap());
+        }
+        if i % 4 == 0 {
+            assert!(b
+                .update_session(&id, &SessionUpdate::new().mark_error())
+                .await
+                .unwrap());
+        }
+        if i % 7 == 0 {
+            assert!(b.end_session(&id, "failed").await.unwrap());
+        }
+        if i % 2 == 0 {
+            b.store_task_context(&id, &json!({"step": i, "plan": ["a", "b"], "ratio": 0.1}))
+                .await
+                .unwrap();
+        }
+    }
+    b.store_task_context("orphan-context", &json!({"no": "session"}))
+        .await
+        .unwrap();
+
+    for t in 0..THREADS {
+        let thread = format!("t{t}");
+        let mut last: [Option<String>; 2] = [None, None];
+        for c in 0..CHECKPOINTS {
+            let slot = c % 2;
+            let ns = if slot == 0 { "" } else { "sub" };
+            // Ids that do not sort in store order, so order must come from the store.
+            let id = format!("cp-{:02}", (c * 7) % CHECKPOINTS);
+            let mut cp = NewCheckpoint::new(&thread, &id, json!({"state": c, "v": [t, c]}))
+                .with_namespace(ns)
+                .with_metadata(meta(json!({"step": c, "source": "loop"})));
+            if let Some(p) = &last[slot] {
+                cp = cp.with_parent(p);
+            }
+            b.store_checkpoint(&cp).await.unwrap();
+            last[slot] = Some(id.clone());
+            if c % 3 == 0 {
+                b.put_writes(
+                    &thread,
+                    ns,
+                    &id,
+                    "task-a",
+                    &[
+                        WriteInput::new("x", json!(1)),
+                        WriteInput::new("y", json!({"k": c})),
+                    ],
+                )
+                .await
+                .unwrap();
+                b.put_writes(
+                    &thread,
+                    ns,
+                    &id,
+                    "task-b",
+                    &[WriteInput::new("z", json!("b"))],
+                )
+                .await
+                .unwrap();
+                // task-a again with one more write: it lands after task-b's.
+                b.put_writes(
+                    &thread,
+                    ns,
+                    &id,
+                    "task-a",
+                    &[
+                        WriteInput::new("x", json!(1)),
+                        WriteInput::new("y", json!({"k": c})),
+                        WriteInput::new("w", json!(null)),
+                    ],
+                )
+                .await
+                .unwrap();
+            }
+        }
+        // Store the oldest checkpoint of the default namespace again: updated in place,
+        // not made latest.
+        let first = b
+            .list_checkpoints(&thread, "", &CheckpointFilter::new().limit(100))
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        b.store_checkpoint(
+            &NewCheckpoint::new(&thread, &first.checkpoint_id, json!({"rewritten": true}))
+                .with_metadata(first.metadata.clone()),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Asserts that `b` holds exactly what `a` holds, read through the contract.
+async fn assert_same(a: &dyn StorageBackend, b: &dyn StorageBackend) {
+    let all = SessionQuery::new().limit(10_000);
+    let sa = a.list_sessions(&all).await.unwrap().sessions;
+    let sb = b.list_sessions(&all).await.unwrap().sessions;
+    assert_eq!(sa.len(), sb.len());
+    assert_eq!(sa, sb, "sessions (timestamps, status, counters, metadata)");
+    for s in &sa {
+        let ha = a
+            .get_conversation_range(&s.session_id, 0, 10_000)
+            .await
+            .unwrap();
+        let hb = b
+            .get_conversation_range(&s.session_id, 0, 10_000)
+            .await
+            .unwrap();
+        assert_eq!(ha, hb, "history of {}", s.session_id);
+        assert_eq!(
+            a.get_conversation_history(&s.session_id, 5).await.unwrap(),
+            b.get_conversation_history(&s.session_id, 5).await.unwrap()
+        );
+    }
+    let ca = a.list_task_contexts(None, 10_000).await.unwrap();
+    assert_eq!(ca, b.list_task_contexts(None, 10_000).await.unwrap());
+    for id in &ca.ids {
+        assert_eq!(
+            a.get_task_context(id).await.unwrap(),
+            b.get_task_context(id).await.unwrap(),
+            "context of {id}"
+        );
+    }
+    let ta = a.list_threads(None, 10_000).await.unwrap();
+    assert_eq!(ta, b.list_threads(None, 10_000).await.unwrap());
+    for t in &ta.ids {
+        let na = a.list_checkpoint_namespaces(t).await.unwrap();
+        assert_eq!(na, b.list_checkpoint_namespaces(t).await.unwrap());
+        for ns in &na {
+            let f = CheckpointFilter::new().limit(10_000);
+            let la = a.list_checkpoints(t, ns, &f).await.unwrap();
+            let lb = b.list_checkpoints(t, ns, &f).await.unwrap();
+            assert_eq!(
+                la, lb,
+                "checkpoints of {t}/{ns} (order, created_at, parents)"
+            );
+            assert_eq!(
+                a.get_checkpoint(t, ns, None).await.unwrap(),
+                b.get_checkpoint(t, ns, None).await.unwrap(),
+                "latest of {t}/{ns}"
+            );
+            for c in &la {
+                assert_eq!(
+                    a.get_writes(t, ns, &c.checkpoint_id).await.unwrap(),
+                    b.get_writes(t, ns, &c.checkpoint_id).await.unwrap(),
+                    "writes of {t}/{ns}/{}",
+                    c.checkpoint_id
+                );
+            }
+        }
+    }
+}
+
+fn total_items() -> u64 {
+    // sessions + messages + contexts + checkpoints + writes
+    let contexts = (SESSIONS as u64).div_ceil(2) + 1;
+    let writes_per_thread = (0..CHECKPOINTS).filter(|c| c % 3 == 0).count() as u64 * 4;
+    SESSIONS as u64
+        + (SESSIONS * MESSAGES) as u64
+        + contexts
+        + (THREADS * CHECKPOINTS) as u64
+        + THREADS as u64 * writes_per_thread
+}
+
+#[tokio::test]
+async fn migrate_memory_to_sqlite_copies_everything_and_verifies_clean() {
+    let source = MemoryBackend::new();
+    populate(&source).await;
+    let target = SqliteBackend::in_memory();
+
+    let events: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let seen = events.clone();
+    let report = Migrator::new(&source, &target)
+        .on_progress(move |p| seen.lock().unwrap().push(p.clone()))
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.copied.records, total_items());
+    assert_eq!(report.copied.sessions, SESSIONS as u64);
+    assert_eq!(report.copied.messages, (SESSIONS * MESSAGES) as u64);
+    assert_eq!(report.copied.new_messages, (SESSIONS * MESSAGES) as u64);
+    assert_eq!(report.copied.checkpoints, (THREADS * CHECKPOINTS) as u64);
+    assert_eq!(report.done.sessions, SESSIONS as u64);
+    assert_eq!(report.done.task_contexts, SESSIONS as u64 / 2 + 1);
+    assert_eq!(report.done.threads, THREADS as u64);
+    assert!(report.resumed_from.is_none());
+
+    let events = std::mem::take(&mut *events.lock().unwrap());
+    assert!(events.len() > 10, "one progress event per batch");
+    let last = events.last().unwrap();
+    let totals = last.totals.unwrap();
+    assert_eq!(totals.units(), last.units_done());
+    assert_eq!(last.copied, report.copied);
+
+    let v = verify(&source, &target).await.unwrap();
+    assert!(v.is_clean(), "{:#?}", v.differences);
+    assert_eq!(v.source, v.target);
+    assert_eq!(v.source.sessions, SESSIONS as u64);
+    assert_eq!(v.source.messages, (SESSIONS * MESSAGES) as u64);
+    assert_eq!(v.source.task_contexts, SESSIONS as u64 / 2 + 1);
+    assert_eq!(v.source.threads, THREADS as u64);
+    assert_eq!(v.source.checkpoints, (THREADS * CHECKPOINTS) as u64);
+    assert_eq!(v.sessions_checked, SESSIONS as u64 + 1);
+    assert_eq!(v.threads_checked, THREADS as u64);
+    assert_same(&source, &target).await;
+
+    // And back the other way, sqlite -> memory, still identical.
+    let back = MemoryBackend::new();
+    Migrator::new(&target, &back)
+        .batch_size(7)
+        .run()
+        .await
+        .unwrap();
+    assert!(verify(&source, &back).await.unwrap().is_clean());
+    assert_same(&source, &back).await;
+}
+
+#[tokio::test]
+async fn rerunning_a_migration_duplicates_nothing() {
+    let source = MemoryBackend::new();
+    populate(&source).await;
+    let target = SqliteBackend::in_memory();
+    Migrator::new(&source, &target)
+        .batch_size(64)
+        .run()
+        .await
+        .unwrap();
+    let again = Migrator::new(&source, &target)
+        .batch_size(33)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(again.copied.messages, (SESSIONS * MESSAGES) as u64);
+    assert_eq!(
+        again.copied.new_messages, 0,
+        "every message was already there"
+    );
+    let v = verify(&source, &target).await.unwrap();
+    assert!(v.is_clean(), "{:#?}", v.differences);
+    assert_eq!(v.target.messages, (SESSIONS * MESSAGES) as u64);
+    assert_eq!(v.target.pending_writes, v.source.pending_writes);
+    assert_same(&source, &target).await;
+}
+
+#[tokio::test]
+async fn verify_names_each_difference() {
+    let source = MemoryBackend::new();
+    populate(&source).await;
+    let target = MemoryBackend::new();
+    Migrator::new(&source, &target).run().await.unwrap();
+
+    target
+        .add_conversation_message("s03", &NewMessage::new("user", "extra"))
+        .await
+        .unwrap();
+    target
+        .update_session("s04", &SessionUpdate::new().increment_requests())
+        .await
+        .unwrap();
+    target
+        .create_session("zz-extra", "u", &Metadata::new())
+        .await
+        .unwrap();
+    target.delete_thread("t2").await.unwrap();
+    target
+        .store_task_context("orphan-context", &json!({"changed": 1}))
+        .await
+        .unwrap();
+    target
+        .put_writes(
+            "t5",
+            "",
+            "cp-00",
+            "task-c",
+            &[WriteInput::new("c", json!(0))],
+        )
+        .await
+        .unwrap();
+
+    let v = verify(&source, &target).await.unwrap();
+    assert!(!v.is_clean());
+    let found: Vec<(Entity, &str, DifferenceKind)> = v
+        .differences
+        .iter()
+        .map(|d| (d.entity, d.id.as_str(), d.kind))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (Entity::Session, "s03", DifferenceKind::ChecksumMismatch),
+            (Entity::Session, "s04", DifferenceKind::ChecksumMismatch),
+            (Entity::Session, "zz-extra", DifferenceKind::ExtraOnTarget),
+            (
+                Entity::TaskContext,
+                "orphan-context",
+                DifferenceKind::ChecksumMismatch
+            ),
+            (Entity::Thread, "t2", DifferenceKind::MissingOnTarget),
+            (Entity::Thread, "t5", DifferenceKind::ChecksumMismatch),
+        ],
+        "{:#?}",
+        v.differences
+    );
+    // The new message moved the session's updated_at too.
+    assert_eq!(
+        v.differences[0].detail,
+        "session record, messages (30 vs 31)"
+    );
+    assert_eq!(v.differences[1].detail, "session record");
+    assert!(
+        v.differences[5].detail.starts_with("pending writes"),
+        "{}",
+        v.differences[5].detail
+    );
+    assert_eq!(v.target.messages, v.source.messages + 1);
+    let json = serde_json::to_value(&v).unwrap();
+    assert_eq!(json["clean"], json!(false));
+    assert_eq!(json["differences"][4]["kind"], json!("missing_on_target"));
+    assert!(json["differences"][4]["source_checksum"].is_string());
+}
+
+#[tokio::test]
+async fn an_interrupted_migration_resumes_from_its_state_file() {
+    let source = MemoryBackend::new();
+    populate(&source).await;
+    let (target, faults) = Faults::wrap(SqliteBackend::in_memory());
+    let dir = tempfile::TempDir::new().unwrap();
+    let state = dir.path().join("migration.json");
+
+    // Fail the first restore_messages after 20 batches.
+    let batches = Arc::new(AtomicU64::new(0));
+    let (count, steer) = (batches.clone(), faults.clone());
+    let err = Migrator::new(&source, &target)
+        .batch_size(50)
+        .state_file(&state)
+        .on_progress(move |_| {
+            if count.fetch_add(1, Ordering::SeqCst) + 1 == 20 {
+                steer.fail_next(
+                    Target::Op(Operation::RestoreMessages),
+                    1,
+                    ErrorKind::Connection,
+                );
+            }
+        })
+        .run()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    assert_eq!(faults.injected(), 1);
+    let saved = read_state(&state)
+        .unwrap()
+        .expect("the state file is kept on error");
+    assert_eq!(saved.scope, Scope::All);
+    assert!(saved.position.after.is_some(), "{:?}", saved.position);
+    assert!(saved.records > 0);
+
+    let resumed = Migrator::new(&source, &target)
+        .batch_size(50)
+        .state_file(&state)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(resumed.resumed_from.as_ref(), Some(&saved.position));
+    assert!(
+        resumed.copied.records < total_items(),
+        "resumed run copied {} of {}",
+        resumed.copied.records,
+        total_items()
+    );
+    assert!(resumed.done.sessions < SESSIONS as u64);
+    assert!(
+        !state.exists(),
+        "the state file is removed when the run completes"
+    );
+    let v = verify(&source, &target).await.unwrap();
+    assert!(v.is_clean(), "{:#?}", v.differences);
+    assert_same(&source, &target).await;
+
+    // A state file of another scope is refused.
+    std::fs::write(&state, serde_json::to_vec(&saved).unwrap()).unwrap();
+    let err = Migrator::new(&source, &target)
+        .scope(Scope::thread("t1"))
+        .state_file(&state)
+        .run()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+}
+
+#[tokio::test]
+async fn an_interrupted_migration_resumes_in_the_thread_phase() {
+    let source = MemoryBackend::new();
+    populate(&source).await;
+    let (target, faults) = Faults::wrap(MemoryBackend::new());
+    let dir = tempfile::TempDir::new().unwrap();
+    let state = dir.path().join("state.json");
+    faults.fail_next(Target::Op(Operation::BatchPutWrites), 1, ErrorKind::Timeout);
+    // Writes fail at the first thread holding some; that thread is redone.
+    Migrator::new(&source, &target)
+        .with_options(MigrateOptions {
+            batch_size: 10,
+            state_file: Some(state.clone()),
+            ..MigrateOptions::default()
+        })
+        .run()
+        .await
+        .unwrap_err();
+    let saved = read_state(&state).unwrap().unwrap();
+    assert_eq!(
+        saved.position.phase,
+        aiecs_storage::ops::transfer::Phase::Threads
+    );
+    let resumed = Migrator::new(&source, &target)
+        .batch_size(10)
+        .state_file(&state)
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(resumed.copied.sessions, 0);
+    assert_eq!(resumed.copied.messages, 0);
+    assert_eq!(resumed.done.threads, THREADS as u64);
+    assert!(verify(&source, &target).await.unwrap().is_clean());
+    assert_same(&source, &target).await;
+}
+
+#[tokio::test]
+async fn export_import_round_trips_the_whole_store() {
+    let source = MemoryBackend::new();
+    populate(&source).await;
+    let mut lines = Vec::new();
+    let exported = export(
+        &source,
+        &Scope::All,
+        &mut lines,
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(exported.records, total_items());
+    let text = String::from_utf8(lines.clone()).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["type"], json!("header"));
+    assert_eq!(first["version"], json!(FORMAT_VERSION));
+    assert_eq!(first["source"], json!("memory"));
+
+    let target = SqliteBackend::in_memory();
+    let imported = import(
+        &target,
+        lines.as_slice(),
+        &TransferOptions { batch_size: 250 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(imported.records, exported.records);
+    assert_eq!(imported.new_messages, (SESSIONS * MESSAGES) as u64);
+    assert!(verify(&source, &target).await.unwrap().is_clean());
+    assert_same(&source, &target).await;
+
+    // Importing the same file again changes nothing.
+    let again = import(&target, lines.as_slice(), &TransferOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(again.new_messages, 0);
+    assert!(verify(&source, &target).await.unwrap().is_clean());
+
+    // Through a file too, from sqlite this time.
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("backup.jsonl");
+    let file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    export(
+        &target,
+        &Scope::All,
+        file,
+        &TransferOptions { batch_size: 1000 },
+    )
+    .await
+    .unwrap();
+    let fresh = MemoryBackend::new();
+    let reader = BufReader::new(std::fs::File::open(&path).unwrap());
+    import(&fresh, reader, &TransferOptions::default())
+        .await
+        .unwrap();
+    assert!(verify(&source, &fresh).await.unwrap().is_clean());
+    assert_same(&source, &fresh).await;
+}
+
+#[tokio::test]
+async fn export_import_of_one_session_and_one_thread() {
+    let source = MemoryBackend::new();
+    populate(&source).await;
+
+    let mut lines = Vec::new();
+    let counts = export(
+        &source,
+        &Scope::session("s06"),
+        &mut lines,
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (counts.sessions, counts.messages, counts.task_contexts),
+        (1, MESSAGES as u64, 1)
+    );
+    let target = SqliteBackend::in_memory();
+    import(&target, lines.as_slice(), &TransferOptions::default())
+        .await
+        .unwrap();
+    let v = verify_scope(&source, &target, &Scope::session("s06"))
+        .await
+        .unwrap();
+    assert!(v.is_clean(), "{:#?}", v.differences);
+    assert_eq!(v.target.messages, MESSAGES as u64);
+    assert_eq!(
+        target.get_session("s06").await.unwrap(),
+        source.get_session("s06").await.unwrap()
+    );
+    assert_eq!(
+        target.get_conversation_range("s06", 0, 100).await.unwrap(),
+        source.get_conversation_range("s06", 0, 100).await.unwrap()
+    );
+    // Verifying a session the target lacks reports it; one the source lacks is NotFound.
+    let v = verify_scope(&source, &target, &Scope::session("s08"))
+        .await
+        .unwrap();
+    assert_eq!(v.differences.len(), 1);
+    assert_eq!(v.differences[0].kind, DifferenceKind::MissingOnTarget);
+    let err = verify_scope(&source, &target, &Scope::session("nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let v = verify_scope(&source, &target, &Scope::thread("t1"))
+        .await
+        .unwrap();
+    assert_eq!(v.differences[0].entity, Entity::Thread);
+    assert_eq!(v.differences[0].kind, DifferenceKind::MissingOnTarget);
+    let whole = verify(&source, &target).await.unwrap();
+    assert_eq!(whole.target.sessions, 1);
+    assert_eq!(whole.target.threads, 0);
+
+    let mut lines = Vec::new();
+    let counts = export(
+        &source,
+        &Scope::thread("t7"),
+        &mut lines,
+        &TransferOptions { batch_size: 4 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(counts.checkpoints, CHECKPOINTS as u64);
+    assert_eq!(counts.sessions, 0);
+    let target = MemoryBackend::new();
+    import(&target, lines.as_slice(), &TransferOptions::default())
+        .await
+        .unwrap();
+    let v = verify_scope(&source, &target, &Scope::thread("t7"))
+        .await
+        .unwrap();
+    assert!(v.is_clean(), "{:#?}", v.differences);
+    for ns in ["", "sub"] {
+        let f = CheckpointFilter::new().limit(100);
+        assert_eq!(
+            target.list_checkpoints("t7", ns, &f).await.unwrap(),
+            source.list_checkpoints("t7", ns, &f).await.unwrap()
+        );
+        assert_eq!(
+            target.get_checkpoint("t7", ns, None).await.unwrap(),
+            source.get_checkpoint("t7", ns, None).await.unwrap()
+        );
+    }
+    assert_eq!(
+        target.list_threads(None, 100).await.unwrap().ids,
+        vec!["t7".to_owned()]
+    );
+
+    // The migrator takes the same scopes.
+    let target = SqliteBackend::in_memory();
+    let report = Migrator::new(&source, &target)
+        .scope(Scope::session("s00"))
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(report.done.sessions, 1);
+    assert!(Migrator::new(&source, &target)
+        .scope(Scope::session("s00"))
+        .verify()
+        .await
+        .unwrap()
+        .is_clean());
+
+    // Missing session or thread: NotFound.
+    let err = export(
+        &source,
+        &Scope::session("nope"),
+        &mut Vec::new(),
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let err = export(
+        &source,
+        &Scope::thread("nope"),
+        &mut Vec::new(),
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn a_malformed_line_is_a_serialization_error_naming_the_line() {
+    let source = MemoryBackend::new();
+    source
+        .create_session("s1", "u", &Metadata::new())
+        .await
+        .unwrap();
+    let mut lines = Vec::new();
+    export(
+        &source,
+        &Scope::All,
+        &mut lines,
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap();
+    let good = String::from_utf8(lines).unwrap();
+    assert_eq!(good.lines().count(), 2);
+
+    let cases = [
+        (format!("{good}\n{{\"type\":\"session\",\"session_id\":"), "line 4"),
+        (format!("{good}{{\"type\":\"spaceship\"}}\n"), "line 3"),
+        (format!("not json\n{good}"), "line 1"),
+        (
+            format!("{{\"type\":\"header\",\"format\":\"aiecs-storage\",\"version\":99,\"scope\":{{\"kind\":\"all\"}},\"source\":\"x\",\"exported_at\":\"2026-01-01T00:00:00Z\"}}\n{good}"),
+            "line 1",
+        ),
+    ];
+    for (text, line) in cases {
+        let target = MemoryBackend::new();
+        let err = import(&target, text.as_bytes(), &TransferOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Serialization { .. }), "{err}");
+        assert!(err.to_string().contains(line), "{err} should name {line}");
+    }
+    // Invalid UTF-8 too.
+    let mut bytes = good.clone().into_bytes();
+    bytes.extend_from_slice(b"\xff\xfe\n");
+    let err = import(
+        &MemoryBackend::new(),
+        bytes.as_slice(),
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Serialization);
+    assert!(err.to_string().contains("line 3"), "{err}");
+
+    // Messages of a session the file never creates: NotFound, not a panic.
+    let orphan = "{\"type\":\"messages\",\"session_id\":\"ghost\",\"offset\":0,\"messages\":[{\"message_id\":\"m\",\"role\":\"user\",\"content\":\"x\",\"timestamp\":\"2026-01-01T00:00:00Z\",\"metadata\":{}}]}\n";
+    let err = import(
+        &MemoryBackend::new(),
+        orphan.as_bytes(),
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+
+    // A bad batch size is InvalidInput.
+    let err = import(
+        &MemoryBackend::new(),
+        good.as_bytes(),
+        &TransferOptions { batch_size: 0 },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+}
+
+#[tokio::test]
+async fn source_batches_hold_at_most_batch_size_items_and_mark_positions() {
+    let source = MemoryBackend::new();
+    populate(&source).await;
+    let mut walk = Source::new(&source, Scope::All, 40).unwrap();
+    let mut last_position = None;
+    let mut total = 0;
+    while let Some(batch) = walk.next_batch().await.unwrap() {
+        // Only a checkpoint's writes, kept whole, may go past the batch size.
+        let last = batch.records.last().map_or(0, Record::items);
+        assert!(batch.items() - last < 40, "{} items", batch.items());
+        if batch.items() > 40 {
+            assert!(matches!(batch.records.last(), Some(Record::Writes { .. })));
+        }
+        total += batch.items();
+        if batch.completed.is_some() {
+            last_position = batch.completed;
+        }
+    }
+    assert_eq!(total, total_items());
+    assert_eq!(
+        last_position.unwrap().phase,
+        aiecs_storage::ops::transfer::Phase::Done
+    );
+}
+
+#[test]
+fn the_futures_are_send() {
+    fn send<T: Send>(_: T) {}
+    let a = MemoryBackend::new();
+    let b = MemoryBackend::new();
+    send(async {
+        let mut m = Migrator::new(&a, &b).on_progress(|_| {});
+        m.run().await
+    });
+    send(verify(&a, &b));
+    send(export(
+        &a,
+        &Scope::All,
+        Vec::new(),
+        &TransferOptions::default(),
+    ));
+    send(import(&a, &b""[..], &TransferOptions::default()));
+}
+
+/// memory -> server backend -> SQLite: verify clean at each hop. Skipped without a server
+/// (see `common::server_url`).
+#[cfg(any(feature = "redis", feature = "postgres"))]
+async fn round_trip_through(server: &dyn StorageBackend) {
+    let source = MemoryBackend::new();
+    populate(&source).await;
+    Migrator::new(&source, server)
+        .batch_size(37)
+        .run()
+        .await
+        .unwrap();
+    let v = verify(&source, server).await.unwrap();
+    assert!(v.is_clean(), "{:#?}", v.differences);
+    assert_same(&source, server).await;
+    let back = SqliteBackend::in_memory();
+    let mut lines = Vec::new();
+    export(server, &Scope::All, &mut lines, &TransferOptions::default())
+        .await
+        .unwrap();
+    import(&back, lines.as_slice(), &TransferOptions::default())
+        .await
+        .unwrap();
+    assert!(verify(&source, &back).await.unwrap().is_clean());
+    assert_same(&source, &back).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn migrate_through_redis() {
+    let Some(url) = common::server_url("AIECS_TEST_REDIS_URL", "redis") else {
+        return;
+    };
+    let ttl = Some(std::time::Duration::from_secs(3600));
+    let server = aiecs_storage::RedisBackend::new(&url)
+        .unwrap()
+        .with_prefix(format!("{}:", common::unique_name("migrate")))
+        .with_session_ttl(ttl)
+        .with_checkpoint_ttl(ttl);
+    round_trip_through(&server).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn migrate_through_postgres() {
+    let Some(url) = common::server_url("AIECS_TEST_POSTGRES_URL", "postgres") else {
+        return;
+    };
+    let schema = common::unique_name("migrate");
+    let server = aiecs_storage::PostgresBackend::new(&url)
+        .unwrap()
+        .with_schema(schema.as_str())
+        .unwrap();
+    round_trip_through(&server).await;
+    server.close().await.unwrap();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+    drop(client);
+    let _ = driver.await;
+}
