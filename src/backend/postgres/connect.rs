@@ -49,6 +49,8 @@ pub(super) struct ConnectOptions {
     pub host: String,
     /// The database name, for reports.
     pub dbname: String,
+    /// The schema the URL names with `?schema=`, if any.
+    pub schema: Option<String>,
 }
 
 /// The `application_name` set when the URL gives none: shows the pool's connections
@@ -91,8 +93,9 @@ fn decoded_text(what: &str, raw: &str) -> Result<String> {
 /// `postgres://user:password@host:port/dbname?sslmode=require&application_name=x`.
 ///
 /// Query parameters understood: `sslmode` (`disable`, `prefer`, `require`),
-/// `application_name`, `connect_timeout` (seconds) and `host` (a host name or a
-/// Unix-socket directory, overriding the URL's host). Any other parameter is refused, so
+/// `application_name`, `connect_timeout` (seconds), `host` (a host name or a
+/// Unix-socket directory, overriding the URL's host) and `schema` (where the tables
+/// live, as [`PostgresBackend::with_schema`](super::PostgresBackend::with_schema)). Any other parameter is refused, so
 /// a typo is not silently ignored. No error message contains the password.
 pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
     // url's parse errors describe the problem without echoing the input.
@@ -134,6 +137,7 @@ pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
 
     let mut ssl_mode = SslMode::Prefer;
     let mut application_name = None;
+    let mut schema = None;
     config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     for (key, value) in url.query_pairs() {
         match key.as_ref() {
@@ -159,11 +163,12 @@ pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
                 }
             }
             "host" => host = value.into_owned(),
+            "schema" => schema = Some(value.into_owned()),
             // Only the key: the value may be a secret (for example `password=`).
             other => {
                 return Err(bad_url(format!(
                     "has unsupported parameter `{other}`; supported: sslmode, \
-                     application_name, connect_timeout, host"
+                     application_name, connect_timeout, host, schema"
                 )))
             }
         }
@@ -189,6 +194,7 @@ pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
         redacted,
         host,
         dbname,
+        schema,
     })
 }
 

@@ -524,15 +524,21 @@ impl PostgresBackend {
     /// or the first call. A URL that does not parse is
     /// [`StorageError::InvalidInput`] for `url`, with the password never shown.
     pub fn new(url: &str) -> Result<Self> {
-        Ok(PostgresBackend {
-            options: connect::parse_url(url)?,
+        let options = connect::parse_url(url)?;
+        let schema = options.schema.clone();
+        let backend = PostgresBackend {
+            options,
             schema: DEFAULT_SCHEMA.to_owned(),
             pool_size: DEFAULT_POOL_SIZE,
             max_overflow: DEFAULT_MAX_OVERFLOW,
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             state: OnceCell::new(),
             closed: AtomicBool::new(false),
-        })
+        };
+        match schema {
+            Some(schema) => backend.with_schema(schema),
+            None => Ok(backend),
+        }
     }
 
     /// Sets the schema that holds the tables (default `aiecs`), created at `initialize()`

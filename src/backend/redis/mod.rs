@@ -41,7 +41,8 @@ const CLEANUP_PAGE: usize = 256;
 ///
 /// URLs: `redis://[:password@]host:port[/db]`, `rediss://...` (TLS via rustls), and for a
 /// cluster `redis+cluster://[:password@]h1:7000,h2:7001` (or `rediss+cluster://`) with
-/// any number of seed nodes. A single node uses one multiplexed, auto-reconnecting
+/// any number of seed nodes; `?prefix=app:` sets the key prefix, as
+/// [`RedisBackend::with_prefix`] does. A single node uses one multiplexed, auto-reconnecting
 /// connection (`ConnectionManager`); a cluster uses the async cluster client, which
 /// follows MOVED and ASK. Concurrent calls share the connection and are pipelined.
 ///
@@ -120,6 +121,29 @@ fn redact(url: &str) -> (String, Option<String>) {
     }
 }
 
+/// Splits a `prefix=` query parameter off a Redis URL.
+fn take_prefix_param(url: &str) -> (String, Option<String>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut prefix = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("prefix=") {
+            Some(p) => {
+                prefix = Some(p.replace("%3A", ":").replace("%3a", ":"));
+                false
+            }
+            None => true,
+        })
+        .collect();
+    if rest.is_empty() {
+        (base.to_owned(), prefix)
+    } else {
+        (format!("{base}?{}", rest.join("&")), prefix)
+    }
+}
+
 fn invalid_url(reason: impl Into<String>) -> StorageError {
     StorageError::invalid_input("url", reason)
 }
@@ -128,6 +152,9 @@ impl RedisBackend {
     /// A backend for `url` (see the type docs for the forms). Nothing connects until
     /// `initialize()` or the first call.
     pub fn new(url: &str) -> Result<Self> {
+        // `?prefix=` is ours, not the client's: take it out before the client parses.
+        let (url, prefix) = take_prefix_param(url);
+        let url = url.as_str();
         let (redacted, password) = redact(url);
         let target = if let Some(rest) = url
             .strip_prefix("redis+cluster://")
@@ -172,7 +199,7 @@ impl RedisBackend {
             target,
             redacted,
             password,
-            prefix: "aiecs:".to_owned(),
+            prefix: prefix.unwrap_or_else(|| "aiecs:".to_owned()),
             session_ttl: Some(Duration::from_secs(24 * 3600)),
             checkpoint_ttl: None,
             root_certificate: None,

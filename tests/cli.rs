@@ -1,0 +1,315 @@
+//! The `aiecs-storage` binary on real servers: migrations SQLite -> PostgreSQL ->
+//! Redis of 5 000 sessions x 20 messages, 200 threads x 20 checkpoints with writes, and
+//! task contexts; `stats` and `--verify` agree; a migration killed part way finishes on
+//! a rerun without duplicates; no password in any output.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use aiecs_storage::prelude::*;
+use aiecs_storage::{
+    Message, Metadata, Session, SessionMetrics, SqliteBackend, TaskWrites, WriteInput,
+};
+use serde_json::{json, Value};
+
+const SESSIONS: usize = 5_000;
+const MESSAGES: usize = 20;
+const THREADS: usize = 200;
+const CHECKPOINTS: usize = 20;
+const CONTEXTS: usize = 1_000;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_aiecs-storage"))
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = bin().args(args).output().expect("run aiecs-storage");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("cli-secret-pw"),
+        "a password reached the output of {args:?}: {text}"
+    );
+    out
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON output")
+}
+
+/// Fills a SQLite file through the library's restore path (fast, exact timestamps).
+async fn seed(path: &Path) {
+    let db = SqliteBackend::new(path);
+    let t0 = chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+    let sessions: Vec<Session> = (0..SESSIONS)
+        .map(|i| Session {
+            session_id: format!("s{i:05}"),
+            user_id: format!("u{}", i % 37),
+            created_at: t0,
+            updated_at: t0 + chrono::Duration::seconds(i as i64),
+            status: if i % 3 == 0 { "completed" } else { "active" }.into(),
+            metadata: Metadata::from_iter([("i".to_owned(), json!(i))]),
+            metrics: SessionMetrics {
+                request_count: i as u64,
+                total_processing_time: i as f64 / 4.0,
+                error_count: (i % 5) as u64,
+            },
+        })
+        .collect();
+    for chunk in sessions.chunks(1_000) {
+        db.restore_sessions(chunk).await.unwrap();
+    }
+    for s in &sessions {
+        let messages: Vec<Message> = (0..MESSAGES)
+            .map(|m| Message {
+                message_id: format!("{}-m{m:02}", s.session_id),
+                role: if m % 2 == 0 { "user" } else { "assistant" }.into(),
+                content: format!("message {m} of {} with a few words of text", s.session_id),
+                timestamp: t0 + chrono::Duration::milliseconds(m as i64),
+                metadata: Metadata::new(),
+            })
+            .collect();
+        db.restore_messages(&s.session_id, &messages).await.unwrap();
+    }
+    for i in 0..CONTEXTS {
+        db.store_task_context(
+            &format!("s{:05}", i * 5),
+            &json!({"step": i, "plan": ["a", "b"]}),
+        )
+        .await
+        .unwrap();
+    }
+    let mut writes = Vec::new();
+    for t in 0..THREADS {
+        let thread = format!("thread-{t:03}");
+        for c in 0..CHECKPOINTS {
+            let mut cp = aiecs_storage::NewCheckpoint::new(
+                thread.as_str(),
+                format!("cp{c}"),
+                json!({"step": c, "payload": "x".repeat(64)}),
+            );
+            if c > 0 {
+                cp = cp.with_parent(format!("cp{}", c - 1));
+            }
+            db.store_checkpoint(&cp).await.unwrap();
+            writes.push(TaskWrites {
+                thread_id: thread.clone(),
+                checkpoint_ns: String::new(),
+                checkpoint_id: format!("cp{c}"),
+                task_id: "task".into(),
+                writes: vec![
+                    WriteInput::new("a", json!(c)),
+                    WriteInput::new("b", json!({"t": t})),
+                ],
+            });
+        }
+    }
+    for chunk in writes.chunks(1_000) {
+        db.batch_put_writes(chunk).await.unwrap();
+    }
+    db.close().await.unwrap();
+}
+
+fn stats(url: &str) -> Value {
+    json_of(&run(&["stats", "--json", url]))
+}
+
+async fn drop_schema(pg: &str, schema: &str) {
+    let (client, conn) = tokio_postgres::connect(pg, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_across_three_backends_verify_equal_and_resume_after_a_kill() {
+    let Some(pg) = common::server_url("AIECS_TEST_POSTGRES_URL", "cli") else {
+        return;
+    };
+    let Some(redis) = common::server_url("AIECS_TEST_REDIS_URL", "cli") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("source.db");
+    seed(&db).await;
+    let sqlite = format!("sqlite://{}", db.display());
+    let expected = json!({
+        "sessions": SESSIONS, "messages": SESSIONS * MESSAGES,
+        "checkpoints": THREADS * CHECKPOINTS, "pending_writes": THREADS * CHECKPOINTS * 2,
+        "task_contexts": CONTEXTS,
+    });
+    assert_eq!(stats(&sqlite), expected);
+
+    // SQLite -> PostgreSQL, killed part way, then rerun to completion.
+    let schema = common::unique_name("cli");
+    let postgres = format!("{pg}?schema={schema}");
+    let state = dir.path().join("migrate-state.json");
+    let mut child = bin()
+        .args([
+            "migrate",
+            "--from",
+            &sqlite,
+            "--to",
+            &postgres,
+            "--batch-size",
+            "50",
+        ])
+        .arg("--state-file")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until it has recorded progress past the first sessions, then kill it.
+    let mut killed_mid_run = false;
+    for _ in 0..600 {
+        let progressed = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|s| s["records"].as_u64().unwrap_or(0) > 5_000);
+        if progressed {
+            child.kill().unwrap();
+            killed_mid_run = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.wait();
+    assert!(
+        killed_mid_run,
+        "the migration finished before it could be killed"
+    );
+    let partial = stats(&postgres);
+    assert!(partial["sessions"].as_u64().unwrap() < SESSIONS as u64);
+
+    let done = json_of(&run(&[
+        "migrate",
+        "--json",
+        "--verify",
+        "--from",
+        &sqlite,
+        "--to",
+        &postgres,
+        "--batch-size",
+        "200",
+        "--state-file",
+        state.to_str().unwrap(),
+    ]));
+    assert!(done["migration"]["resumed_from"].is_object(), "{done}");
+    assert_eq!(done["verify"]["clean"], true, "{}", done["verify"]);
+    assert_eq!(
+        stats(&postgres),
+        expected,
+        "no duplicates after the resumed run"
+    );
+    assert!(
+        !state.exists(),
+        "the state file is removed when the run completes"
+    );
+
+    // PostgreSQL -> Redis, with a password-free URL and a prefix of its own.
+    let prefix = format!("{}:", common::unique_name("cli"));
+    let redis_url = format!("{redis}/?prefix={prefix}");
+    let done = json_of(&run(&[
+        "migrate",
+        "--json",
+        "--verify",
+        "--from",
+        &postgres,
+        "--to",
+        &redis_url,
+        "--batch-size",
+        "500",
+    ]));
+    assert_eq!(done["verify"]["clean"], true, "{}", done["verify"]);
+    assert_eq!(stats(&redis_url), expected);
+
+    // Rerunning a finished migration stores nothing twice.
+    let again = json_of(&run(&[
+        "migrate",
+        "--json",
+        "--from",
+        &postgres,
+        "--to",
+        &redis_url,
+        "--batch-size",
+        "500",
+    ]));
+    assert_eq!(again["migration"]["copied"]["new_messages"], 0, "{again}");
+    assert_eq!(stats(&redis_url), expected);
+
+    drop_schema(&pg, &schema).await;
+}
+
+#[test]
+fn bad_arguments_and_unreachable_servers_fail_without_showing_passwords() {
+    let out = run(&["stats", "redis://:cli-secret-pw@127.0.0.1:1/"]);
+    assert!(!out.status.success());
+    let out = run(&[
+        "stats",
+        "--json",
+        "postgres://u:cli-secret-pw@127.0.0.1:1/db",
+    ]);
+    assert!(!out.status.success());
+    let err: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(err["kind"], "connection");
+    let out = run(&[
+        "diagnose",
+        "--timeout",
+        "1",
+        "redis://:cli-secret-pw@127.0.0.1:1/",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("refused"));
+    let out = run(&["cleanup", "memory://", "--max-idle-hours", "-1"]);
+    assert!(!out.status.success());
+    let out = run(&["frobnicate"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn export_and_import_round_trip_through_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!("sqlite://{}", dir.path().join("a.db").display());
+    let dst = format!("sqlite://{}", dir.path().join("b.db").display());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = aiecs_storage::open(&src).unwrap();
+        a.create_session("s1", "u", &Metadata::new()).await.unwrap();
+        a.add_conversation_message("s1", &aiecs_storage::NewMessage::new("user", "hi"))
+            .await
+            .unwrap();
+        a.store_task_context("s1", &json!({"k": 1})).await.unwrap();
+        a.close().await.unwrap();
+    });
+    let file = dir.path().join("dump.jsonl");
+    let out = run(&["export", &src, "--output", file.to_str().unwrap()]);
+    assert!(out.status.success());
+    let imported = json_of(&run(&["import", "--json", &dst, file.to_str().unwrap()]));
+    assert_eq!(imported["sessions"], 1);
+    assert_eq!(imported["messages"], 1);
+    assert_eq!(stats(&dst), stats(&src));
+    let out = run(&["export", &src, "--session", "s1"]);
+    let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(lines, 4, "header, session, messages, context");
+}
