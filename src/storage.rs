@@ -76,6 +76,10 @@ pub trait SessionStorage: Send + Sync {
     /// and migration.
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage>;
 
+    /// Removes the session with its messages and task context. Returns `false` if there
+    /// was no such session (a task context stored under the id is removed either way).
+    async fn delete_session(&self, session_id: &str) -> Result<bool>;
+
     /// Writes each session exactly as given (`created_at`, `updated_at`, status,
     /// metadata, counters), creating or overwriting it. For migration and backup
     /// restore; applications use `create_session` and `update_session`.
@@ -341,6 +345,9 @@ macro_rules! forward_storage {
             }
             async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
                 let $s = self; $inner.restore_sessions(sessions).await
+            }
+            async fn delete_session(&self, session_id: &str) -> Result<bool> {
+                let $s = self; $inner.delete_session(session_id).await
             }
         }
 

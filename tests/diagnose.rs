@@ -13,7 +13,6 @@ use aiecs_storage::layer::Operation;
 use aiecs_storage::ops::diagnose::{
     diagnose_connection, diagnose_consistency, diagnose_consistency_within, CheckOutcome,
     ConnectionDiagnosis, ConnectionOutcome, ConsistencyDiagnosis, DIAGNOSE_PREFIX,
-    DIAGNOSTIC_STATUS,
 };
 use aiecs_storage::prelude::*;
 use aiecs_storage::{ErrorKind, MemoryBackend, SessionQuery, SqliteBackend, StorageConfig};
@@ -313,9 +312,18 @@ async fn assert_clean_and_consistent(storage: &dyn StorageBackend, report: &Cons
         .await
         .unwrap()
         .is_empty());
-    let session = storage.get_session(&report.session_id).await.unwrap();
-    assert_eq!(session.unwrap().status, DIAGNOSTIC_STATUS);
-    assert!(report.leftovers[0].contains("cleanup_expired_sessions"));
+    // The session, its message and its context are gone too.
+    assert!(storage
+        .get_session(&report.session_id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(storage
+        .get_task_context(&report.session_id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(report.leftovers.is_empty(), "{:?}", report.leftovers);
 }
 
 #[tokio::test]
@@ -364,40 +372,28 @@ async fn a_configured_stack_reads_back_what_it_stores() {
 }
 
 #[tokio::test]
-async fn the_leftover_session_goes_with_the_next_cleanup() {
+async fn the_diagnosis_leaves_nothing_behind() {
     let storage = MemoryBackend::new();
     storage
         .create_session("keep", "u", &Default::default())
         .await
         .unwrap();
     let report = diagnose_consistency(&storage).await;
-    let listed = storage
-        .list_sessions(&SessionQuery::new().status(DIAGNOSTIC_STATUS))
-        .await
-        .unwrap();
-    assert_eq!(listed.sessions.len(), 1);
-    assert_eq!(listed.sessions[0].session_id, report.session_id);
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    storage
-        .update_session("keep", &Default::default())
-        .await
-        .unwrap();
-    let removed = storage
-        .cleanup_expired_sessions(Duration::from_millis(10))
-        .await
-        .unwrap();
-    assert_eq!(removed, 1);
+    assert!(report.ok, "{report:#?}");
+    let listed = storage.list_sessions(&SessionQuery::new()).await.unwrap();
+    let ids: Vec<_> = listed
+        .sessions
+        .iter()
+        .map(|s| s.session_id.as_str())
+        .collect();
+    assert_eq!(ids, ["keep"]);
+    assert!(storage.list_threads(None, 10).await.unwrap().ids.is_empty());
     assert!(storage
-        .get_session(&report.session_id)
+        .list_task_contexts(None, 10)
         .await
         .unwrap()
-        .is_none());
-    assert!(storage
-        .get_task_context(&report.session_id)
-        .await
-        .unwrap()
-        .is_none());
-    assert!(storage.get_session("keep").await.unwrap().is_some());
+        .ids
+        .is_empty());
 }
 
 #[tokio::test]
@@ -434,15 +430,11 @@ async fn a_failure_midway_still_deletes_the_thread() {
         .await
         .unwrap()
         .is_none());
-    assert_eq!(
-        inner
-            .get_session(&report.session_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        DIAGNOSTIC_STATUS
-    );
+    assert!(inner
+        .get_session(&report.session_id)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
@@ -462,11 +454,11 @@ async fn failed_writes_skip_what_depends_on_them_and_still_clean_up() {
     assert_eq!(outcome("task_context"), CheckOutcome::Skipped);
     assert_eq!(outcome("checkpoint"), CheckOutcome::Failed);
     assert_eq!(outcome("pending_writes"), CheckOutcome::Skipped);
-    // Cleanup still ran: the thread is deleted, and ending the missing session is fine.
+    // Cleanup still ran: the thread is deleted, and deleting the missing session is fine.
     assert_eq!(faults.calls(Operation::DeleteThread), 1);
-    assert_eq!(faults.calls(Operation::EndSession), 1);
+    assert_eq!(faults.calls(Operation::DeleteSession), 1);
     assert_eq!(outcome("delete_thread"), CheckOutcome::Ok);
-    assert_eq!(outcome("end_session"), CheckOutcome::Ok);
+    assert_eq!(outcome("delete_session"), CheckOutcome::Ok);
     assert!(report.cleaned_up);
     assert!(inner
         .get_session(&report.session_id)

@@ -251,6 +251,13 @@ impl SessionStorage for MemoryBackend {
             .collect())
     }
 
+    async fn delete_session(&self, session_id: &str) -> Result<bool> {
+        self.check_open()?;
+        validate::id("session_id", session_id)?;
+        self.task_contexts.remove(session_id);
+        Ok(self.sessions.remove(session_id).is_some())
+    }
+
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
         self.check_open()?;
         validate::restored_sessions(sessions)?;

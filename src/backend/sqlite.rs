@@ -678,6 +678,20 @@ impl SessionStorage for SqliteBackend {
         .await
     }
 
+    async fn delete_session(&self, session_id: &str) -> Result<bool> {
+        validate::id("session_id", session_id)?;
+        let id = session_id.to_owned();
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute("DELETE FROM task_contexts WHERE session_id = ?1", [&id])?;
+            // Messages go with their session through ON DELETE CASCADE.
+            let removed = tx.execute("DELETE FROM sessions WHERE session_id = ?1", [&id])?;
+            tx.commit()?;
+            Ok(removed > 0)
+        })
+        .await
+    }
+
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
         validate::restored_sessions(sessions)?;
         let rows = sessions

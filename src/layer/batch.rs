@@ -721,6 +721,13 @@ impl<B: StorageBackend + 'static> SessionStorage for Batched<B> {
             .await
     }
 
+    async fn delete_session(&self, session_id: &str) -> Result<bool> {
+        // Queued appends to the session are stored (and so removed) first.
+        self.flush_if(self.writer.pending.sessions.contains_key(session_id))
+            .await?;
+        self.inner.delete_session(session_id).await
+    }
+
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
         self.inner.restore_sessions(sessions).await
     }

@@ -724,6 +724,15 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
             .await
     }
 
+    async fn delete_session(&self, session_id: &str) -> Result<bool> {
+        let keys = vec![
+            Key::Session(session_id.to_owned()),
+            Key::Context(session_id.to_owned()),
+        ];
+        let w = self.shared.write([session_id], keys);
+        w.finish(self.inner.delete_session(session_id).await).await
+    }
+
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
         let w = self.shared.write(
             sessions.iter().map(|s| s.session_id.as_str()),

@@ -292,6 +292,7 @@ enum Hint {
     StoreTaskContext(String, Value),
     Cleanup(Duration),
     RestoreSessions(Vec<Session>),
+    DeleteSession(String),
     RestoreMessages(String, Vec<Message>),
     RestoreCheckpoints(Vec<Checkpoint>),
 }
@@ -324,6 +325,7 @@ impl Hint {
             Hint::StoreTaskContext(id, v) => b.store_task_context(id, v).await,
             Hint::Cleanup(d) => b.cleanup_expired_sessions(*d).await.map(drop),
             Hint::RestoreSessions(s) => b.restore_sessions(s).await,
+            Hint::DeleteSession(id) => b.delete_session(id).await.map(drop),
             Hint::RestoreMessages(id, m) => b.restore_messages(id, m).await.map(drop),
             Hint::RestoreCheckpoints(c) => b.restore_checkpoints(c).await,
         }
@@ -511,6 +513,14 @@ impl<B: StorageBackend> SessionStorage for Failover<B> {
 
     async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
         self.read(|b| b.batch_get_sessions(session_ids)).await
+    }
+
+    async fn delete_session(&self, session_id: &str) -> Result<bool> {
+        self.write(
+            || Hint::DeleteSession(session_id.to_owned()),
+            |b| b.delete_session(session_id),
+        )
+        .await
     }
 
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {

@@ -111,6 +111,13 @@ impl<B: StorageBackend, P: Policy> SessionStorage for Layered<B, P> {
             .await
     }
 
+    async fn delete_session(&self, session_id: &str) -> Result<bool> {
+        let call = Call::new(Operation::DeleteSession, Some(session_id));
+        self.policy
+            .call(call, || self.inner.delete_session(session_id))
+            .await
+    }
+
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
         let call = Call::new(Operation::RestoreSessions, None);
         self.policy

@@ -71,6 +71,8 @@ pub enum Operation {
     UpdateSession,
     /// `end_session`
     EndSession,
+    /// `delete_session`
+    DeleteSession,
     /// `batch_create_sessions`
     BatchCreateSessions,
     /// `batch_get_sessions`
@@ -139,6 +141,7 @@ impl Operation {
             GetSession,
             UpdateSession,
             EndSession,
+            DeleteSession,
             BatchCreateSessions,
             BatchGetSessions,
             ListSessions,
@@ -181,6 +184,7 @@ impl Operation {
             Operation::GetSession => "get_session",
             Operation::UpdateSession => "update_session",
             Operation::EndSession => "end_session",
+            Operation::DeleteSession => "delete_session",
             Operation::BatchCreateSessions => "batch_create_sessions",
             Operation::BatchGetSessions => "batch_get_sessions",
             Operation::ListSessions => "list_sessions",

@@ -24,9 +24,6 @@ use crate::storage::StorageBackend;
 /// The prefix of the session and thread ids [`diagnose_consistency`] writes.
 pub const DIAGNOSE_PREFIX: &str = "aiecs-diagnose-";
 
-/// The status [`diagnose_consistency`] ends its session with.
-pub const DIAGNOSTIC_STATUS: &str = "diagnostic";
-
 /// The user id of the sessions [`diagnose_consistency`] writes.
 pub const DIAGNOSE_USER: &str = "aiecs-diagnose";
 
@@ -658,7 +655,7 @@ pub enum CheckOutcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConsistencyCheck {
     /// `session`, `message`, `checkpoint`, `pending_writes`, `task_context`, or, for the
-    /// cleanup, `delete_thread` and `end_session`.
+    /// cleanup, `delete_thread` and `delete_session`.
     pub name: String,
     /// The result.
     pub outcome: CheckOutcome,
@@ -689,7 +686,7 @@ pub struct ConsistencyDiagnosis {
     /// Whether the cleanup worked (every cleanup step [`CheckOutcome::Ok`]).
     pub cleaned_up: bool,
     /// The cleanup steps: `delete_thread` (then a read proving the thread is gone) and
-    /// `end_session`.
+    /// `delete_session`.
     pub cleanup: Vec<ConsistencyCheck>,
     /// What stays in the store after the diagnosis, and when it goes.
     pub leftovers: Vec<String>,
@@ -744,13 +741,10 @@ pub async fn diagnose_consistency(storage: &dyn StorageBackend) -> ConsistencyDi
 /// context checks are skipped when the session could not be created).
 ///
 /// **Cleanup** runs whatever happened before: `delete_thread` removes the checkpoint
-/// and its writes (and a read then proves them gone), and `end_session` sets the
-/// session's status to `diagnostic`. The contract has no call that deletes one session,
-/// so the session, its message and its task context stay until
-/// [`cleanup_expired_sessions`](StorageBackend::cleanup_expired_sessions) removes them
-/// (for example [`CleanupTask`](super::cleanup::CleanupTask)); the report lists them in
-/// `leftovers`. Find them with `list_sessions` filtered on user `aiecs-diagnose` or
-/// status `diagnostic`. The cleanup runs after failed and mismatched checks alike; it
+/// and its writes (and a read then proves them gone), and `delete_session` removes the
+/// session with its message and task context. What a failed cleanup step leaves behind
+/// is listed in `leftovers` (find such sessions with `list_sessions` filtered on user
+/// `aiecs-diagnose`). The cleanup runs after failed and mismatched checks alike; it
 /// cannot run if the calling task is cancelled midway or a backend panics.
 pub async fn diagnose_consistency_within(
     storage: &dyn StorageBackend,
@@ -798,14 +792,19 @@ pub async fn diagnose_consistency_within(
     });
 
     // Cleanup: always, whatever the checks found.
-    let cleanup = vec![probe.delete_thread(&id).await, probe.end_session(&id).await];
+    let cleanup = vec![
+        probe.delete_thread(&id).await,
+        probe.delete_session(&id).await,
+    ];
     let cleaned_up = cleanup.iter().all(|c| c.outcome == CheckOutcome::Ok);
-    let mut leftovers = vec![format!(
-        "session `{id}` (status `{DIAGNOSTIC_STATUS}`, user `{DIAGNOSE_USER}`) with its \
-         message and task context: the contract has no call to delete one session; the \
-         next cleanup_expired_sessions run removes them once they are idle longer than its \
-         max_idle"
-    )];
+    let mut leftovers = Vec::new();
+    if cleanup[1].outcome != CheckOutcome::Ok {
+        leftovers.push(format!(
+            "session `{id}` (user `{DIAGNOSE_USER}`) with its message and task context: \
+             delete_session did not complete; the next cleanup_expired_sessions run removes \
+             them once they are idle longer than its max_idle"
+        ));
+    }
     if cleanup[0].outcome != CheckOutcome::Ok {
         leftovers.push(format!(
             "checkpoint thread `{id}`: delete_thread did not complete; run it again"
@@ -1203,23 +1202,20 @@ impl Probe<'_> {
         }
     }
 
-    async fn end_session(&self, id: &str) -> ConsistencyCheck {
-        const NAME: &str = "end_session";
+    async fn delete_session(&self, id: &str) -> ConsistencyCheck {
+        const NAME: &str = "delete_session";
         let started = Instant::now();
         match self
-            .call(
-                "end_session",
-                self.storage.end_session(id, DIAGNOSTIC_STATUS),
-            )
+            .call("delete_session", self.storage.delete_session(id))
             .await
         {
             Ok(found) => ConsistencyCheck {
                 name: NAME.into(),
                 outcome: CheckOutcome::Ok,
                 latency: started.elapsed(),
-                details: (!found).then(|| "no session to end: it was never created".into()),
+                details: (!found).then(|| "no session to delete: it was never created".into()),
             },
-            Err(e) => failed(NAME, started.elapsed(), "end_session", &e),
+            Err(e) => failed(NAME, started.elapsed(), "delete_session", &e),
         }
     }
 }

@@ -129,6 +129,7 @@ struct Queries {
     history_range: String,
     restore_sessions: String,
     session_exists: String,
+    delete_session: String,
     restore_messages: String,
     restore_checkpoints: String,
     list_threads: String,
@@ -243,6 +244,12 @@ impl Queries {
                  request_count = EXCLUDED.request_count, \
                  total_processing_time = EXCLUDED.total_processing_time, \
                  error_count = EXCLUDED.error_count"
+            ),
+            // One statement: the context and the session (messages cascade) go together;
+            // the count is the session's.
+            delete_session: format!(
+                "WITH c AS (DELETE FROM {s}.task_contexts WHERE session_id = $1) \
+                 DELETE FROM {s}.sessions WHERE session_id = $1"
             ),
             session_exists: format!("SELECT 1 FROM {s}.sessions WHERE session_id = $1"),
             restore_messages: format!(
@@ -834,6 +841,13 @@ impl SessionStorage for PostgresBackend {
             .iter()
             .map(|id| by_id.get(id).cloned())
             .collect())
+    }
+
+    async fn delete_session(&self, session_id: &str) -> Result<bool> {
+        validate::id("session_id", session_id)?;
+        let c = self.conn().await?;
+        let removed = c.execute(&c.sql.delete_session, &[&session_id]).await?;
+        Ok(removed > 0)
     }
 
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {

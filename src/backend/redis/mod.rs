@@ -762,6 +762,31 @@ impl SessionStorage for RedisBackend {
         self.session_from_hash(session_id, hash)
     }
 
+    async fn delete_session(&self, session_id: &str) -> Result<bool> {
+        validate::id("session_id", session_id)?;
+        let keys = self.session_keys(session_id);
+        // Session keys share a slot: one DEL removes them together. The index entries
+        // live elsewhere; a stale one is dropped by the next cleanup or listing.
+        let mut del = redis::cmd("DEL");
+        del.arg(&keys.session)
+            .arg(&keys.messages)
+            .arg(&keys.message_ids)
+            .arg(&keys.context);
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(&keys.session);
+        let mut unindex = redis::cmd("ZREM");
+        unindex
+            .arg(Index::Sessions.key_of(&self.prefix, session_id))
+            .arg(session_id);
+        let mut uncontext = redis::cmd("SREM");
+        uncontext
+            .arg(Index::Contexts.key_of(&self.prefix, session_id))
+            .arg(session_id);
+        let existed: i64 = self.run(&exists).await?;
+        self.many(&[del, unindex, uncontext]).await?;
+        Ok(existed == 1)
+    }
+
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
         validate::restored_sessions(sessions)?;
         let mut cmds = Vec::with_capacity(sessions.len() * 2);

@@ -47,6 +47,7 @@ macro_rules! all_cases {
             sessions::list_sessions_pages_in_id_order,
             sessions::list_sessions_filters_by_user_and_status,
             sessions::restore_sessions_writes_every_field_exactly,
+            sessions::delete_session_removes_it_with_messages_and_context,
 
             conversation::history_is_newest_limit_oldest_first,
             conversation::add_to_missing_session_is_not_found,

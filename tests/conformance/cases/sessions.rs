@@ -425,3 +425,54 @@ pub async fn restore_sessions_writes_every_field_exactly(b: Arc<dyn StorageBacke
         })
     ));
 }
+
+pub async fn delete_session_removes_it_with_messages_and_context(b: Arc<dyn StorageBackend>) {
+    for id in ["a", "b"] {
+        b.create_session(id, "u1", &md(json!({}))).await.unwrap();
+        b.add_conversation_message(
+            id,
+            &aiecs_storage::NewMessage::new("user", "hi").with_id("m1"),
+        )
+        .await
+        .unwrap();
+        b.store_task_context(id, &json!({"id": id})).await.unwrap();
+    }
+    b.store_task_context("orphan", &json!(1)).await.unwrap();
+    assert!(b.delete_session("a").await.unwrap());
+    assert!(b.get_session("a").await.unwrap().is_none());
+    assert!(b
+        .get_conversation_history("a", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(b.get_task_context("a").await.unwrap().is_none());
+    assert!(!b.delete_session("a").await.unwrap());
+    // A context without a session goes too; the answer says there was no session.
+    assert!(!b.delete_session("orphan").await.unwrap());
+    assert!(b.get_task_context("orphan").await.unwrap().is_none());
+    // Others are untouched; the id can be used afresh.
+    assert_eq!(b.get_conversation_history("b", 10).await.unwrap().len(), 1);
+    assert!(b.get_task_context("b").await.unwrap().is_some());
+    b.create_session("a", "u2", &md(json!({}))).await.unwrap();
+    assert_eq!(
+        b.get_session("a")
+            .await
+            .unwrap()
+            .unwrap()
+            .metrics
+            .request_count,
+        0
+    );
+    assert!(b
+        .get_conversation_history("a", 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(matches!(
+        b.delete_session("").await,
+        Err(StorageError::InvalidInput {
+            field: "session_id",
+            ..
+        })
+    ));
+}
