@@ -209,10 +209,17 @@ async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
                 )
             })?;
             let storage = open(&target)?;
-            let connection = match &target.url {
-                Some(url) => Some(aiecs_storage::ops::diagnose_connection(url, timeout).await),
-                None => None,
+            // With --config, the connection check is of the backend the file names.
+            let url = match (&target.url, &target.config) {
+                (Some(url), _) => url.clone(),
+                (None, Some(path)) => {
+                    aiecs_storage::StorageConfig::from_file(path)?
+                        .with_env_overrides()?
+                        .url
+                }
+                (None, None) => String::new(),
             };
+            let connection = Some(aiecs_storage::ops::diagnose_connection(&url, timeout).await);
             let consistency = aiecs_storage::ops::diagnose_consistency(storage.as_ref()).await;
             let _ = storage.close().await;
             let conn_json = serde_json::to_value(&connection)?;
