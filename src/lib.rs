@@ -41,6 +41,7 @@ pub mod model;
 pub mod ops;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
+mod redact;
 pub mod storage;
 pub mod validate;
 

@@ -1,4 +1,5 @@
 //! Migration, export/import and verification between backends.
+#![cfg(feature = "sqlite")]
 
 mod common;
 

@@ -16,9 +16,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::config::{open, redact_url, scrub};
+use crate::config::open;
 use crate::error::{Result, StorageError};
 use crate::model::{now, Metadata, NewCheckpoint, NewMessage, WriteInput};
+use crate::redact::{redact_url, scrub};
 use crate::storage::StorageBackend;
 
 /// The prefix of the session and thread ids [`diagnose_consistency`] writes.

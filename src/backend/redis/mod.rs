@@ -23,6 +23,7 @@ use crate::model::{
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
     SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
+use crate::redact::{redact_url, url_secrets};
 use crate::storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
 };
@@ -67,7 +68,8 @@ const CLEANUP_PAGE: usize = 256;
 pub struct RedisBackend {
     target: Target,
     redacted: String,
-    password: Option<String>,
+    /// The URL's secrets, to scrub from any error text the client library produces.
+    secrets: Vec<String>,
     prefix: String,
     session_ttl: Option<Duration>,
     checkpoint_ttl: Option<Duration>,
@@ -96,28 +98,6 @@ impl fmt::Debug for RedisBackend {
             .field("session_ttl", &self.session_ttl)
             .field("checkpoint_ttl", &self.checkpoint_ttl)
             .finish_non_exhaustive()
-    }
-}
-
-/// The URL with its password replaced by `***`, and the password itself (to scrub it
-/// from any error text the client library produces).
-fn redact(url: &str) -> (String, Option<String>) {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return (url.to_owned(), None);
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let Some((userinfo, hosts)) = authority.rsplit_once('@') else {
-        return (url.to_owned(), None);
-    };
-    match userinfo.split_once(':') {
-        Some((user, password)) if !password.is_empty() => (
-            format!("{scheme}://{user}:***@{hosts}{path}"),
-            Some(password.to_owned()),
-        ),
-        _ => (url.to_owned(), None),
     }
 }
 
@@ -155,7 +135,7 @@ impl RedisBackend {
         // `?prefix=` is ours, not the client's: take it out before the client parses.
         let (url, prefix) = take_prefix_param(url);
         let url = url.as_str();
-        let (redacted, password) = redact(url);
+        let (redacted, secrets) = (redact_url(url), url_secrets(url));
         let target = if let Some(rest) = url
             .strip_prefix("redis+cluster://")
             .map(|r| ("redis", r))
@@ -198,7 +178,7 @@ impl RedisBackend {
         Ok(RedisBackend {
             target,
             redacted,
-            password,
+            secrets,
             prefix: prefix.unwrap_or_else(|| "aiecs:".to_owned()),
             session_ttl: Some(Duration::from_secs(24 * 3600)),
             checkpoint_ttl: None,
@@ -272,8 +252,8 @@ impl RedisBackend {
     fn error(&self, e: redis::RedisError) -> StorageError {
         use redis::{ErrorKind, ServerErrorKind};
         let mut text = e.to_string();
-        if let Some(p) = &self.password {
-            text = text.replace(p.as_str(), "***");
+        for secret in &self.secrets {
+            text = text.replace(secret.as_str(), "***");
         }
         let message = format!("redis at {}: {text}", self.redacted);
         match e.kind() {
