@@ -324,41 +324,28 @@ trait Cacheable: Sized + Send + 'static {
     fn from_cached(value: &CachedValue) -> Option<Self>;
 }
 
-impl Cacheable for Option<Session> {
-    fn into_cached(self) -> CachedValue {
-        CachedValue::Session(self)
-    }
-    fn from_cached(value: &CachedValue) -> Option<Self> {
-        match value {
-            CachedValue::Session(v) => Some(v.clone()),
-            _ => None,
+/// Each cacheable read maps to one variant of [`CachedValue`].
+macro_rules! cacheable {
+    ($($ty:ty => $variant:ident),* $(,)?) => {$(
+        impl Cacheable for $ty {
+            fn into_cached(self) -> CachedValue {
+                CachedValue::$variant(self)
+            }
+            fn from_cached(value: &CachedValue) -> Option<Self> {
+                match value {
+                    CachedValue::$variant(v) => Some(v.clone()),
+                    _ => None,
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl Cacheable for Option<Value> {
-    fn into_cached(self) -> CachedValue {
-        CachedValue::Context(self)
-    }
-    fn from_cached(value: &CachedValue) -> Option<Self> {
-        match value {
-            CachedValue::Context(v) => Some(v.clone()),
-            _ => None,
-        }
-    }
-}
-
-impl Cacheable for Option<Checkpoint> {
-    fn into_cached(self) -> CachedValue {
-        CachedValue::Checkpoint(self)
-    }
-    fn from_cached(value: &CachedValue) -> Option<Self> {
-        match value {
-            CachedValue::Checkpoint(v) => Some(v.clone()),
-            _ => None,
-        }
-    }
-}
+cacheable!(
+    Option<Session> => Session,
+    Option<Value> => Context,
+    Option<Checkpoint> => Checkpoint,
+);
 
 /// Counts bytes written without keeping them.
 struct ByteCount(usize);

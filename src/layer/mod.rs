@@ -59,160 +59,77 @@ pub use timeout::{TimeoutLayer, TimeoutPolicy};
 use crate::error::Result;
 use crate::model::Metadata;
 
-/// Every operation of the contract, for policies, metric labels and log fields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Operation {
-    /// `create_session`
-    CreateSession,
-    /// `get_session`
-    GetSession,
-    /// `update_session`
-    UpdateSession,
-    /// `end_session`
-    EndSession,
-    /// `delete_session`
-    DeleteSession,
-    /// `batch_create_sessions`
-    BatchCreateSessions,
-    /// `batch_get_sessions`
-    BatchGetSessions,
-    /// `list_sessions`
-    ListSessions,
-    /// `restore_sessions`
-    RestoreSessions,
-    /// `add_conversation_message`
-    AddConversationMessage,
-    /// `batch_add_conversation_messages`
-    BatchAddConversationMessages,
-    /// `get_conversation_history`
-    GetConversationHistory,
-    /// `get_conversation_range`
-    GetConversationRange,
-    /// `restore_messages`
-    RestoreMessages,
-    /// `store_checkpoint`
-    StoreCheckpoint,
-    /// `get_checkpoint`
-    GetCheckpoint,
-    /// `list_checkpoints`
-    ListCheckpoints,
-    /// `put_writes`
-    PutWrites,
-    /// `batch_put_writes`
-    BatchPutWrites,
-    /// `get_writes`
-    GetWrites,
-    /// `delete_thread`
-    DeleteThread,
-    /// `list_threads`
-    ListThreads,
-    /// `list_checkpoint_namespaces`
-    ListCheckpointNamespaces,
-    /// `restore_checkpoints`
-    RestoreCheckpoints,
-    /// `get_task_context`
-    GetTaskContext,
-    /// `store_task_context`
-    StoreTaskContext,
-    /// `list_task_contexts`
-    ListTaskContexts,
-    /// `initialize`
-    Initialize,
-    /// `close`
-    Close,
-    /// `health_check`
-    HealthCheck,
-    /// `get_metrics`
-    GetMetrics,
-    /// `cleanup_expired_sessions`
-    CleanupExpiredSessions,
+/// Declares [`Operation`] from one list, so its variants, their names and
+/// [`Operation::ALL`] cannot disagree. `CleanupExpiredSessions` stays last:
+/// [`Operation::COUNT`] counts up to it.
+macro_rules! operations {
+    ($($variant:ident => $name:literal),* $(,)?) => {
+        /// Every operation of the contract, for policies, metric labels and log fields.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum Operation {
+            $(
+                #[doc = concat!("`", $name, "`")]
+                $variant,
+            )*
+        }
+
+        impl Operation {
+            /// Every operation, in index order.
+            pub const ALL: [Operation; Operation::COUNT] = [$(Operation::$variant),*];
+
+            /// The method name, e.g. `get_session`: a bounded label for metrics and logs.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Operation::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+operations! {
+    CreateSession => "create_session",
+    GetSession => "get_session",
+    UpdateSession => "update_session",
+    EndSession => "end_session",
+    DeleteSession => "delete_session",
+    BatchCreateSessions => "batch_create_sessions",
+    BatchGetSessions => "batch_get_sessions",
+    ListSessions => "list_sessions",
+    RestoreSessions => "restore_sessions",
+    AddConversationMessage => "add_conversation_message",
+    BatchAddConversationMessages => "batch_add_conversation_messages",
+    GetConversationHistory => "get_conversation_history",
+    GetConversationRange => "get_conversation_range",
+    RestoreMessages => "restore_messages",
+    StoreCheckpoint => "store_checkpoint",
+    GetCheckpoint => "get_checkpoint",
+    ListCheckpoints => "list_checkpoints",
+    PutWrites => "put_writes",
+    BatchPutWrites => "batch_put_writes",
+    GetWrites => "get_writes",
+    DeleteThread => "delete_thread",
+    ListThreads => "list_threads",
+    ListCheckpointNamespaces => "list_checkpoint_namespaces",
+    RestoreCheckpoints => "restore_checkpoints",
+    GetTaskContext => "get_task_context",
+    StoreTaskContext => "store_task_context",
+    ListTaskContexts => "list_task_contexts",
+    Initialize => "initialize",
+    Close => "close",
+    HealthCheck => "health_check",
+    GetMetrics => "get_metrics",
+    CleanupExpiredSessions => "cleanup_expired_sessions",
 }
 
 impl Operation {
     /// How many operations there are.
     pub const COUNT: usize = Operation::CleanupExpiredSessions as usize + 1;
 
-    /// Every operation, in index order.
-    pub const ALL: [Operation; Operation::COUNT] = {
-        use Operation::*;
-        [
-            CreateSession,
-            GetSession,
-            UpdateSession,
-            EndSession,
-            DeleteSession,
-            BatchCreateSessions,
-            BatchGetSessions,
-            ListSessions,
-            RestoreSessions,
-            AddConversationMessage,
-            BatchAddConversationMessages,
-            GetConversationHistory,
-            GetConversationRange,
-            RestoreMessages,
-            StoreCheckpoint,
-            GetCheckpoint,
-            ListCheckpoints,
-            PutWrites,
-            BatchPutWrites,
-            GetWrites,
-            DeleteThread,
-            ListThreads,
-            ListCheckpointNamespaces,
-            RestoreCheckpoints,
-            GetTaskContext,
-            StoreTaskContext,
-            ListTaskContexts,
-            Initialize,
-            Close,
-            HealthCheck,
-            GetMetrics,
-            CleanupExpiredSessions,
-        ]
-    };
-
     /// A dense index in `0..COUNT`, for per-operation tables.
     pub const fn index(self) -> usize {
         self as usize
-    }
-
-    /// The method name, e.g. `get_session`: a bounded label for metrics and logs.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Operation::CreateSession => "create_session",
-            Operation::GetSession => "get_session",
-            Operation::UpdateSession => "update_session",
-            Operation::EndSession => "end_session",
-            Operation::DeleteSession => "delete_session",
-            Operation::BatchCreateSessions => "batch_create_sessions",
-            Operation::BatchGetSessions => "batch_get_sessions",
-            Operation::ListSessions => "list_sessions",
-            Operation::RestoreSessions => "restore_sessions",
-            Operation::AddConversationMessage => "add_conversation_message",
-            Operation::BatchAddConversationMessages => "batch_add_conversation_messages",
-            Operation::GetConversationHistory => "get_conversation_history",
-            Operation::GetConversationRange => "get_conversation_range",
-            Operation::RestoreMessages => "restore_messages",
-            Operation::StoreCheckpoint => "store_checkpoint",
-            Operation::GetCheckpoint => "get_checkpoint",
-            Operation::ListCheckpoints => "list_checkpoints",
-            Operation::PutWrites => "put_writes",
-            Operation::BatchPutWrites => "batch_put_writes",
-            Operation::GetWrites => "get_writes",
-            Operation::DeleteThread => "delete_thread",
-            Operation::ListThreads => "list_threads",
-            Operation::ListCheckpointNamespaces => "list_checkpoint_namespaces",
-            Operation::RestoreCheckpoints => "restore_checkpoints",
-            Operation::GetTaskContext => "get_task_context",
-            Operation::StoreTaskContext => "store_task_context",
-            Operation::ListTaskContexts => "list_task_contexts",
-            Operation::Initialize => "initialize",
-            Operation::Close => "close",
-            Operation::HealthCheck => "health_check",
-            Operation::GetMetrics => "get_metrics",
-            Operation::CleanupExpiredSessions => "cleanup_expired_sessions",
-        }
     }
 
     /// Whether the operation only reads.
