@@ -579,30 +579,74 @@ async fn run<B: StorageBackend + ?Sized>(
     while let Some(first) = rx.recv().await {
         let mut flush = batch.take(first);
         if flush.is_none() {
-            let linger = tokio::time::sleep(config.linger);
-            tokio::pin!(linger);
-            while batch.len() < config.max_batch {
-                tokio::select! {
-                    biased;
-                    next = rx.recv() => match next {
-                        Some(envelope) => {
-                            flush = batch.take(envelope);
-                            if flush.is_some() {
-                                break;
-                            }
-                        }
-                        // Closed and drained: write what is gathered now.
-                        None => break,
-                    },
-                    () = &mut linger => break,
-                }
-            }
+            flush = gather(&mut rx, &mut batch, config).await;
         }
         batch.write(&*inner, counters).await;
         if let Some(reply) = flush {
             let _ = reply.send(());
         }
     }
+}
+
+/// How many times in a row the writer yields to let callers queue more items. One
+/// already filled batches of 32 closed-loop callers over SQLite (70 000 appends/s
+/// against 20 000 with a zero linger timer); the second covers callers woken on the
+/// other worker thread.
+const MAX_YIELDS: usize = 2;
+
+/// Fills the batch after its first item: until it is full, a flush request comes (which
+/// is returned), the queue closes, or (with a linger) the linger time has passed.
+///
+/// Without a linger the writer takes what is queued, then yields to the runtime and
+/// takes more for as long as yielding brings new items. Callers answered by the
+/// previous batch are woken at that moment and need a few microseconds to queue their
+/// next item; a writer that did not yield would race ahead of them and write batches of
+/// one or two. A lone caller costs one yield.
+async fn gather(
+    rx: &mut mpsc::Receiver<Envelope>,
+    batch: &mut Batch,
+    config: BatchConfig,
+) -> Option<oneshot::Sender<()>> {
+    if !config.linger.is_zero() {
+        let linger = tokio::time::sleep(config.linger);
+        tokio::pin!(linger);
+        while batch.len() < config.max_batch {
+            tokio::select! {
+                biased;
+                next = rx.recv() => match next {
+                    Some(envelope) => {
+                        if let Some(reply) = batch.take(envelope) {
+                            return Some(reply);
+                        }
+                    }
+                    // Closed and drained: write what is gathered now.
+                    None => return None,
+                },
+                () = &mut linger => return None,
+            }
+        }
+        return None;
+    }
+    let mut yields = 0;
+    while batch.len() < config.max_batch {
+        match rx.try_recv() {
+            Ok(envelope) => {
+                if let Some(reply) = batch.take(envelope) {
+                    return Some(reply);
+                }
+                yields = 0;
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if yields == MAX_YIELDS {
+                    return None;
+                }
+                yields += 1;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    None
 }
 
 impl<B> Batched<B> {
