@@ -3,7 +3,7 @@
 //! correctness properties under load, and removes what it wrote.
 //!
 //! ```text
-//! cargo run --release --example loadgen --all-features -- --url URL [--layers LIST] [--ops LIST] [--n N] [--concurrency C] [--keep]
+//! cargo run --release --example loadgen --all-features -- --url URL [--layers LIST] [--ops LIST] [--n N] [--concurrency C] [--cache-bytes B] [--keep]
 //! cargo run --release --example loadgen --all-features -- --url memory:// --n 2000 --concurrency 8
 //! cargo run --release --example loadgen --all-features -- --url sqlite:///tmp/lg.db --layers cache,retry,timeout,batch
 //! cargo run --release --example loadgen --all-features -- --url redis://127.0.0.1:6379/?prefix=lg:
@@ -21,7 +21,8 @@
 //!   20 checkpoints), `get_checkpoint` (latest), `list_checkpoints` (limit 10),
 //!   `put_writes` (2 writes), `get_writes`, `store_task_context`, `get_task_context`.
 //! - `--n`: calls per operation (default 10 000); `--concurrency`: tokio tasks sharing
-//!   them (default 32); `--keep`: leave the data behind.
+//!   them (default 32); `--cache-bytes`: bound the `cache` layer to B bytes of heap
+//!   (default: 10 000 entries); `--keep`: leave the data behind.
 //!
 //! Each operation is measured on its own: what it reads is written first (up to 1 000
 //! sessions or task contexts, 50 threads of 20 checkpoints, one session of 200
@@ -55,7 +56,9 @@
 //! (which takes messages and task contexts along) and every thread with
 //! `delete_thread`, then the stack is closed.
 //!
-//! Figures measured with it will go in the README's Performance section (not yet).
+//! With `batch` among the layers, stderr also shows how many batch calls the batching
+//! layer made and their average size. The README's Performance section holds figures
+//! measured with it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -105,11 +108,12 @@ struct Args {
     ops: Vec<&'static str>,
     n: usize,
     concurrency: usize,
+    cache_bytes: Option<u64>,
     keep: bool,
 }
 
 const USAGE: &str =
-    "use --url URL --layers LIST --ops LIST --n N --concurrency C --keep (see the doc comment)";
+    "use --url URL --layers LIST --ops LIST --n N --concurrency C --cache-bytes B --keep (see the doc comment)";
 
 fn args() -> Result<Args, String> {
     let mut a = Args {
@@ -121,6 +125,7 @@ fn args() -> Result<Args, String> {
         ops: OPS.to_vec(),
         n: 10_000,
         concurrency: 32,
+        cache_bytes: None,
         keep: false,
     };
     let mut it = std::env::args().skip(1);
@@ -176,6 +181,15 @@ fn args() -> Result<Args, String> {
                     return Err("--concurrency must be at least 1".into());
                 }
             }
+            "--cache-bytes" => {
+                let bytes: u64 = value()?
+                    .parse()
+                    .map_err(|e| format!("--cache-bytes: {e}"))?;
+                if bytes == 0 {
+                    return Err("--cache-bytes must be at least 1".into());
+                }
+                a.cache_bytes = Some(bytes);
+            }
             "--keep" => a.keep = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}; {USAGE}")),
@@ -184,14 +198,21 @@ fn args() -> Result<Args, String> {
     Ok(a)
 }
 
-fn build_stack(layers: &[String], backend: Arc<dyn StorageBackend>) -> Arc<dyn StorageBackend> {
+fn build_stack(
+    args: &Args,
+    backend: Arc<dyn StorageBackend>,
+    batch: &BatchLayer,
+) -> Arc<dyn StorageBackend> {
     let mut stack = StackBuilder::new();
-    for name in layers {
+    for name in &args.layers {
         stack = match name.as_str() {
-            "cache" => stack.layer(CacheLayer::new()),
+            "cache" => stack.layer(match args.cache_bytes {
+                Some(bytes) => CacheLayer::new().with_max_bytes(bytes),
+                None => CacheLayer::new(),
+            }),
             "retry" => stack.layer(RetryLayer::new()),
             "timeout" => stack.layer(TimeoutLayer::new(Duration::from_secs(5))),
-            "batch" => stack.layer(BatchLayer::new()),
+            "batch" => stack.layer(batch.clone()),
             "metrics" => stack.layer(MetricsLayer::new()),
             "logging" => stack.layer(LoggingLayer::new()),
             other => unreachable!("layer {other} was validated"),
@@ -628,7 +649,8 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let args = args()?;
     let (n, c) = (args.n, args.concurrency);
     let backend = aiecs_storage::open(&args.url)?;
-    let storage = build_stack(&args.layers, backend);
+    let batch = BatchLayer::new();
+    let storage = build_stack(&args, backend, &batch);
     storage.initialize().await?;
     let kind = storage.kind();
     let layers = if args.layers.is_empty() {
@@ -670,6 +692,15 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
             phase.percentile(50.0),
             phase.percentile(99.0),
         );
+        if args.layers.iter().any(|l| l == "batch") {
+            let stats = batch.stats();
+            eprintln!(
+                "op={op} batch calls={} items={} average_size={:.1}",
+                stats.batches,
+                stats.items,
+                stats.average_batch_size()
+            );
+        }
         let errors = setup.errors + phase.errors;
         if errors > 0 {
             ok = false;
