@@ -3,7 +3,6 @@
 mod keys;
 mod scripts;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -539,16 +538,29 @@ impl RedisBackend {
         }
     }
 
-    fn session_from_hash(
-        &self,
-        session_id: &str,
-        hash: HashMap<String, String>,
-    ) -> Result<Session> {
-        let field = |name: &str| {
-            hash.get(name).ok_or_else(|| StorageError::Serialization {
-                message: format!("stored session `{session_id}` lacks field `{name}`"),
+    /// The session a create script returned (its stored hash).
+    fn created(&self, session_id: &str, reply: Option<&RedisValue>) -> Result<Session> {
+        self.session_from_hash(session_id, reply.unwrap_or(&RedisValue::Nil))?
+            .ok_or_else(|| StorageError::Serialization {
+                message: format!("redis returned no hash for created session `{session_id}`"),
                 source: None,
             })
+    }
+
+    /// The session a `HGETALL` reply holds; `None` when the hash is absent.
+    fn session_from_hash(&self, session_id: &str, reply: &RedisValue) -> Result<Option<Session>> {
+        let hash = hash_fields(reply)?;
+        if hash.is_empty() {
+            return Ok(None);
+        }
+        let field = |name: &str| {
+            hash.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| StorageError::Serialization {
+                    message: format!("stored session `{session_id}` lacks field `{name}`"),
+                    source: None,
+                })
         };
         let number = |name: &str| -> Result<u64> {
             field(name)?.parse().map_err(|e| {
@@ -579,12 +591,12 @@ impl RedisBackend {
                 );
             }
         }
-        Ok(Session {
+        Ok(Some(Session {
             session_id: session_id.to_owned(),
-            user_id: field("user_id")?.clone(),
+            user_id: field("user_id")?.to_owned(),
             created_at: time("created_at")?,
             updated_at: time("updated_at")?,
-            status: field("status")?.clone(),
+            status: field("status")?.to_owned(),
             metadata,
             metrics: SessionMetrics {
                 request_count: number("request_count")?,
@@ -596,7 +608,7 @@ impl RedisBackend {
                 })?,
                 error_count: number("error_count")?,
             },
-        })
+        }))
     }
 
     fn checkpoint_from_parts(
@@ -694,6 +706,52 @@ fn decode_message(text: &str) -> Result<Message> {
         .map_err(|e| StorageError::serialization("stored message is not valid JSON", e))
 }
 
+/// The field-value pairs of a hash reply (a flat array in RESP2, a map in RESP3),
+/// borrowed from the reply: no map is built and no field name is copied.
+fn hash_fields(reply: &RedisValue) -> Result<Vec<(&str, &str)>> {
+    fn text(v: &RedisValue) -> Result<&str> {
+        match v {
+            RedisValue::BulkString(bytes) => std::str::from_utf8(bytes)
+                .map_err(|e| StorageError::serialization("stored hash field is not UTF-8", e)),
+            RedisValue::SimpleString(s) => Ok(s),
+            other => Err(StorageError::Serialization {
+                message: format!("unexpected hash field from redis: {}", kind_of(other)),
+                source: None,
+            }),
+        }
+    }
+    match reply {
+        RedisValue::Nil => Ok(Vec::new()),
+        RedisValue::Array(items) if items.len() % 2 == 0 => items
+            .chunks_exact(2)
+            .map(|pair| Ok((text(&pair[0])?, text(&pair[1])?)))
+            .collect(),
+        RedisValue::Map(pairs) => pairs
+            .iter()
+            .map(|(k, v)| Ok((text(k)?, text(v)?)))
+            .collect(),
+        other => Err(StorageError::Serialization {
+            message: format!("unexpected reply from redis for a hash: {}", kind_of(other)),
+            source: None,
+        }),
+    }
+}
+
+/// A reply's type, for errors (never its content, which may be user data).
+fn kind_of(v: &RedisValue) -> &'static str {
+    match v {
+        RedisValue::Nil => "nil",
+        RedisValue::Int(_) => "integer",
+        RedisValue::BulkString(_) => "bulk string",
+        RedisValue::Array(_) => "array",
+        RedisValue::SimpleString(_) => "simple string",
+        RedisValue::Okay => "OK",
+        RedisValue::Map(_) => "map",
+        RedisValue::ServerError(_) => "error",
+        _ => "other",
+    }
+}
+
 fn from_value<T: FromRedisValue>(v: RedisValue) -> Result<T> {
     redis::from_redis_value(v)
         .map_err(|e| StorageError::serialization("unexpected reply from redis", e))
@@ -737,9 +795,8 @@ impl SessionStorage for RedisBackend {
             self.create_cmd(session_id, user_id, metadata, at)?,
             self.index_cmd(session_id, at),
         ];
-        let mut replies = self.many(&cmds).await?.into_iter();
-        let hash = from_value(replies.next().unwrap_or(RedisValue::Nil))?;
-        self.session_from_hash(session_id, hash)
+        let replies = self.many(&cmds).await?;
+        self.created(session_id, replies.first())
     }
 
     async fn delete_session(&self, session_id: &str) -> Result<bool> {
@@ -797,12 +854,9 @@ impl SessionStorage for RedisBackend {
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
         validate::id("session_id", session_id)?;
         let mut c = redis::cmd("HGETALL");
-        c.arg(self.session_keys(session_id).session);
-        let hash: HashMap<String, String> = self.run(&c).await?;
-        if hash.is_empty() {
-            return Ok(None);
-        }
-        self.session_from_hash(session_id, hash).map(Some)
+        c.arg(SessionKeys::session_key(&self.prefix, session_id));
+        let reply: RedisValue = self.run(&c).await?;
+        self.session_from_hash(session_id, &reply)
     }
 
     async fn update_session(&self, session_id: &str, update: &SessionUpdate) -> Result<bool> {
@@ -844,7 +898,7 @@ impl SessionStorage for RedisBackend {
         sessions
             .iter()
             .zip(replies.into_iter().step_by(2))
-            .map(|(s, reply)| self.session_from_hash(&s.session_id, from_value(reply)?))
+            .map(|(s, reply)| self.created(&s.session_id, Some(&reply)))
             .collect()
     }
 
@@ -854,7 +908,7 @@ impl SessionStorage for RedisBackend {
             .iter()
             .map(|id| {
                 let mut c = redis::cmd("HGETALL");
-                c.arg(self.session_keys(id).session);
+                c.arg(SessionKeys::session_key(&self.prefix, id));
                 c
             })
             .collect();
@@ -862,14 +916,7 @@ impl SessionStorage for RedisBackend {
         session_ids
             .iter()
             .zip(replies)
-            .map(|(id, reply)| {
-                let hash: HashMap<String, String> = from_value(reply)?;
-                if hash.is_empty() {
-                    Ok(None)
-                } else {
-                    self.session_from_hash(id, hash).map(Some)
-                }
-            })
+            .map(|(id, reply)| self.session_from_hash(id, &reply))
             .collect()
     }
 

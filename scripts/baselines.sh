@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Raw-server baselines for the README's Performance section: the rate of each
+# operation's main command from redis-benchmark, and pgbench -S, at 32 clients, on this
+# machine. Run it just before examples/loadgen so both see the same machine.
+#
+#   scripts/baselines.sh [redis-host:port] [postgres-url-without-database]
+#
+# Prints one line per command: `baseline=<name> rps=<requests per second>`.
+set -euo pipefail
+
+redis=${1:-127.0.0.1:6379}
+pg_host=${PGHOST:-127.0.0.1}
+pg_user=${PGUSER:-postgres}
+host=${redis%:*}
+port=${redis#*:}
+n=${N:-200000}
+c=${C:-32}
+
+rb() { # name, then redis-benchmark arguments
+    local name=$1
+    shift
+    local rps
+    rps=$(redis-benchmark -h "$host" -p "$port" -q -c "$c" -n "$n" "$@" 2>&1 | tr '\r' '\n' |
+        grep "requests per second" | tail -1 | sed -E 's/.*: ([0-9.]+) requests per second.*/\1/')
+    echo "baseline=$name rps=${rps%.*}"
+}
+
+r() { redis-cli -h "$host" -p "$port" "$@" >/dev/null; }
+
+# Keys under bench:baseline: so nothing of the library's is touched.
+r del bench:baseline:hash bench:baseline:list
+r hset bench:baseline:hash user_id u status active created_at 1 updated_at 1 \
+    request_count 0 total_processing_time 0 error_count 0
+# A list like a session's history: 200 entries the size of a stored message.
+msg=$(printf '{"message_id":"0193a1b2c3d4e5f6a7b8c9d0e1f2a3b4","role":"user","content":"%s","timestamp":"2026-11-26T11:22:33.123456Z","metadata":{"turn":1}}' "$(head -c 60 /dev/zero | tr '\0' x)")
+for _ in $(seq 1 200); do echo "RPUSH bench:baseline:list $msg"; done | redis-cli -h "$host" -p "$port" >/dev/null
+kilo=$(head -c 1024 /dev/zero | tr '\0' x)
+for i in $(seq 0 9); do r set "bench:baseline:cp$i" "$kilo"; done
+
+rb hgetall hgetall bench:baseline:hash
+rb hincrby hincrby bench:baseline:hash request_count 1
+rb hset_7_fields hset bench:baseline:hash user_id u status active created_at 1 updated_at 1 \
+    request_count 0 total_processing_time 0 error_count 0
+rb rpush -t rpush
+rb lrange_100 -t lrange_100
+rb lrange_50_of_messages lrange bench:baseline:list -50 -1
+rb set_1k -t set -d 1024
+rb get_1k -t get -d 1024
+rb mget_10_of_1k mget bench:baseline:cp0 bench:baseline:cp1 bench:baseline:cp2 \
+    bench:baseline:cp3 bench:baseline:cp4 bench:baseline:cp5 bench:baseline:cp6 \
+    bench:baseline:cp7 bench:baseline:cp8 bench:baseline:cp9
+r del bench:baseline:hash bench:baseline:list
+for i in $(seq 0 9); do r del "bench:baseline:cp$i"; done
+r del key:__rand_int__ mylist counter:__rand_int__ myhash
+
+# pgbench -S (select-only, prepared) on its own scale-1 database.
+if ! psql -h "$pg_host" -U "$pg_user" -d postgres -Atc \
+    "SELECT 1 FROM pg_database WHERE datname = 'aiecs_pgbench'" | grep -q 1; then
+    psql -h "$pg_host" -U "$pg_user" -d postgres -qc "CREATE DATABASE aiecs_pgbench"
+    pgbench -h "$pg_host" -U "$pg_user" -i -s 1 -q aiecs_pgbench >/dev/null 2>&1
+fi
+tps=$(pgbench -h "$pg_host" -U "$pg_user" -S -c "$c" -j 2 -M prepared -T "${T:-20}" aiecs_pgbench 2>&1 |
+    grep -E "^tps" | sed -E 's/tps = ([0-9.]+).*/\1/')
+echo "baseline=pgbench_select rps=${tps%.*}"
