@@ -31,9 +31,16 @@ r() { redis-cli -h "$host" -p "$port" "$@" >/dev/null; }
 r del bench:baseline:hash bench:baseline:list
 r hset bench:baseline:hash user_id u status active created_at 1 updated_at 1 \
     request_count 0 total_processing_time 0 error_count 0
-# A list like a session's history: 200 entries the size of a stored message.
-msg=$(printf '{"message_id":"0193a1b2c3d4e5f6a7b8c9d0e1f2a3b4","role":"user","content":"%s","timestamp":"2026-11-26T11:22:33.123456Z","metadata":{"turn":1}}' "$(head -c 60 /dev/zero | tr '\0' x)")
-for _ in $(seq 1 200); do echo "RPUSH bench:baseline:list $msg"; done | redis-cli -h "$host" -p "$port" >/dev/null
+# A list like a session's history: 200 entries of 215 bytes, the size of a message
+# loadgen stores (110 bytes of content, its id, role, timestamp and metadata).
+msg=$(printf '{"message_id":"0193a1b2-c3d4-7e5f-a7b8-c9d0e1f2a3b4","role":"user","content":"%s","timestamp":"2026-11-26T11:22:33.123456Z","metadata":{"turn":1}}' "$(head -c 70 /dev/zero | tr '\0' x)")
+entries=()
+for _ in $(seq 1 200); do entries+=("$msg"); done
+r rpush bench:baseline:list "${entries[@]}"
+[ "$(redis-cli -h "$host" -p "$port" llen bench:baseline:list)" = 200 ] || {
+    echo "could not fill bench:baseline:list" >&2
+    exit 1
+}
 kilo=$(head -c 1024 /dev/zero | tr '\0' x)
 for i in $(seq 0 9); do r set "bench:baseline:cp$i" "$kilo"; done
 
