@@ -137,6 +137,11 @@ impl MemoryBackend {
         writes: &[WriteInput],
     ) -> Result<()> {
         validate::writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
+        // Storing no writes must not make the thread or namespace appear in
+        // `list_threads` / `list_checkpoint_namespaces` (they list what holds data).
+        if writes.is_empty() {
+            return Ok(());
+        }
         let mut thread = self.threads.entry(thread_id.to_owned()).or_default();
         let stored = thread
             .entry(checkpoint_ns.to_owned())
