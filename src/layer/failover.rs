@@ -409,7 +409,20 @@ impl<B: StorageBackend> Failover<B> {
         run: impl Fn(&'a dyn StorageBackend) -> Fut<'a, T>,
     ) -> Result<T> {
         self.try_replay().await;
-        if !self.degraded() && self.state.permit(self.config.cooldown) != Permit::Denied {
+        // A call that waited for the queue while a replay emptied it goes to the primary:
+        // queueing it would degrade the layer again, and under steady load it would never
+        // leave the fallback.
+        let mut queue = None;
+        if self.degraded() {
+            let pending = self.state.pending.lock().await;
+            if self.degraded() {
+                queue = Some(pending);
+            }
+        }
+        if queue.is_none()
+            && !self.degraded()
+            && self.state.permit(self.config.cooldown) != Permit::Denied
+        {
             match run(self.primary()).await {
                 Ok(v) => {
                     self.state.success();
@@ -426,7 +439,10 @@ impl<B: StorageBackend> Failover<B> {
                 }
             }
         }
-        let mut pending = self.state.pending.lock().await;
+        let mut pending = match queue {
+            Some(pending) => pending,
+            None => self.state.pending.lock().await,
+        };
         if pending.len() >= self.config.max_pending {
             return Err(StorageError::Unavailable {
                 message: format!(
