@@ -183,7 +183,8 @@ fn sql_error(e: rusqlite::Error) -> StorageError {
         }
         rusqlite::Error::FromSqlConversionFailure(..)
         | rusqlite::Error::InvalidColumnType(..)
-        | rusqlite::Error::IntegralValueOutOfRange(..) => {
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::Utf8Error(..) => {
             StorageError::serialization("stored sqlite record has an unexpected type", e)
         }
         _ => StorageError::backend("sqlite error", false, e),
@@ -796,17 +797,25 @@ impl ConversationStorage for SqliteBackend {
         messages: &[(String, NewMessage)],
     ) -> Result<Vec<Result<String>>> {
         validate::batch("messages", messages.len())?;
-        let messages = messages.to_vec();
+        // Checked here and only valid items copied: a rejected one (metadata 10 000 levels
+        // deep) dropped on the connection thread could overflow that thread's stack.
+        let items: Vec<Result<(String, NewMessage)>> = messages
+            .iter()
+            .map(|(s, m)| validate::new_message(s, m).map(|()| (s.clone(), m.clone())))
+            .collect();
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let at = micros(now());
-            let mut out = Vec::with_capacity(messages.len());
-            for (session_id, message) in &messages {
-                if let Err(e) = validate::new_message(session_id, message) {
-                    out.push(Err(e));
-                    continue;
-                }
-                out.push(match append_message(&tx, session_id, message, at) {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                let (session_id, message) = match item {
+                    Ok(valid) => valid,
+                    Err(e) => {
+                        out.push(Err(e));
+                        continue;
+                    }
+                };
+                out.push(match append_message(&tx, &session_id, &message, at) {
                     Ok(id) => Ok(id),
                     Err(Failure::Storage(e)) => Err(e),
                     Err(sql) => return Err(sql),

@@ -337,13 +337,16 @@ impl RedisBackend {
     /// failover empties its script cache).
     async fn run<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
         let mut conn = self.conn().await?;
-        match conn.query::<T>(cmd).await {
+        // Converted here, not by the client, so a stored value that does not convert (bytes
+        // that are not UTF-8) is a Serialization error like any other corrupt record.
+        let reply = match conn.query::<RedisValue>(cmd).await {
             Err(e) if is_noscript(&e) => {
                 load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
-                conn.query::<T>(cmd).await.map_err(|e| self.error(e))
+                conn.query::<RedisValue>(cmd).await.map_err(|e| self.error(e))
             }
             other => other.map_err(|e| self.error(e)),
-        }
+        }?;
+        from_value(reply)
     }
 
     /// Runs many commands in one round trip: one pipeline on a node; on a cluster,
