@@ -115,13 +115,14 @@ pub struct SessionUpdate {
     /// A new status, if any.
     #[serde(default)]
     pub status: Option<String>,
-    /// Added to `request_count`.
+    /// Added to `request_count`, which saturates at `i64::MAX` instead of overflowing.
     #[serde(default)]
     pub add_requests: u64,
-    /// Added to `total_processing_time` (seconds; finite and not negative).
+    /// Added to `total_processing_time` (seconds; finite and not negative), which
+    /// saturates at `f64::MAX` instead of becoming infinite.
     #[serde(default)]
     pub add_processing_time: f64,
-    /// Added to `error_count`.
+    /// Added to `error_count`, which saturates at `i64::MAX` instead of overflowing.
     #[serde(default)]
     pub add_errors: u64,
 }

@@ -219,9 +219,12 @@ impl SessionStorage for MemoryBackend {
         if let Some(status) = &update.status {
             s.status = status.clone();
         }
-        s.metrics.request_count += update.add_requests;
-        s.metrics.total_processing_time += update.add_processing_time;
-        s.metrics.error_count += update.add_errors;
+        // Counters saturate (see `SessionUpdate`), as on every backend.
+        let (m, max) = (&mut s.metrics, i64::MAX as u64);
+        m.request_count = m.request_count.saturating_add(update.add_requests).min(max);
+        m.total_processing_time =
+            (m.total_processing_time + update.add_processing_time).min(f64::MAX);
+        m.error_count = m.error_count.saturating_add(update.add_errors).min(max);
         s.updated_at = now();
         Ok(true)
     }

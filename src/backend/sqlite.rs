@@ -599,11 +599,19 @@ impl SessionStorage for SqliteBackend {
                 merged.extend(update.metadata);
                 Some(serde_json::to_string(&merged)?)
             };
+            // Counters saturate (see `SessionUpdate`): SQLite would turn an overflowing
+            // integer sum into a REAL. Validation keeps each add within i64, so
+            // `MAX - ?n` cannot overflow; an overflowing float sum is Inf, which MIN clamps.
             let changed = tx
                 .prepare_cached(
-                    "UPDATE sessions SET request_count = request_count + ?2, \
-                     total_processing_time = total_processing_time + ?3, \
-                     error_count = error_count + ?4, status = COALESCE(?5, status), \
+                    "UPDATE sessions SET request_count = CASE \
+                     WHEN request_count > 9223372036854775807 - ?2 THEN 9223372036854775807 \
+                     ELSE request_count + ?2 END, \
+                     total_processing_time = MIN(total_processing_time + ?3, ?8), \
+                     error_count = CASE \
+                     WHEN error_count > 9223372036854775807 - ?4 THEN 9223372036854775807 \
+                     ELSE error_count + ?4 END, \
+                     status = COALESCE(?5, status), \
                      metadata = COALESCE(?6, metadata), updated_at = ?7 \
                      WHERE session_id = ?1",
                 )?
@@ -615,6 +623,7 @@ impl SessionStorage for SqliteBackend {
                     update.status,
                     metadata,
                     micros(now()),
+                    f64::MAX,
                 ])?;
             tx.commit()?;
             Ok(changed > 0)

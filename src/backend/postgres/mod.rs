@@ -49,7 +49,7 @@ const CHECKPOINT_COLUMNS: &str =
 /// `initialize()` and kept; under load up to `max_overflow` more are opened (the pool's
 /// maximum is their sum). Every statement is parameterized and prepared once per
 /// connection. Every operation is one statement, so it is atomic on its own: counters
-/// are added and metadata merged in SQL (`request_count = request_count + $n`,
+/// are added and metadata merged in SQL (`request_count = request_count + $n`, saturating;
 /// `metadata = metadata || $m`), and batches use `unnest` arrays.
 ///
 /// The URL is `postgres://user:password@host:port/dbname` (or `postgresql://`) with
@@ -186,10 +186,26 @@ impl Queries {
             batch_get_sessions: format!(
                 "SELECT {SESSION_COLUMNS} FROM {s}.sessions WHERE session_id = ANY($1::text[])"
             ),
+            // Counters saturate (see `SessionUpdate`): bigint and float8 overflow are
+            // errors here, so the sum runs only when it fits (CASE evaluates only the taken
+            // branch). Validation keeps each add within i64, so `MAX - $n` cannot overflow.
+            // The float test neither overflows nor underflows (PG rejects both) and is
+            // exact: with x the greater and y the lesser term, x + y rounds to infinity
+            // exactly when `(x - f64::MAX) + y >= 2^970` (half an ulp of f64::MAX), which
+            // is computed without rounding whenever x is close enough to f64::MAX to matter.
             update_session: format!(
-                "UPDATE {s}.sessions SET request_count = request_count + $2, \
-                 total_processing_time = total_processing_time + $3, \
-                 error_count = error_count + $4, status = COALESCE($5::text, status), \
+                "UPDATE {s}.sessions SET request_count = CASE \
+                 WHEN request_count > 9223372036854775807 - $2 THEN 9223372036854775807 \
+                 ELSE request_count + $2 END, \
+                 total_processing_time = CASE \
+                 WHEN GREATEST(total_processing_time, $3) - '1.7976931348623157e308'::float8 \
+                 + LEAST(total_processing_time, $3) >= '9.9792015476736e291'::float8 \
+                 THEN '1.7976931348623157e308'::float8 \
+                 ELSE total_processing_time + $3 END, \
+                 error_count = CASE \
+                 WHEN error_count > 9223372036854775807 - $4 THEN 9223372036854775807 \
+                 ELSE error_count + $4 END, \
+                 status = COALESCE($5::text, status), \
                  metadata = metadata || $6::jsonb, updated_at = $7 \
                  WHERE session_id = $1"
             ),

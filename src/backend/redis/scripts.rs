@@ -69,14 +69,37 @@ return redis.call('HGETALL', s)
 /// Applies a session update. ARGV: add_requests, add_time, add_errors, status or '',
 /// now, ttl ms, index granularity µs, then `m:key`/JSON pairs. Returns -1 when the
 /// session is missing, else whether the index needs a refresh (0/1).
+///
+/// Counters saturate (see `SessionUpdate`) and the update applies in full or not at all:
+/// a script error does not undo earlier writes, so the stored counters are checked before
+/// the first write, and after it every step is a `pcall` whose failure (an overflowing
+/// `HINCRBY`) or infinite result (`HINCRBYFLOAT` adds in long double, so it can exceed
+/// f64) writes the maximum instead. Lua numbers are doubles, so i64 sums are left to
+/// Redis.
 pub static UPDATE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
         r#"{TOUCH}
 local s = KEYS[1]
 if redis.call('EXISTS', s) == 0 then return -1 end
-if ARGV[1] ~= '0' then redis.call('HINCRBY', s, 'request_count', ARGV[1]) end
-if ARGV[2] ~= '0' then redis.call('HINCRBYFLOAT', s, 'total_processing_time', ARGV[2]) end
-if ARGV[3] ~= '0' then redis.call('HINCRBY', s, 'error_count', ARGV[3]) end
+local c = redis.call('HMGET', s, 'request_count', 'total_processing_time', 'error_count')
+local function count(v) return v and string.match(v, '^%d+$') end
+if not (count(c[1]) and c[2] and tonumber(c[2]) and count(c[3])) then
+  return redis.error_reply('ERR stored session counters are not numbers')
+end
+local function add(field, by)
+  if by ~= '0' and type(redis.pcall('HINCRBY', s, field, by)) == 'table' then
+    redis.call('HSET', s, field, '9223372036854775807')
+  end
+end
+add('request_count', ARGV[1])
+if ARGV[2] ~= '0' then
+  local t = redis.pcall('HINCRBYFLOAT', s, 'total_processing_time', ARGV[2])
+  local n = type(t) == 'string' and tonumber(t)
+  if not n or n > 1.7976931348623157e308 then
+    redis.call('HSET', s, 'total_processing_time', '1.7976931348623157e308')
+  end
+end
+add('error_count', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', s, 'status', ARGV[4]) end
 for i = 8, #ARGV, 2 do redis.call('HSET', s, ARGV[i], ARGV[i + 1]) end
 return touch(ARGV[5], ARGV[6], ARGV[7])

@@ -40,6 +40,7 @@ macro_rules! all_cases {
             sessions::update_merges_metadata_and_sets_status,
             sessions::update_missing_session_is_false,
             sessions::counters_add_up,
+            sessions::counters_saturate_instead_of_overflowing,
             sessions::end_session_sets_status,
             sessions::end_missing_session_is_false,
             sessions::batch_create_then_batch_get_keeps_order,

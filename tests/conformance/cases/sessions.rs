@@ -145,6 +145,52 @@ pub async fn counters_add_up(b: Arc<dyn StorageBackend>) {
     assert_eq!(s.status, SessionStatus::ACTIVE);
 }
 
+/// Counters saturate at their maximum instead of overflowing: the same on every backend,
+/// each update applied in full, and the session still readable and listable afterwards.
+pub async fn counters_saturate_instead_of_overflowing(b: Arc<dyn StorageBackend>) {
+    b.create_session("s1", "u1", &md(json!({}))).await.unwrap();
+    let huge = SessionUpdate {
+        add_requests: i64::MAX as u64,
+        add_errors: i64::MAX as u64,
+        add_processing_time: f64::MAX,
+        ..Default::default()
+    };
+    let one = SessionUpdate::new()
+        .increment_requests()
+        .mark_error()
+        .add_processing_time(1.0);
+    let max = SessionMetrics {
+        request_count: i64::MAX as u64,
+        total_processing_time: f64::MAX,
+        error_count: i64::MAX as u64,
+    };
+    // The first update lands exactly on the maxima; the next two would overflow.
+    for (i, u) in [&huge, &huge, &one].into_iter().enumerate() {
+        assert!(b.update_session("s1", u).await.unwrap(), "update {i}");
+        let s = b
+            .get_session("s1")
+            .await
+            .unwrap()
+            .expect("session still reads");
+        println!("after update {i}: {:?}", s.metrics);
+        assert_eq!(s.metrics, max, "counters after update {i}");
+    }
+    let page = b
+        .list_sessions(&SessionQuery::new().limit(100))
+        .await
+        .unwrap();
+    let listed = page.sessions.iter().find(|s| s.session_id == "s1");
+    assert_eq!(listed.map(|s| &s.metrics), Some(&max), "listed counters");
+    // A saturated session still takes ordinary updates, counters unchanged.
+    assert!(b
+        .update_session("s1", &SessionUpdate::new().status("paused"))
+        .await
+        .unwrap());
+    let s = b.get_session("s1").await.unwrap().unwrap();
+    assert_eq!(s.status, "paused");
+    assert_eq!(s.metrics, max);
+}
+
 pub async fn end_session_sets_status(b: Arc<dyn StorageBackend>) {
     let created = b
         .create_session("s1", "u1", &md(json!({"k": 1})))
