@@ -27,12 +27,12 @@ impl Lua {
 /// index is due for a refresh (its score may lag `updated_at` by up to one granularity,
 /// never lead it).
 const TOUCH: &str = r#"
-local function touch(now, ttl, granularity)
+local function touch(now, ttl, granularity, indexed_at)
   redis.call('HSET', KEYS[1], 'updated_at', now)
   if tonumber(ttl) > 0 then
     for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
   end
-  local indexed = tonumber(redis.call('HGET', KEYS[1], 'indexed_at') or '0')
+  local indexed = tonumber(indexed_at or redis.call('HGET', KEYS[1], 'indexed_at') or '0')
   if tonumber(now) - indexed >= tonumber(granularity) then
     redis.call('HSET', KEYS[1], 'indexed_at', now)
     return 1
@@ -72,7 +72,8 @@ return redis.call('HGETALL', s)
 ///
 /// Counters saturate (see `SessionUpdate`) and the update applies in full or not at all:
 /// a script error does not undo earlier writes, so the stored counters are checked before
-/// the first write, and after it every step is a `pcall` whose failure (an overflowing
+/// the first write (one HMGET, which also reads `indexed_at` for `touch` and stands in for
+/// EXISTS: an update costs no more calls than before saturation), and after it every step is a `pcall` whose failure (an overflowing
 /// `HINCRBY`) or infinite result (`HINCRBYFLOAT` adds in long double, so it can exceed
 /// f64) writes the maximum instead. Lua numbers are doubles, so i64 sums are left to
 /// Redis.
@@ -80,8 +81,9 @@ pub static UPDATE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
         r#"{TOUCH}
 local s = KEYS[1]
-if redis.call('EXISTS', s) == 0 then return -1 end
-local c = redis.call('HMGET', s, 'request_count', 'total_processing_time', 'error_count')
+local c = redis.call('HMGET', s, 'request_count', 'total_processing_time', 'error_count',
+  'indexed_at')
+if not (c[1] or c[2] or c[3]) and redis.call('EXISTS', s) == 0 then return -1 end
 local function count(v) return v and string.match(v, '^%d+$') end
 if not (count(c[1]) and c[2] and tonumber(c[2]) and count(c[3])) then
   return redis.error_reply('ERR stored session counters are not numbers')
@@ -102,7 +104,7 @@ end
 add('error_count', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', s, 'status', ARGV[4]) end
 for i = 8, #ARGV, 2 do redis.call('HSET', s, ARGV[i], ARGV[i + 1]) end
-return touch(ARGV[5], ARGV[6], ARGV[7])
+return touch(ARGV[5], ARGV[6], ARGV[7], c[4])
 "#
     ))
 });
