@@ -342,7 +342,9 @@ impl RedisBackend {
         let reply = match conn.query::<RedisValue>(cmd).await {
             Err(e) if is_noscript(&e) => {
                 load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
-                conn.query::<RedisValue>(cmd).await.map_err(|e| self.error(e))
+                conn.query::<RedisValue>(cmd)
+                    .await
+                    .map_err(|e| self.error(e))
             }
             other => other.map_err(|e| self.error(e)),
         }?;
