@@ -20,7 +20,7 @@ use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, IdPage, Message, Metadata, MetricsReport,
     NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionMetrics, SessionPage,
-    SessionQuery, SessionUpdate, TaskWrites, WriteInput,
+    SessionQuery, SessionStatus, SessionUpdate, TaskWrites, WriteInput,
 };
 use crate::redact::{redact_url, url_secrets};
 use crate::storage::{
@@ -544,7 +544,30 @@ impl RedisBackend {
     }
 
     /// The session a create script returned (its stored hash).
-    fn created(&self, session_id: &str, reply: Option<&RedisValue>) -> Result<Session> {
+    fn created(
+        &self,
+        session_id: &str,
+        user_id: &str,
+        metadata: &Metadata,
+        at: i64,
+        reply: Option<&RedisValue>,
+    ) -> Result<Session> {
+        if let Some(RedisValue::Int(0)) = reply {
+            let at =
+                DateTime::from_timestamp_micros(at).ok_or_else(|| StorageError::Serialization {
+                    message: format!("clock reading {at} µs is not a timestamp"),
+                    source: None,
+                })?;
+            return Ok(Session {
+                session_id: session_id.to_owned(),
+                user_id: user_id.to_owned(),
+                created_at: at,
+                updated_at: at,
+                status: SessionStatus::ACTIVE.to_owned(),
+                metadata: metadata.clone(),
+                metrics: SessionMetrics::default(),
+            });
+        }
         self.session_from_hash(session_id, reply.unwrap_or(&RedisValue::Nil))?
             .ok_or_else(|| StorageError::Serialization {
                 message: format!("redis returned no hash for created session `{session_id}`"),
@@ -801,7 +824,7 @@ impl SessionStorage for RedisBackend {
             self.index_cmd(session_id, at),
         ];
         let replies = self.many(&cmds).await?;
-        self.created(session_id, replies.first())
+        self.created(session_id, user_id, metadata, at, replies.first())
     }
 
     async fn delete_session(&self, session_id: &str) -> Result<bool> {
@@ -903,7 +926,9 @@ impl SessionStorage for RedisBackend {
         sessions
             .iter()
             .zip(replies.into_iter().step_by(2))
-            .map(|(s, reply)| self.created(&s.session_id, Some(&reply)))
+            .map(|(s, reply)| {
+                self.created(&s.session_id, &s.user_id, &s.metadata, at, Some(&reply))
+            })
             .collect()
     }
 

@@ -42,12 +42,14 @@ end
 "#;
 
 /// Creates or upserts a session. ARGV: user, now, ttl ms, then `m:key`/JSON pairs.
-/// Returns the session hash.
+/// Returns the session hash after an upsert, 0 for a new session (whose every field the
+/// caller knows: no hash to send back and parse).
 pub static CREATE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 local s = KEYS[1]
-if redis.call('EXISTS', s) == 1 then
+local existed = redis.call('EXISTS', s) == 1
+if existed then
   for _, f in ipairs(redis.call('HKEYS', s)) do
     if string.sub(f, 1, 2) == 'm:' then redis.call('HDEL', s, f) end
   end
@@ -61,7 +63,8 @@ for i = 4, #ARGV, 2 do redis.call('HSET', s, ARGV[i], ARGV[i + 1]) end
 if tonumber(ARGV[3]) > 0 then
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 end
-return redis.call('HGETALL', s)
+if existed then return redis.call('HGETALL', s) end
+return 0
 "#,
     )
 });
