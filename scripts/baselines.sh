@@ -66,6 +66,23 @@ if ! psql -h "$pg_host" -U "$pg_user" -d postgres -Atc \
     psql -h "$pg_host" -U "$pg_user" -d postgres -qc "CREATE DATABASE aiecs_pgbench"
     pgbench -h "$pg_host" -U "$pg_user" -i -s 1 -q aiecs_pgbench >/dev/null 2>&1
 fi
-tps=$(pgbench -h "$pg_host" -U "$pg_user" -S -c "$c" -j 2 -M prepared -T "${T:-20}" aiecs_pgbench 2>&1 |
-    grep -E "^tps" | sed -E 's/tps = ([0-9.]+).*/\1/')
-echo "baseline=pgbench_select rps=${tps%.*}"
+pgb() { # name, then pgbench arguments
+    local name=$1
+    shift
+    local tps
+    tps=$(pgbench -h "$pg_host" -U "$pg_user" -c "$c" -j 2 -M prepared -T "${T:-20}" "$@" \
+        aiecs_pgbench 2>&1 | grep -E "^tps" | sed -E 's/tps = ([0-9.]+).*/\1/')
+    echo "baseline=$name rps=${tps%.*}"
+}
+scripts=$(mktemp -d)
+trap 'rm -rf "$scripts"' EXIT
+# One statement per transaction, like each loadgen call: a keyed update of one row, and
+# an insert of one row.
+printf '%s\n' '\set aid random(1, 100000)' \
+    'UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;' >"$scripts/update.sql"
+printf '%s\n' '\set aid random(1, 100000)' \
+    'INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, :aid, 1, CURRENT_TIMESTAMP);' \
+    >"$scripts/insert.sql"
+pgb pgbench_select -S
+pgb pgbench_update_one_row -n -f "$scripts/update.sql"
+pgb pgbench_insert_one_row -n -f "$scripts/insert.sql"
