@@ -549,15 +549,10 @@ impl RedisBackend {
         session_id: &str,
         user_id: &str,
         metadata: &Metadata,
-        at: i64,
+        at: DateTime<Utc>,
         reply: Option<&RedisValue>,
     ) -> Result<Session> {
         if let Some(RedisValue::Int(0)) = reply {
-            let at =
-                DateTime::from_timestamp_micros(at).ok_or_else(|| StorageError::Serialization {
-                    message: format!("clock reading {at} µs is not a timestamp"),
-                    source: None,
-                })?;
             return Ok(Session {
                 session_id: session_id.to_owned(),
                 user_id: user_id.to_owned(),
@@ -818,13 +813,14 @@ impl SessionStorage for RedisBackend {
         metadata: &Metadata,
     ) -> Result<Session> {
         validate::create_session(session_id, user_id, metadata)?;
-        let at = now().timestamp_micros();
+        let time = now();
+        let at = time.timestamp_micros();
         let cmds = [
             self.create_cmd(session_id, user_id, metadata, at)?,
             self.index_cmd(session_id, at),
         ];
         let replies = self.many(&cmds).await?;
-        self.created(session_id, user_id, metadata, at, replies.first())
+        self.created(session_id, user_id, metadata, time, replies.first())
     }
 
     async fn delete_session(&self, session_id: &str) -> Result<bool> {
@@ -916,7 +912,8 @@ impl SessionStorage for RedisBackend {
 
     async fn batch_create_sessions(&self, sessions: &[NewSession]) -> Result<Vec<Session>> {
         validate::new_sessions(sessions)?;
-        let at = now().timestamp_micros();
+        let time = now();
+        let at = time.timestamp_micros();
         let mut cmds = Vec::with_capacity(sessions.len() * 2);
         for s in sessions {
             cmds.push(self.create_cmd(&s.session_id, &s.user_id, &s.metadata, at)?);
@@ -927,7 +924,7 @@ impl SessionStorage for RedisBackend {
             .iter()
             .zip(replies.into_iter().step_by(2))
             .map(|(s, reply)| {
-                self.created(&s.session_id, &s.user_id, &s.metadata, at, Some(&reply))
+                self.created(&s.session_id, &s.user_id, &s.metadata, time, Some(&reply))
             })
             .collect()
     }
@@ -1094,12 +1091,7 @@ impl ConversationStorage for RedisBackend {
             .arg(-(limit as i64))
             .arg(-1);
         let raw: Vec<String> = self.run(&c).await?;
-        raw.iter()
-            .map(|m| {
-                serde_json::from_str(m)
-                    .map_err(|e| StorageError::serialization("stored message is not valid JSON", e))
-            })
-            .collect()
+        raw.iter().map(|m| decode_message(m)).collect()
     }
 }
 
