@@ -601,7 +601,7 @@ const MAX_YIELDS: usize = 2;
 /// takes more for as long as yielding brings new items. Callers answered by the
 /// previous batch are woken at that moment and need a few microseconds to queue their
 /// next item; a writer that did not yield would race ahead of them and write batches of
-/// one or two. A lone caller costs one yield.
+/// one or two. A lone caller costs two empty yields.
 async fn gather(
     rx: &mut mpsc::Receiver<Envelope>,
     batch: &mut Batch,
