@@ -340,10 +340,10 @@ async fn tables_and_indexes_exist_and_hot_queries_use_them() {
     let indexes = names("SELECT indexname::text FROM pg_indexes WHERE schemaname = $1").await;
     for index in [
         "sessions_pkey",
-        "sessions_by_updated_at",
+        "sessions_by_indexed_at",
         "sessions_by_user",
         "messages_by_session",
-        "messages_session_id_message_id_key",
+        "messages_pkey",
         "checkpoints_by_thread",
         "checkpoints_thread_id_checkpoint_ns_checkpoint_id_key",
         "checkpoint_writes_thread_id_checkpoint_ns_checkpoint_id_tas_key",
@@ -436,11 +436,12 @@ async fn tables_and_indexes_exist_and_hot_queries_use_them() {
     .await;
     assert!(all.contains("sessions_pkey"), "listing plan:\n{all}");
     let idle = plan(format!(
-        "SELECT session_id FROM \"{schema}\".sessions WHERE updated_at < now() - interval '1 hour'"
+        "SELECT session_id FROM \"{schema}\".sessions \
+         WHERE indexed_at < now() - interval '1 hour' AND updated_at < now() - interval '1 hour'"
     ))
     .await;
     assert!(
-        idle.contains("sessions_by_updated_at"),
+        idle.contains("sessions_by_indexed_at"),
         "cleanup plan:\n{idle}"
     );
 
@@ -536,6 +537,226 @@ async fn json_numbers_round_trip_through_jsonb() {
             assert_eq!(e.kind(), ErrorKind::Serialization, "{e}");
         }
     }
+    b.close().await.unwrap();
+    drop_schema(&url, &schema).await;
+}
+
+/// `n_tup_upd` and `n_tup_hot_upd` of `schema.sessions` once the statistics show at
+/// least `updates` updates (they reach the view asynchronously).
+async fn session_updates(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    updates: i64,
+) -> (i64, i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        client
+            .batch_execute("SELECT pg_stat_clear_snapshot()")
+            .await
+            .unwrap();
+        let row = client
+            .query_one(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables \
+                 WHERE schemaname = $1 AND relname = 'sessions'",
+                &[&schema],
+            )
+            .await
+            .unwrap();
+        let (all, hot): (i64, i64) = (row.get(0), row.get(1));
+        if all >= updates || Instant::now() > deadline {
+            return (all, hot);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn touching_a_session_updates_its_row_in_place() {
+    let Some(url) = server() else { return };
+    let schema = common::unique_name("pghot");
+    let b = backend(&url, &schema);
+    b.initialize().await.unwrap();
+    let client = raw(&url).await;
+    for s in 0..20 {
+        b.create_session(&format!("s{s}"), "u", &Metadata::new())
+            .await
+            .unwrap();
+    }
+    // Every kind of touch: appends (single and batched), updates and ends.
+    for round in 0..5 {
+        for s in 0..20 {
+            let id = format!("s{s}");
+            b.add_conversation_message(&id, &NewMessage::new("user", format!("m{round}")))
+                .await
+                .unwrap();
+            assert!(b
+                .update_session(
+                    &id,
+                    &aiecs_storage::SessionUpdate::new().increment_requests()
+                )
+                .await
+                .unwrap());
+        }
+        let batch: Vec<(String, NewMessage)> = (0..20)
+            .map(|s| {
+                (
+                    format!("s{s}"),
+                    NewMessage::new("user", format!("b{round}")),
+                )
+            })
+            .collect();
+        for r in b.batch_add_conversation_messages(&batch).await.unwrap() {
+            r.unwrap();
+        }
+    }
+    assert!(b.end_session("s0", "completed").await.unwrap());
+    // Closing the pool ends its connections, which hands their statistics over now.
+    b.close().await.unwrap();
+    let touches = 20 * 5 * 3 + 1;
+    let (all, hot) = session_updates(&client, &schema, touches).await;
+    assert!(all >= touches, "{all} updates counted, {touches} made");
+    // The cleanup index moves at most once a minute per session: at most the first
+    // touch of each of the 20 sessions may need a new index entry.
+    assert!(
+        hot >= all - 20,
+        "{hot} of {all} session updates were HOT (in place)"
+    );
+    drop_schema(&url, &schema).await;
+}
+
+/// The released version-1 schema, verbatim (released migrations never change): the
+/// starting point of an upgrade.
+const SCHEMA_V1: &str = r#"
+CREATE TABLE {s}.sessions (
+    session_id            text COLLATE "C" PRIMARY KEY,
+    user_id               text COLLATE "C" NOT NULL,
+    created_at            timestamptz NOT NULL,
+    updated_at            timestamptz NOT NULL,
+    status                text COLLATE "C" NOT NULL,
+    metadata              jsonb NOT NULL,
+    request_count         bigint NOT NULL DEFAULT 0,
+    total_processing_time double precision NOT NULL DEFAULT 0,
+    error_count           bigint NOT NULL DEFAULT 0
+);
+CREATE INDEX sessions_by_updated_at ON {s}.sessions (updated_at);
+CREATE INDEX sessions_by_user ON {s}.sessions (user_id, session_id);
+CREATE TABLE {s}.messages (
+    seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    session_id text COLLATE "C" NOT NULL
+               REFERENCES {s}.sessions (session_id) ON DELETE CASCADE,
+    message_id text COLLATE "C" NOT NULL,
+    role       text NOT NULL,
+    content    text NOT NULL,
+    timestamp  timestamptz NOT NULL,
+    metadata   jsonb NOT NULL,
+    UNIQUE (session_id, message_id)
+);
+CREATE INDEX messages_by_session ON {s}.messages (session_id, seq);
+CREATE TABLE {s}.checkpoints (
+    seq                  bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    thread_id            text COLLATE "C" NOT NULL,
+    checkpoint_ns        text COLLATE "C" NOT NULL,
+    checkpoint_id        text COLLATE "C" NOT NULL,
+    parent_checkpoint_id text,
+    data                 jsonb NOT NULL,
+    metadata             jsonb NOT NULL,
+    created_at           timestamptz NOT NULL,
+    UNIQUE (thread_id, checkpoint_ns, checkpoint_id)
+);
+CREATE INDEX checkpoints_by_thread ON {s}.checkpoints (thread_id, checkpoint_ns, seq);
+CREATE TABLE {s}.checkpoint_writes (
+    seq           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    thread_id     text COLLATE "C" NOT NULL,
+    checkpoint_ns text COLLATE "C" NOT NULL,
+    checkpoint_id text COLLATE "C" NOT NULL,
+    task_id       text COLLATE "C" NOT NULL,
+    idx           integer NOT NULL,
+    channel       text NOT NULL,
+    value         jsonb NOT NULL,
+    UNIQUE (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
+);
+CREATE TABLE {s}.task_contexts (
+    session_id text COLLATE "C" PRIMARY KEY,
+    context    jsonb NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+CREATE TABLE {s}.schema_version (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    library    text NOT NULL
+);
+INSERT INTO {s}.schema_version (version, library) VALUES (1, 'aiecs-storage 0.1.0');
+"#;
+
+#[tokio::test]
+async fn a_version_1_schema_is_upgraded_with_its_data() {
+    let Some(url) = server() else { return };
+    let schema = common::unique_name("pgv1");
+    let client = raw(&url).await;
+    let s = format!("\"{schema}\"");
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {s};{}",
+            SCHEMA_V1.replace("{s}", &s)
+        ))
+        .await
+        .unwrap();
+    // Written as version 1 stored them: an idle session and a live one with history.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {s}.sessions (session_id, user_id, created_at, updated_at, status, \
+             metadata, request_count) VALUES \
+             ('idle', 'u', now() - interval '2 days', now() - interval '2 days', 'active', \
+             '{{}}', 1), \
+             ('live', 'u', now() - interval '1 hour', now() - interval '1 minute', 'active', \
+             '{{\"k\": 1}}', 7); \
+             INSERT INTO {s}.messages (session_id, message_id, role, content, timestamp, \
+             metadata) SELECT 'live', 'm' || g, 'user', 'text ' || g, now(), '{{}}' \
+             FROM generate_series(1, 3) g;"
+        ))
+        .await
+        .unwrap();
+
+    let b = backend(&url, &schema);
+    b.initialize().await.unwrap();
+    let latest = b.health_check().await.unwrap().details["schema_version"]
+        .as_i64()
+        .unwrap() as i32;
+    assert!(latest >= 2);
+    assert_eq!(
+        schema_versions(&url, &schema).await,
+        (1..=latest).collect::<Vec<_>>()
+    );
+
+    let live = b.get_session("live").await.unwrap().unwrap();
+    assert_eq!(live.metrics.request_count, 7);
+    assert_eq!(live.metadata["k"], json!(1));
+    let ids =
+        |h: Vec<aiecs_storage::Message>| h.into_iter().map(|m| m.message_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(b.get_conversation_history("live", 50).await.unwrap()),
+        ["m1", "m2", "m3"]
+    );
+    // Still idempotent on the message id, and still in order.
+    b.add_conversation_message("live", &NewMessage::new("user", "again").with_id("m2"))
+        .await
+        .unwrap();
+    b.add_conversation_message("live", &NewMessage::new("user", "four").with_id("m4"))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(b.get_conversation_history("live", 50).await.unwrap()),
+        ["m1", "m2", "m3", "m4"]
+    );
+    // Cleanup finds the idle session through the new index, and only it.
+    assert_eq!(
+        b.cleanup_expired_sessions(Duration::from_secs(24 * 3600))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(b.get_session("idle").await.unwrap().is_none());
+    assert!(b.get_session("live").await.unwrap().is_some());
     b.close().await.unwrap();
     drop_schema(&url, &schema).await;
 }

@@ -38,6 +38,19 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 
 const SESSION_COLUMNS: &str = "session_id, user_id, created_at, updated_at, status, metadata, \
      request_count, total_processing_time, error_count";
+/// The SET items that move a session's `updated_at` to `at` (`row` names the updated
+/// row): `indexed_at` (the cleanup index's column) follows only once it trails by the
+/// granularity, or if `at` is earlier, so most touches change no indexed column and
+/// update the row in place (HOT).
+fn touch(row: &str, at: &str) -> String {
+    let g = super::IDLE_INDEX_GRANULARITY_SECS;
+    format!(
+        "updated_at = {at}, indexed_at = CASE WHEN {row}.indexed_at <= {at} \
+         AND {row}.indexed_at > {at} - interval '{g} seconds' \
+         THEN {row}.indexed_at ELSE {at} END"
+    )
+}
+
 const CHECKPOINT_COLUMNS: &str =
     "thread_id, checkpoint_ns, checkpoint_id, parent_checkpoint_id, data, metadata, created_at";
 
@@ -155,8 +168,9 @@ impl Queries {
         let s = schema::quoted(schema_name);
         let upsert_session = format!(
             "ON CONFLICT (session_id) DO UPDATE SET user_id = EXCLUDED.user_id, \
-             metadata = EXCLUDED.metadata, updated_at = EXCLUDED.updated_at \
-             RETURNING {SESSION_COLUMNS}"
+             metadata = EXCLUDED.metadata, {} \
+             RETURNING {SESSION_COLUMNS}",
+            touch("sessions", "EXCLUDED.updated_at")
         );
         // `seq < $3` continues a filtered listing; `$4` is `before` (none: NULL), and an
         // id the thread and namespace do not hold compares with NULL and yields nothing.
@@ -170,13 +184,13 @@ impl Queries {
             schema: s.clone(),
             create_session: format!(
                 "INSERT INTO {s}.sessions \
-                 (session_id, user_id, created_at, updated_at, status, metadata) \
-                 VALUES ($1, $2, $3, $3, 'active', $4) {upsert_session}"
+                 (session_id, user_id, created_at, updated_at, indexed_at, status, metadata) \
+                 VALUES ($1, $2, $3, $3, $3, 'active', $4) {upsert_session}"
             ),
             batch_create_sessions: format!(
                 "INSERT INTO {s}.sessions \
-                 (session_id, user_id, created_at, updated_at, status, metadata) \
-                 SELECT i.session_id, i.user_id, $3, $3, 'active', i.metadata \
+                 (session_id, user_id, created_at, updated_at, indexed_at, status, metadata) \
+                 SELECT i.session_id, i.user_id, $3, $3, $3, 'active', i.metadata \
                  FROM unnest($1::text[], $2::text[], $4::jsonb[]) \
                  AS i (session_id, user_id, metadata) {upsert_session}"
             ),
@@ -206,22 +220,25 @@ impl Queries {
                  WHEN error_count > 9223372036854775807 - $4 THEN 9223372036854775807 \
                  ELSE error_count + $4 END, \
                  status = COALESCE($5::text, status), \
-                 metadata = metadata || $6::jsonb, updated_at = $7 \
-                 WHERE session_id = $1"
+                 metadata = metadata || $6::jsonb, {} \
+                 WHERE session_id = $1",
+                touch("sessions", "$7")
             ),
             end_session: format!(
-                "UPDATE {s}.sessions SET status = $2, updated_at = $3 WHERE session_id = $1"
+                "UPDATE {s}.sessions SET status = $2, {} WHERE session_id = $1",
+                touch("sessions", "$3")
             ),
             // One statement: the session's updated_at moves and the message is inserted
             // only if the session exists; the count tells a missing session apart.
             add_message: format!(
-                "WITH touched AS (UPDATE {s}.sessions SET updated_at = $6 \
+                "WITH touched AS (UPDATE {s}.sessions SET {} \
                  WHERE session_id = $1 RETURNING session_id), \
                  inserted AS (INSERT INTO {s}.messages \
                  (session_id, message_id, role, content, timestamp, metadata) \
                  SELECT session_id, $2::text, $3::text, $4::text, $6, $5::jsonb FROM touched \
                  ON CONFLICT (session_id, message_id) DO NOTHING) \
-                 SELECT count(*) FROM touched"
+                 SELECT count(*) FROM touched",
+                touch("sessions", "$6")
             ),
             // Sessions are locked in id order, so concurrent batches touching the same
             // sessions queue instead of deadlocking; messages are inserted in input order
@@ -232,7 +249,7 @@ impl Queries {
                  AS i (session_id, message_id, role, content, metadata, ord)), \
                  locked AS MATERIALIZED (SELECT session_id FROM {s}.sessions \
                  WHERE session_id = ANY($1::text[]) ORDER BY session_id FOR NO KEY UPDATE), \
-                 touched AS (UPDATE {s}.sessions t SET updated_at = $6 FROM locked l \
+                 touched AS (UPDATE {s}.sessions t SET {} FROM locked l \
                  WHERE t.session_id = l.session_id RETURNING t.session_id), \
                  inserted AS (INSERT INTO {s}.messages \
                  (session_id, message_id, role, content, timestamp, metadata) \
@@ -240,7 +257,8 @@ impl Queries {
                  FROM input i WHERE i.session_id IN (SELECT session_id FROM touched) \
                  ORDER BY i.ord \
                  ON CONFLICT (session_id, message_id) DO NOTHING) \
-                 SELECT session_id FROM touched"
+                 SELECT session_id FROM touched",
+                touch("t", "$6")
             ),
             history: format!(
                 "SELECT message_id, role, content, timestamp, metadata FROM \
@@ -250,12 +268,14 @@ impl Queries {
             ),
             restore_sessions: format!(
                 "INSERT INTO {s}.sessions (session_id, user_id, created_at, updated_at, status, \
-                 metadata, request_count, total_processing_time, error_count) \
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], \
-                 $4::timestamptz[], $5::text[], $6::jsonb[], $7::bigint[], $8::float8[], \
-                 $9::bigint[]) \
+                 metadata, request_count, total_processing_time, error_count, indexed_at) \
+                 SELECT *, r.updated_at FROM unnest($1::text[], $2::text[], \
+                 $3::timestamptz[], $4::timestamptz[], $5::text[], $6::jsonb[], $7::bigint[], \
+                 $8::float8[], $9::bigint[]) AS r (session_id, user_id, created_at, updated_at, \
+                 status, metadata, request_count, total_processing_time, error_count) \
                  ON CONFLICT (session_id) DO UPDATE SET user_id = EXCLUDED.user_id, \
                  created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, \
+                 indexed_at = EXCLUDED.updated_at, \
                  status = EXCLUDED.status, metadata = EXCLUDED.metadata, \
                  request_count = EXCLUDED.request_count, \
                  total_processing_time = EXCLUDED.total_processing_time, \
@@ -379,8 +399,10 @@ impl Queries {
             ),
             // One statement, so one transaction: the idle sessions and their task
             // context go together; messages follow through ON DELETE CASCADE.
+            // `indexed_at <= updated_at`, so the index range holds every idle session.
             cleanup: format!(
-                "WITH expired AS (DELETE FROM {s}.sessions WHERE updated_at < $1 \
+                "WITH expired AS (DELETE FROM {s}.sessions \
+                 WHERE indexed_at < $1 AND updated_at < $1 \
                  RETURNING session_id), \
                  contexts AS (DELETE FROM {s}.task_contexts \
                  WHERE session_id IN (SELECT session_id FROM expired)) \

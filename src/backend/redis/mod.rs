@@ -30,10 +30,9 @@ use crate::validate;
 use keys::{Index, SessionKeys, ThreadKeys};
 use scripts::Lua;
 
-/// How far the cleanup index may lag a session's `updated_at`. Refreshing it on every
-/// touch would double the commands of every write; a lagging score only makes cleanup
-/// look at a live session once and correct it.
-const INDEX_GRANULARITY_MICROS: i64 = 60_000_000;
+/// [`IDLE_INDEX_GRANULARITY_SECS`](super::IDLE_INDEX_GRANULARITY_SECS) in the unit of
+/// the index's scores.
+const INDEX_GRANULARITY_MICROS: i64 = super::IDLE_INDEX_GRANULARITY_SECS * 1_000_000;
 /// Candidates examined per cleanup round trip.
 const CLEANUP_PAGE: usize = 256;
 
