@@ -66,7 +66,7 @@ if ! psql -h "$pg_host" -U "$pg_user" -d postgres -Atc \
     psql -h "$pg_host" -U "$pg_user" -d postgres -qc "CREATE DATABASE aiecs_pgbench"
     pgbench -h "$pg_host" -U "$pg_user" -i -s 1 -q aiecs_pgbench >/dev/null 2>&1
 fi
-pgb() { # name, then pgbench arguments
+pgb() { # name, then pgbench arguments (they may override -c and -j)
     local name=$1
     shift
     local tps
@@ -86,3 +86,39 @@ printf '%s\n' '\set aid random(1, 100000)' \
 pgb pgbench_select -S
 pgb pgbench_update_one_row -n -f "$scripts/update.sql"
 pgb pgbench_insert_one_row -n -f "$scripts/insert.sql"
+
+# The floor under batched appends, in tables leaner than the library's: sessions with
+# no index but the key (so touching updated_at is a HOT update), messages with only
+# the two indexes the contract needs (the id that makes a retried add idempotent, and
+# the order history reads), no foreign key. "bare" inserts messages only; "touch" also
+# moves each session's updated_at and inserts only for sessions that exist, as an
+# append must. One message per transaction from 32 clients, against 32 per transaction
+# (rows per second = tps x 32) from one and from two connections: the most any group
+# commit of these rows can gain on this machine.
+psql -h "$pg_host" -U "$pg_user" -d aiecs_pgbench -q \
+    -c "DROP TABLE IF EXISTS floor_messages, floor_sessions" \
+    -c "CREATE TABLE floor_sessions (session_id text COLLATE \"C\" PRIMARY KEY,
+        updated_at timestamptz NOT NULL) WITH (fillfactor = 80)" \
+    -c "INSERT INTO floor_sessions SELECT 's-' || g, now() FROM generate_series(0, 999) g" \
+    -c "CREATE TABLE floor_messages (seq bigint GENERATED ALWAYS AS IDENTITY,
+        session_id text COLLATE \"C\" NOT NULL, message_id text COLLATE \"C\" NOT NULL,
+        role text NOT NULL, content text NOT NULL, timestamp timestamptz NOT NULL,
+        metadata jsonb NOT NULL, PRIMARY KEY (session_id, message_id))" \
+    -c "CREATE INDEX ON floor_messages (session_id, seq)"
+floor() { # name, number of sessions per transaction, whether to touch them
+    local sessions="SELECT 's-' || (:s + g) AS session_id FROM generate_series(0, $(($2 - 1))) g"
+    if [ "$3" = touch ]; then
+        sessions="UPDATE floor_sessions SET updated_at = now() WHERE session_id IN ($sessions) RETURNING session_id"
+    fi
+    printf '%s\n' "\\set s random(0, $((1000 - $2)))" \
+        "WITH t AS ($sessions) INSERT INTO floor_messages (session_id, message_id, role, content, timestamp, metadata) SELECT session_id, gen_random_uuid()::text, 'user', repeat('x', 110), now(), '{}' FROM t;" \
+        >"$scripts/$1.sql"
+}
+for kind in bare touch; do
+    floor "$kind-1" 1 "$kind"
+    floor "$kind-32" 32 "$kind"
+    pgb "floor_${kind}_1_message_32_clients" -n -f "$scripts/$kind-1.sql"
+    pgb "floor_${kind}_32_messages_1_conn" -n -c 1 -j 1 -f "$scripts/$kind-32.sql"
+    pgb "floor_${kind}_32_messages_2_conns" -n -c 2 -j 2 -f "$scripts/$kind-32.sql"
+done
+psql -h "$pg_host" -U "$pg_user" -d aiecs_pgbench -qc "DROP TABLE floor_messages, floor_sessions"
