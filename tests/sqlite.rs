@@ -31,7 +31,7 @@ async fn data_survives_reopening_the_file() {
     assert_eq!(history[0].content, "kept");
     let health = second.health_check().await.unwrap();
     assert_eq!(health.details["journal_mode"], "wal");
-    assert_eq!(health.details["schema_version"], 1);
+    assert_eq!(health.details["schema_version"], 2);
 }
 
 #[tokio::test]
@@ -63,7 +63,7 @@ async fn initialize_migrates_an_empty_file_once() {
     let version: i64 = raw(&path)
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
 }
 
 #[tokio::test]
@@ -130,4 +130,179 @@ async fn an_unopenable_path_is_a_connection_error() {
         }
         other => panic!("expected a connection error, got {other:?}"),
     }
+}
+
+/// `indexed_at` and `updated_at` of a session, read past the backend.
+fn index_times(path: &std::path::Path, id: &str) -> (i64, i64) {
+    raw(path)
+        .query_row(
+            "SELECT indexed_at, updated_at FROM sessions WHERE session_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn touches_leave_the_cleanup_index_alone_within_a_minute() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("touch.db");
+    let b = SqliteBackend::new(&path);
+    b.create_session("s", "u", &Metadata::new()).await.unwrap();
+    let (created, _) = index_times(&path, "s");
+    for i in 0..20 {
+        b.add_conversation_message("s", &NewMessage::new("user", format!("m{i}")))
+            .await
+            .unwrap();
+        b.update_session(
+            "s",
+            &aiecs_storage::SessionUpdate::new().increment_requests(),
+        )
+        .await
+        .unwrap();
+    }
+    let batch: Vec<(String, NewMessage)> = (0..5)
+        .map(|i| ("s".to_string(), NewMessage::new("user", format!("b{i}"))))
+        .collect();
+    b.batch_add_conversation_messages(&batch).await.unwrap();
+    b.end_session("s", "completed").await.unwrap();
+    b.create_session("s", "u2", &Metadata::new()).await.unwrap();
+    let (indexed, updated) = index_times(&path, "s");
+    assert!(updated > created, "updated_at moved");
+    assert_eq!(
+        indexed, created,
+        "42 touches within a minute left indexed_at alone"
+    );
+
+    // An index entry that trails by more than the granularity (or leads) is moved.
+    raw(&path)
+        .execute(
+            "UPDATE sessions SET indexed_at = indexed_at - 61000000 WHERE session_id = 's'",
+            [],
+        )
+        .unwrap();
+    b.add_conversation_message("s", &NewMessage::new("user", "late"))
+        .await
+        .unwrap();
+    let (indexed, updated) = index_times(&path, "s");
+    assert_eq!(indexed, updated);
+    raw(&path)
+        .execute(
+            "UPDATE sessions SET indexed_at = updated_at + 5000000 WHERE session_id = 's'",
+            [],
+        )
+        .unwrap();
+    b.end_session("s", "completed").await.unwrap();
+    let (indexed, updated) = index_times(&path, "s");
+    assert_eq!(indexed, updated);
+    b.close().await.unwrap();
+}
+
+/// The released version-1 schema, verbatim (released migrations never change).
+const SCHEMA_V1: &str = r#"
+CREATE TABLE sessions (
+    session_id            TEXT PRIMARY KEY,
+    user_id               TEXT NOT NULL,
+    created_at            INTEGER NOT NULL,
+    updated_at            INTEGER NOT NULL,
+    status                TEXT NOT NULL,
+    metadata              TEXT NOT NULL,
+    request_count         INTEGER NOT NULL DEFAULT 0,
+    total_processing_time REAL NOT NULL DEFAULT 0,
+    error_count           INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX sessions_by_updated_at ON sessions (updated_at);
+CREATE INDEX sessions_by_user ON sessions (user_id, session_id);
+CREATE TABLE messages (
+    seq        INTEGER PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
+    message_id TEXT NOT NULL,
+    role       TEXT NOT NULL,
+    content    TEXT NOT NULL,
+    timestamp  INTEGER NOT NULL,
+    metadata   TEXT NOT NULL,
+    UNIQUE (session_id, message_id)
+);
+CREATE INDEX messages_by_session ON messages (session_id, seq);
+CREATE TABLE checkpoints (
+    seq                  INTEGER PRIMARY KEY,
+    thread_id            TEXT NOT NULL,
+    checkpoint_ns        TEXT NOT NULL,
+    checkpoint_id        TEXT NOT NULL,
+    parent_checkpoint_id TEXT,
+    data                 TEXT NOT NULL,
+    metadata             TEXT NOT NULL,
+    created_at           INTEGER NOT NULL,
+    UNIQUE (thread_id, checkpoint_ns, checkpoint_id)
+);
+CREATE INDEX checkpoints_by_thread ON checkpoints (thread_id, checkpoint_ns, seq);
+CREATE TABLE checkpoint_writes (
+    seq           INTEGER PRIMARY KEY,
+    thread_id     TEXT NOT NULL,
+    checkpoint_ns TEXT NOT NULL,
+    checkpoint_id TEXT NOT NULL,
+    task_id       TEXT NOT NULL,
+    idx           INTEGER NOT NULL,
+    channel       TEXT NOT NULL,
+    value         TEXT NOT NULL,
+    UNIQUE (thread_id, checkpoint_ns, checkpoint_id, task_id, idx)
+);
+CREATE TABLE task_contexts (
+    session_id TEXT PRIMARY KEY,
+    context    TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+PRAGMA user_version = 1;
+"#;
+
+#[tokio::test]
+async fn a_version_1_file_is_upgraded_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let day = 24 * 3600 * 1_000_000_i64;
+    let now = chrono::Utc::now().timestamp_micros();
+    {
+        let conn = raw(&path);
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.execute(
+            "INSERT INTO sessions (session_id, user_id, created_at, updated_at, status, \
+             metadata, request_count) VALUES ('idle', 'u', ?1, ?1, 'active', '{}', 1), \
+             ('live', 'u', ?2, ?2, 'active', '{\"k\":1}', 7)",
+            [now - 2 * day, now - 60_000_000],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO messages (session_id, message_id, role, content, timestamp, metadata) \
+             VALUES ('live', 'm1', 'user', 'one', ?1, '{}'), ('live', 'm2', 'user', 'two', ?1, '{}')",
+            [now],
+        )
+        .unwrap();
+    }
+    let b = SqliteBackend::new(&path);
+    b.initialize().await.unwrap();
+    assert_eq!(b.health_check().await.unwrap().details["schema_version"], 2);
+    let live = b.get_session("live").await.unwrap().unwrap();
+    assert_eq!(live.metrics.request_count, 7);
+    assert_eq!(live.metadata["k"], serde_json::json!(1));
+    assert_eq!(index_times(&path, "live").0, now - 60_000_000);
+    b.add_conversation_message("live", &NewMessage::new("user", "again").with_id("m2"))
+        .await
+        .unwrap();
+    let ids: Vec<String> = b
+        .get_conversation_history("live", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message_id)
+        .collect();
+    assert_eq!(ids, ["m1", "m2"]);
+    assert_eq!(
+        b.cleanup_expired_sessions(std::time::Duration::from_secs(24 * 3600))
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(b.get_session("idle").await.unwrap().is_none());
+    assert!(b.get_session("live").await.unwrap().is_some());
+    b.close().await.unwrap();
 }

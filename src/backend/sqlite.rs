@@ -25,7 +25,8 @@ use crate::validate;
 /// Schema migrations, applied in order inside one transaction; `PRAGMA user_version`
 /// records how many ran, so a file written by an older version is brought forward on
 /// `initialize()` and a file from a newer version is refused rather than misread.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE sessions (
     session_id            TEXT PRIMARY KEY,
     user_id               TEXT NOT NULL,
@@ -83,7 +84,17 @@ CREATE TABLE task_contexts (
     context    TEXT NOT NULL,
     updated_at INTEGER NOT NULL
 );
-"#];
+"#,
+    r#"
+-- Touching a session (an append, an update) no longer rewrites an index entry: cleanup
+-- scans indexed_at, which trails updated_at by under a minute and never leads it (see
+-- touch_index).
+ALTER TABLE sessions ADD COLUMN indexed_at INTEGER NOT NULL DEFAULT 0;
+UPDATE sessions SET indexed_at = updated_at;
+DROP INDEX sessions_by_updated_at;
+CREATE INDEX sessions_by_indexed_at ON sessions (indexed_at);
+"#,
+];
 
 const SESSION_COLUMNS: &str = "session_id, user_id, created_at, updated_at, status, metadata, \
      request_count, total_processing_time, error_count";
@@ -269,21 +280,44 @@ fn upsert_session(
     at: i64,
 ) -> Sql<Session> {
     let mut stmt = conn.prepare_cached(&format!(
-        "INSERT INTO sessions (session_id, user_id, created_at, updated_at, status, metadata) \
-         VALUES (?1, ?2, ?3, ?3, 'active', ?4) \
+        "INSERT INTO sessions (session_id, user_id, created_at, updated_at, indexed_at, \
+         status, metadata) VALUES (?1, ?2, ?3, ?3, ?3, 'active', ?4) \
          ON CONFLICT (session_id) DO UPDATE SET user_id = excluded.user_id, \
          metadata = excluded.metadata, updated_at = excluded.updated_at \
          RETURNING {SESSION_COLUMNS}"
     ))?;
     let mut rows = stmt.query(params![session_id, user_id, at, metadata])?;
-    match rows.next()? {
-        Some(row) => session_from_row(row),
-        None => Err(Failure::Storage(StorageError::Backend {
-            message: "sqlite upsert returned no row".into(),
-            transient: false,
-            source: None,
-        })),
-    }
+    let session = match rows.next()? {
+        Some(row) => session_from_row(row)?,
+        None => {
+            return Err(Failure::Storage(StorageError::Backend {
+                message: "sqlite upsert returned no row".into(),
+                transient: false,
+                source: None,
+            }))
+        }
+    };
+    drop(rows);
+    drop(stmt);
+    touch_index(conn, session_id, at)?;
+    Ok(session)
+}
+
+/// Moves the session's `indexed_at` (the cleanup index's column) to `at` when it
+/// trails by the granularity or leads; most touches match no row here and write
+/// nothing. A separate statement because SQLite rewrites the index entry of any column
+/// an UPDATE sets, even to its own value. Run after every change of `updated_at`.
+fn touch_index(conn: &rusqlite::Connection, session_id: &str, at: i64) -> Sql<()> {
+    conn.prepare_cached(
+        "UPDATE sessions SET indexed_at = ?2 WHERE session_id = ?1 \
+         AND (indexed_at > ?2 OR indexed_at <= ?2 - ?3)",
+    )?
+    .execute(params![
+        session_id,
+        at,
+        super::IDLE_INDEX_GRANULARITY_SECS * 1_000_000
+    ])?;
+    Ok(())
 }
 
 /// Appends one message inside the caller's transaction; `NotFound` leaves nothing
@@ -300,6 +334,7 @@ fn append_message(
     if touched == 0 {
         return Err(StorageError::not_found("session", session_id).into());
     }
+    touch_index(conn, session_id, at)?;
     let message_id = message.id_or_generate();
     conn.prepare_cached(
         "INSERT INTO messages (session_id, message_id, role, content, timestamp, metadata) \
@@ -560,8 +595,13 @@ impl SessionStorage for SqliteBackend {
             user_id.to_owned(),
             serde_json::to_string(metadata)?,
         );
-        self.write(move |c| upsert_session(c, &id, &user, &meta, micros(now())))
-            .await
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let session = upsert_session(&tx, &id, &user, &meta, micros(now()))?;
+            tx.commit()?;
+            Ok(session)
+        })
+        .await
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
@@ -583,6 +623,7 @@ impl SessionStorage for SqliteBackend {
         let update = update.clone();
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let at = micros(now());
             // Counters are added in SQL; only merged metadata is computed here, under the
             // write lock this transaction holds, so no concurrent update is lost.
             let metadata = if update.metadata.is_empty() {
@@ -622,9 +663,12 @@ impl SessionStorage for SqliteBackend {
                     update.add_errors as i64,
                     update.status,
                     metadata,
-                    micros(now()),
+                    at,
                     f64::MAX,
                 ])?;
+            if changed > 0 {
+                touch_index(&tx, &id, at)?;
+            }
             tx.commit()?;
             Ok(changed > 0)
         })
@@ -636,11 +680,17 @@ impl SessionStorage for SqliteBackend {
         validate::status(status)?;
         let (id, status) = (session_id.to_owned(), status.to_owned());
         self.write(move |c| {
-            let changed = c
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let at = micros(now());
+            let changed = tx
                 .prepare_cached(
                     "UPDATE sessions SET status = ?2, updated_at = ?3 WHERE session_id = ?1",
                 )?
-                .execute(params![id, status, micros(now())])?;
+                .execute(params![id, status, at])?;
+            if changed > 0 {
+                touch_index(&tx, &id, at)?;
+            }
+            tx.commit()?;
             Ok(changed > 0)
         })
         .await
@@ -713,10 +763,11 @@ impl SessionStorage for SqliteBackend {
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO sessions (session_id, user_id, created_at, updated_at, status, \
-                     metadata, request_count, total_processing_time, error_count) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                     metadata, request_count, total_processing_time, error_count, indexed_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?4) \
                      ON CONFLICT (session_id) DO UPDATE SET user_id = excluded.user_id, \
                      created_at = excluded.created_at, updated_at = excluded.updated_at, \
+                     indexed_at = excluded.updated_at, \
                      status = excluded.status, metadata = excluded.metadata, \
                      request_count = excluded.request_count, \
                      total_processing_time = excluded.total_processing_time, \
@@ -1321,13 +1372,17 @@ impl StorageBackend for SqliteBackend {
         let cutoff = micros(validate::idle_cutoff(max_idle)?);
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // `indexed_at <= updated_at`, so the index range holds every idle session.
             tx.execute(
-                "DELETE FROM task_contexts WHERE session_id IN \
-                 (SELECT session_id FROM sessions WHERE updated_at < ?1)",
+                "DELETE FROM task_contexts WHERE session_id IN (SELECT session_id FROM \
+                 sessions WHERE indexed_at < ?1 AND updated_at < ?1)",
                 [cutoff],
             )?;
             // Messages go with their session through ON DELETE CASCADE.
-            let removed = tx.execute("DELETE FROM sessions WHERE updated_at < ?1", [cutoff])?;
+            let removed = tx.execute(
+                "DELETE FROM sessions WHERE indexed_at < ?1 AND updated_at < ?1",
+                [cutoff],
+            )?;
             tx.commit()?;
             Ok(removed as u64)
         })
