@@ -299,7 +299,10 @@ fn upsert_session(
     };
     drop(rows);
     drop(stmt);
-    touch_index(conn, session_id, at)?;
+    // A new row already has indexed_at = at; an upserted one may need it moved.
+    if session.created_at.timestamp_micros() != at {
+        touch_index(conn, session_id, at)?;
+    }
     Ok(session)
 }
 
@@ -595,13 +598,11 @@ impl SessionStorage for SqliteBackend {
             user_id.to_owned(),
             serde_json::to_string(metadata)?,
         );
-        self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let session = upsert_session(&tx, &id, &user, &meta, micros(now()))?;
-            tx.commit()?;
-            Ok(session)
-        })
-        .await
+        // No transaction: if the process died between the upsert and the index move,
+        // indexed_at would only trail (or lead) until the next touch, which cleanup
+        // tolerates.
+        self.write(move |c| upsert_session(c, &id, &user, &meta, micros(now())))
+            .await
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
