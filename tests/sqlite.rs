@@ -306,3 +306,44 @@ async fn a_version_1_file_is_upgraded_with_its_data() {
     assert!(b.get_session("live").await.unwrap().is_some());
     b.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_wal_is_copied_into_the_file_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wal.db");
+    let b = SqliteBackend::new(&path);
+    b.create_session("s", "u", &Metadata::new()).await.unwrap();
+    let size = || std::fs::metadata(&path).unwrap().len();
+    let before = size();
+    // About 2 MiB of messages: less than the writer's own checkpoint threshold (64 MiB),
+    // and less than SQLite's default one (4 MiB), so only the background task copies
+    // the WAL into the database file.
+    let content = "x".repeat(1024);
+    for round in 0..20 {
+        let batch: Vec<(String, NewMessage)> = (0..100)
+            .map(|i| {
+                let m = NewMessage::new("user", content.clone()).with_id(format!("{round}-{i}"));
+                ("s".to_string(), m)
+            })
+            .collect();
+        for r in b.batch_add_conversation_messages(&batch).await.unwrap() {
+            r.unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while size() < before + 2_000_000 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        size() >= before + 2_000_000,
+        "database file {} bytes, {before} before 2 MiB of appends: the WAL was not copied",
+        size()
+    );
+    b.close().await.unwrap();
+    let reopened = SqliteBackend::new(&path);
+    assert_eq!(
+        reopened.get_conversation_history("s", 5000).await.unwrap().len(),
+        2000
+    );
+    reopened.close().await.unwrap();
+}
