@@ -342,7 +342,11 @@ async fn the_wal_is_copied_into_the_file_in_the_background() {
     b.close().await.unwrap();
     let reopened = SqliteBackend::new(&path);
     assert_eq!(
-        reopened.get_conversation_history("s", 5000).await.unwrap().len(),
+        reopened
+            .get_conversation_history("s", 5000)
+            .await
+            .unwrap()
+            .len(),
         2000
     );
     reopened.close().await.unwrap();
