@@ -589,7 +589,7 @@ pub struct MetricsReport {
 /// Reads timestamps as chrono does, with a fast path for the one form this crate writes
 /// (`YYYY-MM-DDTHH:MM:SS[.f]Z`): with chrono's general RFC 3339 parser, a Redis history
 /// read (50 messages) ran at 23 800/s on one worker; with this path, 28 000/s.
-mod utc_time {
+pub(crate) mod utc_time {
     use chrono::{DateTime, NaiveDate, Utc};
     use serde::{de, Deserializer};
 
@@ -612,7 +612,7 @@ mod utc_time {
 
     /// `YYYY-MM-DDTHH:MM:SSZ` with an optional fraction of 1 to 9 digits; anything else
     /// is `None` and goes to chrono.
-    pub(super) fn fast(b: &[u8]) -> Option<DateTime<Utc>> {
+    pub(crate) fn fast(b: &[u8]) -> Option<DateTime<Utc>> {
         fn num(b: &[u8]) -> Option<u32> {
             b.iter().try_fold(0u32, |n, &c| {
                 c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
