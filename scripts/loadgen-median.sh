@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Runs the release loadgen RUNS times with the given arguments and prints, per
 # operation, the run with the median ops/s (its whole line) and the spread over the
-# runs. On a small shared VM one run's figure can move 30% from the next; the README's
-# tables are medians of this script.
+# runs, then one line on the correctness checks of all runs. On a small shared VM one
+# run's figure can move 30% from the next; the README's tables are medians of this
+# script.
 #
 #   scripts/loadgen-median.sh RUNS --url URL [other loadgen arguments]
+#
+# Last line: `checks runs=<RUNS> failed=<n>`; a failed check, an operation with errors
+# or a failed cleanup (loadgen's exit status) counts, and its lines are printed above.
 set -euo pipefail
 runs=$1
 shift
@@ -12,8 +16,16 @@ bin=${LOADGEN:-target/release/examples/loadgen}
 [ -x "$bin" ] || cargo build --release --example loadgen --all-features
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
+failed=0
 for _ in $(seq 1 "$runs"); do
-    "$bin" "$@" 2>/dev/null | grep '^op=' | grep -v ' batch calls=' >>"$out" || true
+    status=0
+    run=$("$bin" "$@" 2>/dev/null) || status=$?
+    grep '^op=' <<<"$run" | grep -v -e ' batch calls=' -e ' errors=' >>"$out" || true
+    if [ "$status" -ne 0 ]; then
+        failed=$((failed + 1))
+        echo "failed run (exit $status):"
+        grep -e ' errors=' -e '^check=' -e '^cleanup' <<<"$run" || true
+    fi
 done
 python3 - "$out" <<'PY'
 import re, sys
@@ -27,3 +39,4 @@ for op, runs in by_op.items():
     rate, line = runs[len(runs) // 2]
     print(f"{line} runs={len(runs)} min={runs[0][0]} max={runs[-1][0]}")
 PY
+echo "checks runs=$runs failed=$failed"
