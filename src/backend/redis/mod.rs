@@ -773,7 +773,8 @@ fn decode_message(text: &str) -> Result<Message> {
 /// Reads a message laid out exactly as [`StoredMessage`] writes it (its fields in order,
 /// no whitespace) whose strings hold no escapes; anything else is `None` and goes to
 /// serde_json, which then decides. History reads decode 50 of these a call and the
-/// client's CPU is their limit: this takes 105 ns a message where serde_json took 205.
+/// client's CPU is their limit: loadgen's history reads went from 31k to 42k/s on one
+/// worker (README, Performance).
 fn decode_stored_message(text: &str) -> Option<Message> {
     /// A JSON string's body up to its closing quote, if it needs no unescaping.
     fn plain(s: &str) -> Option<(&str, &str)> {
