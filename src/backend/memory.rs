@@ -262,8 +262,17 @@ impl SessionStorage for MemoryBackend {
     async fn delete_session(&self, session_id: &str) -> Result<bool> {
         self.check_open()?;
         validate::id("session_id", session_id)?;
+        // The context goes while the session's entry is locked (present or not), so a
+        // re-create of the session and a new context can never land between the two.
+        let entry = self.sessions.entry(session_id.to_owned());
         self.task_contexts.remove(session_id);
-        Ok(self.sessions.remove(session_id).is_some())
+        Ok(match entry {
+            dashmap::Entry::Occupied(e) => {
+                e.remove();
+                true
+            }
+            dashmap::Entry::Vacant(_) => false,
+        })
     }
 
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
@@ -639,17 +648,27 @@ impl StorageBackend for MemoryBackend {
     async fn cleanup_expired_sessions(&self, max_idle: Duration) -> Result<u64> {
         self.check_open()?;
         let cutoff = validate::idle_cutoff(max_idle)?;
-        let mut removed = Vec::new();
-        self.sessions.retain(|id, entry| {
-            let keep = entry.session.updated_at >= cutoff;
-            if !keep {
-                removed.push(id.clone());
-            }
-            keep
-        });
-        for id in &removed {
-            self.task_contexts.remove(id);
+        // Candidates first, then each removed with its context under the session's
+        // entry lock and only if still idle: a session re-created (and given a new
+        // context) while cleanup runs keeps both. Lock order is sessions, then contexts,
+        // as in delete_session; nothing takes them the other way round.
+        let candidates: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|e| e.session.updated_at < cutoff)
+            .map(|e| e.key().clone())
+            .collect();
+        let mut removed = 0;
+        for id in candidates {
+            let gone = self.sessions.remove_if(&id, |id, entry| {
+                let idle = entry.session.updated_at < cutoff;
+                if idle {
+                    self.task_contexts.remove(id);
+                }
+                idle
+            });
+            removed += u64::from(gone.is_some());
         }
-        Ok(removed.len() as u64)
+        Ok(removed)
     }
 }

@@ -2,8 +2,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
-use aiecs_storage::{CheckpointFilter, NewCheckpoint, NewMessage, SessionUpdate, StorageBackend};
+use aiecs_storage::{
+    CheckpointFilter, NewCheckpoint, NewMessage, Session, SessionUpdate, StorageBackend,
+};
 use serde_json::json;
 
 use super::md;
@@ -118,4 +121,73 @@ pub async fn concurrent_checkpoints_keep_store_order(b: Arc<dyn StorageBackend>)
     let latest = b.get_checkpoint("th", "", None).await.unwrap().unwrap();
     assert_eq!(latest, listed[0]);
     assert_eq!(latest.data[1], json!(PER_TASK - 1));
+}
+
+/// Cleanup removes a session with its context as one step: a session re-created (and
+/// given a new context) while cleanup runs keeps both, whatever the interleaving.
+pub async fn cleanup_spares_sessions_recreated_while_it_runs(b: Arc<dyn StorageBackend>) {
+    const SESSIONS: usize = 600;
+    const WRITERS: usize = 4;
+    let idle_since = chrono::Utc::now() - chrono::Duration::hours(2);
+    let ids: Vec<String> = (0..SESSIONS).map(|i| format!("r{i:04}")).collect();
+    let idle: Vec<Session> = ids
+        .iter()
+        .map(|id| Session {
+            session_id: id.clone(),
+            user_id: "u1".into(),
+            created_at: idle_since,
+            updated_at: idle_since,
+            status: "active".into(),
+            metadata: md(json!({})),
+            metrics: Default::default(),
+        })
+        .collect();
+    for chunk in idle.chunks(100) {
+        b.restore_sessions(chunk).await.unwrap();
+    }
+    for id in &ids {
+        b.store_task_context(id, &json!({"old": id})).await.unwrap();
+    }
+
+    let cleanup = {
+        let b = b.clone();
+        tokio::spawn(async move { b.cleanup_expired_sessions(Duration::from_secs(3600)).await })
+    };
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let b = b.clone();
+        let mine: Vec<String> = ids.iter().skip(w).step_by(WRITERS).cloned().collect();
+        writers.push(tokio::spawn(async move {
+            for id in mine {
+                b.create_session(&id, "u2", &md(json!({}))).await.unwrap();
+                b.store_task_context(&id, &json!({"new": id}))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let removed = cleanup.await.unwrap().unwrap();
+    assert!(removed <= SESSIONS as u64);
+
+    let mut lost = Vec::new();
+    for id in &ids {
+        let session = b.get_session(id).await.unwrap();
+        assert_eq!(
+            session.map(|s| s.user_id),
+            Some("u2".into()),
+            "session {id}"
+        );
+        if b.get_task_context(id).await.unwrap() != Some(json!({"new": id})) {
+            lost.push(id.clone());
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {SESSIONS} re-created sessions lost their new context (cleanup removed {removed}): {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
 }

@@ -121,6 +121,7 @@ macro_rules! all_cases {
             concurrency::concurrent_updates_lose_no_increment,
             concurrency::concurrent_appends_keep_every_message,
             concurrency::concurrent_checkpoints_keep_store_order,
+            concurrency::cleanup_spares_sessions_recreated_while_it_runs,
         }
     };
 }
