@@ -324,6 +324,35 @@ async fn get_writes_flushes_that_threads_pending_writes() {
     assert_eq!(batch.stats().pending, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_thread_stores_that_threads_queued_writes_first() {
+    let batch = BatchLayer::new().with_linger(FOREVER);
+    let storage = Arc::new(batch.layer(MemoryBackend::new()));
+    let put = {
+        let storage = storage.clone();
+        tokio::spawn(async move {
+            let writes = [WriteInput::new("a", json!(1))];
+            storage.put_writes("t1", "", "c1", "task", &writes).await
+        })
+    };
+    until(&batch, "the writes to be queued", |s| s.pending == 1).await;
+
+    within("delete_thread", storage.delete_thread("t1"))
+        .await
+        .unwrap();
+    // The write was queued before the delete: it is stored, then deleted with the
+    // thread, and acknowledged. (A read flushes whatever is still queued.)
+    let left = storage.get_writes("t1", "", "c1").await.unwrap();
+    assert!(
+        left.is_empty(),
+        "a write queued before the delete came back: {left:?}"
+    );
+    within("put_writes", put).await.unwrap().unwrap();
+    assert_eq!(batch.stats().pending, 0);
+    let threads = storage.list_threads(None, 100).await.unwrap();
+    assert!(threads.ids.is_empty(), "the thread came back: {threads:?}");
+}
+
 #[tokio::test]
 async fn one_callers_appends_keep_call_order_across_sessions() {
     let (inner, faults) = Faults::wrap(MemoryBackend::new());

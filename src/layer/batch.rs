@@ -950,6 +950,10 @@ impl<B: StorageBackend + 'static> CheckpointStorage for Batched<B> {
     }
 
     async fn delete_thread(&self, thread_id: &str) -> Result<()> {
+        // Queued writes of the thread are stored (and so deleted) first; otherwise they
+        // would land after the delete and bring the thread back.
+        self.flush_if(self.writer.pending.threads.contains_key(thread_id))
+            .await?;
         self.inner.delete_thread(thread_id).await
     }
 
