@@ -167,6 +167,7 @@ pub const ENV_PREFIX: &str = "AIECS_STORAGE_";
 /// fallback = "sqlite:///var/lib/app/fallback.db"   # required
 /// failure_threshold = 5
 /// cooldown = "10s"
+/// primary_timeout = "1s"   # a primary call past it counts as failed
 ///
 /// [[layers]]
 /// type = "batch"
@@ -200,7 +201,8 @@ pub const ENV_PREFIX: &str = "AIECS_STORAGE_";
 /// assert_eq!(
 ///     err.to_string(),
 ///     "invalid input for `config`: layers[0]: unknown key `max_entriez` for a `cache` \
-///      layer; allowed keys: type, max_entries, max_bytes, time_to_live, time_to_idle"
+///      layer; allowed keys: type, max_entries, max_bytes, time_to_live, time_to_idle, \
+///      unknown_outcome_window"
 /// );
 /// # Ok(()) }
 /// ```
@@ -286,6 +288,9 @@ pub struct CacheSettings {
     pub time_to_live: Option<Duration>,
     /// `time_to_idle`: how long an entry is kept without being read (more than 0).
     pub time_to_idle: Option<Duration>,
+    /// `unknown_outcome_window`: how long reads of a session or thread bypass the cache
+    /// after a write to it ended with its outcome unknown (`"0s"`: not at all).
+    pub unknown_outcome_window: Option<Duration>,
 }
 
 /// Settings of a `retry` layer ([`RetryLayer`]); unset keys keep its defaults (3
@@ -337,6 +342,9 @@ pub struct FailoverSettings {
     pub cooldown: Option<Duration>,
     /// `max_pending`: writes that may wait for replay before new ones are refused.
     pub max_pending: Option<usize>,
+    /// `primary_timeout`: the deadline of each call to the primary, past which it counts
+    /// as failed (`"0s"`: no deadline of its own).
+    pub primary_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for FailoverSettings {
@@ -346,6 +354,7 @@ impl fmt::Debug for FailoverSettings {
             .field("failure_threshold", &self.failure_threshold)
             .field("cooldown", &self.cooldown)
             .field("max_pending", &self.max_pending)
+            .field("primary_timeout", &self.primary_timeout)
             .finish()
     }
 }
@@ -370,7 +379,13 @@ pub struct LoggingSettings {
 }
 
 const TOP_KEYS: &[&str] = &["url", "layers"];
-const CACHE_KEYS: &[&str] = &["max_entries", "max_bytes", "time_to_live", "time_to_idle"];
+const CACHE_KEYS: &[&str] = &[
+    "max_entries",
+    "max_bytes",
+    "time_to_live",
+    "time_to_idle",
+    "unknown_outcome_window",
+];
 const RETRY_KEYS: &[&str] = &[
     "max_attempts",
     "min_delay",
@@ -380,7 +395,13 @@ const RETRY_KEYS: &[&str] = &[
 ];
 const TIMEOUT_KEYS: &[&str] = &["timeout"];
 const BATCH_KEYS: &[&str] = &["max_batch", "linger", "max_queue"];
-const FAILOVER_KEYS: &[&str] = &["fallback", "failure_threshold", "cooldown", "max_pending"];
+const FAILOVER_KEYS: &[&str] = &[
+    "fallback",
+    "failure_threshold",
+    "cooldown",
+    "max_pending",
+    "primary_timeout",
+];
 const METRICS_KEYS: &[&str] = &["backend_label"];
 const LOGGING_KEYS: &[&str] = &["backend_label", "slow_threshold"];
 /// Keys whose values are URLs: never echoed in an error.
@@ -693,6 +714,9 @@ impl LayerConfig {
                 if let Some(d) = s.time_to_live {
                     layer = layer.with_time_to_live(d);
                 }
+                if let Some(d) = s.unknown_outcome_window {
+                    layer = layer.with_unknown_outcome_window(d);
+                }
                 if let Some(d) = s.time_to_idle {
                     layer = layer.with_time_to_idle(d);
                 }
@@ -738,6 +762,9 @@ impl LayerConfig {
                 }
                 if let Some(d) = s.cooldown {
                     layer = layer.with_cooldown(d);
+                }
+                if let Some(d) = s.primary_timeout {
+                    layer = layer.with_primary_timeout((!d.is_zero()).then_some(d));
                 }
                 if let Some(n) = s.max_pending {
                     layer = layer.with_max_pending(n);
@@ -831,6 +858,7 @@ impl LayerConfig {
                 failure_threshold: None,
                 cooldown: None,
                 max_pending: None,
+                primary_timeout: None,
             }),
             "metrics" => LayerConfig::Metrics(MetricsSettings::default()),
             "logging" => LayerConfig::Logging(LoggingSettings::default()),
@@ -861,6 +889,7 @@ impl LayerConfig {
                 "max_bytes" => s.max_bytes = Some(f.integer(1, u64::MAX)?),
                 "time_to_live" => s.time_to_live = Some(f.duration(false)?),
                 "time_to_idle" => s.time_to_idle = Some(f.duration(false)?),
+                "unknown_outcome_window" => s.unknown_outcome_window = Some(f.duration(true)?),
                 _ => return Err(f.unknown("cache", CACHE_KEYS)),
             },
             LayerConfig::Retry(s) => match f.key {
@@ -894,6 +923,7 @@ impl LayerConfig {
                 }
                 "cooldown" => s.cooldown = Some(f.duration(true)?),
                 "max_pending" => s.max_pending = Some(f.integer(0, usize::MAX as u64)? as usize),
+                "primary_timeout" => s.primary_timeout = Some(f.duration(true)?),
                 _ => return Err(f.unknown("failover", FAILOVER_KEYS)),
             },
             LayerConfig::Metrics(s) => match f.key {

@@ -187,6 +187,16 @@ impl StorageError {
         }
     }
 
+    /// Whether the failed call may have been applied all the same: after a timeout, a
+    /// broken connection or a transient backend error the store may go on and apply a
+    /// write (its outcome is unknown); [`StorageError::Unavailable`] means the call was
+    /// refused before it ran, and permanent errors mean it was not applied. Layers use
+    /// this to decide what may be repeated: a counter increment whose first try may have
+    /// applied is never sent again.
+    pub fn may_have_applied(&self) -> bool {
+        self.is_transient() && !matches!(self, StorageError::Unavailable { .. })
+    }
+
     /// An [`StorageError::InvalidInput`] for `field`.
     pub fn invalid_input(field: &'static str, reason: impl Into<String>) -> Self {
         StorageError::InvalidInput {

@@ -70,6 +70,7 @@ type = "cache"
 max_entries = 1000
 time_to_live = "5m"
 time_to_idle = "1m30s"
+unknown_outcome_window = "10s"
 
 [[layers]]
 type = "failover"
@@ -77,6 +78,7 @@ fallback = "memory://"
 failure_threshold = 3
 cooldown = "10s"
 max_pending = 100
+primary_timeout = "500ms"
 
 [[layers]]
 type = "batch"
@@ -117,6 +119,7 @@ fn a_full_file_parses_into_typed_settings() {
             max_bytes: None,
             time_to_live: Some(Duration::from_secs(300)),
             time_to_idle: Some(Duration::from_secs(90)),
+            unknown_outcome_window: Some(Duration::from_secs(10)),
         })
     );
     let LayerConfig::Failover(failover) = &config.layers[5] else {
@@ -126,6 +129,7 @@ fn a_full_file_parses_into_typed_settings() {
     assert_eq!(failover.failure_threshold, Some(3));
     assert_eq!(failover.cooldown, Some(Duration::from_secs(10)));
     assert_eq!(failover.max_pending, Some(100));
+    assert_eq!(failover.primary_timeout, Some(Duration::from_millis(500)));
     config.validate().unwrap();
 }
 
@@ -208,7 +212,7 @@ fn unknown_keys_name_the_key_and_the_allowed_ones() {
     assert_eq!(
         reason,
         "layers[1]: unknown key `max_entriez` for a `cache` layer; allowed keys: type, \
-         max_entries, max_bytes, time_to_live, time_to_idle"
+         max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window"
     );
 
     let reason = toml_error(
@@ -415,6 +419,7 @@ fn no_password_in_debug_or_errors() {
             failure_threshold: None,
             cooldown: None,
             max_pending: None,
+            primary_timeout: None,
         }),
     );
     let debug = format!("{config:?}");
@@ -493,7 +498,7 @@ fn bad_overrides_name_the_variable_and_the_key() {
     assert_eq!(
         err("AIECS_STORAGE_CACHE__MAX_ENTRIEZ", "5"),
         "AIECS_STORAGE_CACHE__MAX_ENTRIEZ: layers[0]: unknown key `max_entriez` for a \
-         `cache` layer; allowed keys: type, max_entries, max_bytes, time_to_live, time_to_idle"
+         `cache` layer; allowed keys: type, max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window"
     );
     assert_eq!(
         err("AIECS_STORAGE_CAHCE__MAX_ENTRIES", "5"),
@@ -512,6 +517,7 @@ fn bad_overrides_name_the_variable_and_the_key() {
             failure_threshold: None,
             cooldown: None,
             max_pending: None,
+            primary_timeout: None,
         }));
     let reason = reason(
         with_failover.with_overrides([("AIECS_STORAGE_FAILOVER__FALLBACK", SECRET.to_owned())]),
@@ -611,6 +617,7 @@ fn configurations_built_in_code_are_validated_too() {
             failure_threshold: None,
             cooldown: None,
             max_pending: None,
+            primary_timeout: None,
         }));
     let err = config.build().err().unwrap();
     assert!(

@@ -48,7 +48,19 @@ const ENTRY_OVERHEAD: usize = 640;
 /// of its thread and namespace, `delete_thread` every checkpoint of the thread, and
 /// `cleanup_expired_sessions`, `initialize` and `close` everything. A read never
 /// returns a value older than the last write that completed through the layer before
-/// the read began. Writes made around the layer (another process, another stack on the
+/// the read began.
+///
+/// # When the caller gives up
+///
+/// A write whose caller drops it (an outer timeout, `select!`) or that fails with an
+/// error after which the store may still apply it (a timeout inside the cache, a lost
+/// connection) has an unknown outcome: the store may apply it after the cache was
+/// invalidated, and a value read in between would then be served until it expires. So
+/// such a write invalidates its session or thread *and* makes reads of it bypass the
+/// cache, neither served nor filled, for
+/// [`with_unknown_outcome_window`](CacheLayer::with_unknown_outcome_window) (30 s).
+/// A dropped read leaves nothing behind: a load it started is stamped before it began
+/// and is never served after a write that completed meanwhile. Writes made around the layer (another process, another stack on the
 /// same database) are seen once the entry expires: set
 /// [`CacheLayer::with_time_to_live`] to the staleness you accept.
 ///
@@ -110,6 +122,7 @@ struct CacheConfig {
     bound: Bound,
     time_to_live: Option<Duration>,
     time_to_idle: Option<Duration>,
+    unknown_outcome_window: Duration,
 }
 
 /// A snapshot of a cache's figures, from [`CacheLayer::stats`].
@@ -162,6 +175,7 @@ impl CacheLayer {
                 bound: Bound::Entries(10_000),
                 time_to_live: Some(Duration::from_secs(300)),
                 time_to_idle: None,
+                unknown_outcome_window: Duration::from_secs(30),
             },
             shared: Arc::default(),
         }
@@ -194,6 +208,19 @@ impl CacheLayer {
     /// Drops entries not read for this long.
     pub fn with_time_to_idle(self, tti: Duration) -> Self {
         self.configured(|c| c.time_to_idle = Some(tti))
+    }
+
+    /// Sets how long reads bypass the cache for a session or thread after a write to it
+    /// ended with its outcome unknown (30 s by default): the caller gave up on the call,
+    /// or it failed with an error after which the store may still apply it
+    /// ([`StorageError::may_have_applied`]: a timeout, a lost connection). Such a write
+    /// can land after the cache was invalidated, so until the window has passed reads of
+    /// that session or thread go to the store and nothing read is cached. Set it longer
+    /// than the longest time your store may take to finish a write its caller left
+    /// (SQLite's busy timeout, redis-rs' response timeout, PostgreSQL's statement
+    /// timeout).
+    pub fn with_unknown_outcome_window(self, window: Duration) -> Self {
+        self.configured(|c| c.unknown_outcome_window = window)
     }
 
     /// The figures of the cache shared by every wrapper of this layer.
@@ -467,6 +494,11 @@ struct Shared {
     cache: Cache<Key, Arc<Entry>>,
     epoch: AtomicU64,
     stripes: Box<[AtomicU64]>,
+    /// Per stripe, until when (in ms after `origin`, 0: not) reads bypass the cache
+    /// because a write's outcome is unknown; `unsettled_all` for every stripe.
+    unsettled: Box<[AtomicU64]>,
+    unsettled_all: AtomicU64,
+    origin: Instant,
     counters: Arc<Counters>,
     config: CacheConfig,
 }
@@ -505,6 +537,9 @@ impl Shared {
             cache: builder.build(),
             epoch: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            unsettled: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            unsettled_all: AtomicU64::new(0),
+            origin: Instant::now(),
             counters,
             config: config.clone(),
         }
@@ -515,6 +550,32 @@ impl Shared {
             epoch: self.epoch.load(Ordering::SeqCst),
             stripe: self.stripes[stripe].load(Ordering::SeqCst),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        // At least 1, so that 0 keeps meaning "settled".
+        (self.origin.elapsed().as_millis() as u64).max(1)
+    }
+
+    /// Makes reads of `stripe` (every stripe with `None`) bypass the cache for the
+    /// unknown-outcome window.
+    fn unsettle(&self, stripe: Option<usize>) {
+        let until = self.now_ms() + self.config.unknown_outcome_window.as_millis() as u64;
+        let slot = match stripe {
+            Some(s) => &self.unsettled[s],
+            None => &self.unsettled_all,
+        };
+        slot.fetch_max(until, Ordering::SeqCst);
+    }
+
+    /// Whether reads of `stripe` must bypass the cache now. One load each on the usual
+    /// path; the clock is read only while a window is open.
+    fn is_unsettled(&self, stripe: usize) -> bool {
+        let open = |slot: &AtomicU64| {
+            let until = slot.load(Ordering::SeqCst);
+            until != 0 && self.now_ms() < until
+        };
+        open(&self.unsettled[stripe]) || open(&self.unsettled_all)
     }
 
     fn invalidate_everything(&self) {
@@ -578,6 +639,11 @@ impl Shared {
         Fut: Future<Output = Result<T>> + Send,
     {
         let stripe = stripe_of(key.owner());
+        if self.is_unsettled(stripe) {
+            bump(&self.counters.misses);
+            bump(&self.counters.loads);
+            return fetch().await;
+        }
         let start = self.stamp(stripe);
         if let Some(entry) = self.cache.get(&key).await {
             if entry.stamp.covers(start) {
@@ -676,24 +742,34 @@ struct Invalidation<'a> {
 }
 
 impl Invalidation<'_> {
-    fn bump(&mut self) {
+    /// Outdates what the write touched; with `unknown`, also makes reads of it bypass
+    /// the cache for a while, since the write may still land.
+    fn bump(&mut self, unknown: bool) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
         match &self.scope {
             Scope::Stripes(stripes) => {
                 for s in stripes {
+                    if unknown {
+                        self.shared.unsettle(Some(*s));
+                    }
                     self.shared.stripes[*s].fetch_add(1, Ordering::SeqCst);
                 }
             }
-            Scope::All => self.shared.invalidate_everything(),
+            Scope::All => {
+                if unknown {
+                    self.shared.unsettle(None);
+                }
+                self.shared.invalidate_everything();
+            }
         }
     }
 
     /// Bumps the generations, then frees the entries known to be outdated (the others
     /// are dropped when next read, or evicted).
     async fn finish<T>(mut self, result: Result<T>) -> Result<T> {
-        self.bump();
+        self.bump(matches!(&result, Err(e) if e.may_have_applied()));
         for key in &self.keys {
             self.shared.cache.invalidate(key).await;
         }
@@ -703,7 +779,8 @@ impl Invalidation<'_> {
 
 impl Drop for Invalidation<'_> {
     fn drop(&mut self) {
-        self.bump();
+        // Not finished: the caller gave up on the write, which may land any time.
+        self.bump(true);
     }
 }
 
@@ -796,7 +873,15 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
         let mut missing = Vec::new();
         for (i, id) in session_ids.iter().enumerate() {
             let key = Key::Session(id.clone());
-            let start = shared.stamp(stripe_of(id));
+            let stripe = stripe_of(id);
+            let start = shared.stamp(stripe);
+            if shared.is_unsettled(stripe) {
+                // Read from the store and not cached, as in `Shared::read`.
+                bump(&shared.counters.misses);
+                out.push(None);
+                missing.push((i, None, start));
+                continue;
+            }
             let hit = match shared.cache.get(&key).await {
                 Some(entry) if entry.stamp.covers(start) => {
                     <Option<Session> as Cacheable>::from_cached(&entry.value)
@@ -816,7 +901,7 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
                 None => {
                     bump(&shared.counters.misses);
                     out.push(None);
-                    missing.push((i, key, start));
+                    missing.push((i, Some(key), start));
                 }
             }
         }
@@ -832,6 +917,10 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
         // Each value is stamped with the generations read before the load, as in
         // `Shared::read`, so one outdated by a concurrent write is never served later.
         for ((i, key, stamp), value) in missing.into_iter().zip(loaded) {
+            let Some(key) = key else {
+                out[i] = value;
+                continue;
+            };
             out[i] = value.clone();
             let entry = Arc::new(Entry {
                 stamp,

@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::names::{self, LazyGauge, Tally};
+use super::Operation;
 use crate::error::{Result, StorageError};
 use crate::model::{
     now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, IdPage, Message, Metadata,
@@ -28,23 +30,53 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 /// - **Reads** go to the primary and fall back on transient errors.
 /// - **Writes** go to both while the primary is healthy: the primary's answer is
 ///   returned; a fallback failure is counted and logged, never raised.
+/// - **A deadline of its own** ([`with_primary_timeout`](FailoverLayer::with_primary_timeout),
+///   1 s by default) bounds every call to the primary, so a primary that hangs (a frozen
+///   server, a network that drops packets) counts as failing and the call is served by
+///   the fallback. A timeout layer *outside* failover cancels the call before failover
+///   sees any error, so failover could never engage on a hung primary without this
+///   deadline; an outer deadline must be longer than this one plus a fallback call.
+///   `cleanup_expired_sessions` (a long sweep) runs without it.
 /// - **Circuit breaker**: after `failure_threshold` consecutive transient primary
 ///   failures the primary is not called for `cooldown`; then one call probes it and a
 ///   success closes the breaker.
 /// - **Writes while the primary is down are kept, not lost** (hinted handoff): they are
 ///   stored in the fallback, acknowledged, and queued (bounded by `max_pending`) for
 ///   replay to the primary. Until the queue is replayed, reads and writes go to the
-///   fallback, so nothing acknowledged is invisible; the replay runs in order when the
-///   breaker lets a probe through, and only after it empties does the primary serve again.
-///   When the queue is full, writes fail with [`StorageError::Unavailable`] instead of
-///   being acknowledged and dropped.
+///   fallback, so nothing acknowledged is invisible; the replay runs in order, in a task
+///   of its own, when the breaker lets a probe through, and only after it empties does
+///   the primary serve again. When the queue is full, writes fail with
+///   [`StorageError::Unavailable`] instead of being acknowledged and dropped. A write
+///   the fallback answers as changing nothing (`update_session` or `end_session` of a
+///   session it lacks: `Ok(false)`) is not queued, so the primary never applies what
+///   the caller was told did not happen.
+///
+/// # When the caller gives up
+///
+/// A caller may drop the call at any `.await` (an outer timeout, `select!`). What that
+/// leaves behind:
+///
+/// - **A dropped probe counts as a failure**: the breaker opens again for a cooldown
+///   instead of staying half-open with nobody to close it.
+/// - **The replay is never cancelled by a caller**: it runs in a spawned task, so the
+///   queue drains however the call that started it ends.
+/// - **A degraded write records its intent first**: the replay entry is queued before
+///   the fallback is called and removed only if the fallback refuses the write for
+///   good. A call dropped while the fallback writes (the write may land) keeps its
+///   entry, so what the fallback holds also reaches the primary.
+/// - **Counter increments are replayed at most once**: an increment whose attempt on
+///   the primary may have applied (a timeout, a lost connection, a replay cut short) is
+///   replayed without its counters (metadata and status still are), and counted as
+///   `unreplayed_increments`.
+/// - **A call dropped after the primary answered** may leave that write out of the
+///   fallback (as a fallback failure would); the primary has it.
 ///
 /// The queue lives in memory: a process that dies while the primary is down keeps those
-/// writes in the fallback only. The primary is assumed to keep what it acknowledged (a
-/// Redis without persistence that restarts empty loses the writes made before its
-/// crash). A replayed write carries the replay's timestamps on the primary; a replayed
-/// counter increment is applied once, unless the primary applied it before reporting
-/// a timeout.
+/// writes in the fallback only. [`close`](crate::StorageBackend::close) tries one last
+/// replay and fails (after closing both backends) if writes are left that only the
+/// fallback holds. The primary is assumed to keep what it acknowledged (a Redis without
+/// persistence that restarts empty loses the writes made before its crash). A replayed
+/// write carries the replay's timestamps on the primary.
 ///
 /// Put a cache outside failover to keep serving hits however the backends fare; inside,
 /// it only caches the primary's reads.
@@ -82,6 +114,7 @@ struct FailoverConfig {
     failure_threshold: u32,
     cooldown: Duration,
     max_pending: usize,
+    primary_timeout: Option<Duration>,
 }
 
 struct FailoverState {
@@ -95,7 +128,14 @@ struct FailoverState {
     pending: tokio::sync::Mutex<VecDeque<Hint>>,
     /// Set while writes are pending; reads and writes then go to the fallback.
     degraded: AtomicBool,
+    /// Held by the one replay that may run; `close` waits for it.
+    replay: Arc<tokio::sync::Mutex<()>>,
+    /// Set while a replayed write is on its way to the primary. Still set when a replay
+    /// starts, the last one was cut short there and the front write may have applied.
+    in_flight: AtomicBool,
     primary_failures: Tally,
+    primary_timeouts: Tally,
+    unreplayed_increments: Tally,
     fallback_reads: Tally,
     fallback_write_failures: Tally,
     replayed: Tally,
@@ -114,7 +154,11 @@ impl Default for FailoverState {
             tripped: AtomicBool::default(),
             pending: tokio::sync::Mutex::default(),
             degraded: AtomicBool::default(),
+            replay: Arc::default(),
+            in_flight: AtomicBool::default(),
             primary_failures: event(&[("event", "primary_failure")]),
+            primary_timeouts: event(&[("event", "primary_timeout")]),
+            unreplayed_increments: event(&[("event", "unreplayed_increment")]),
             fallback_reads: event(&[("event", "fallback_read")]),
             fallback_write_failures: event(&[("event", "fallback_write_failure")]),
             replayed: event(&[("event", "replayed_write")]),
@@ -134,32 +178,58 @@ enum Breaker {
     HalfOpen,
 }
 
-/// What the breaker says about one call.
-#[derive(PartialEq)]
-enum Permit {
-    /// Call the primary.
-    Primary,
-    /// Call the primary as the half-open probe; its outcome decides the breaker.
-    Probe,
-    /// Do not call the primary.
-    Denied,
+/// Leave to call the primary, and the duty to tell the breaker how it went. A probe's
+/// verdict is owed: dropped without one (the caller gave up), it counts as a failure, so
+/// the breaker never stays half-open with nobody left to close it.
+struct Verdict<S: Deref<Target = FailoverState>> {
+    state: S,
+    threshold: u32,
+    probe: bool,
+}
+
+impl<S: Deref<Target = FailoverState>> Verdict<S> {
+    fn success(mut self) {
+        self.probe = false;
+        self.state.success();
+    }
+
+    fn failure(mut self) {
+        self.probe = false;
+        self.state.failure(self.threshold);
+    }
+}
+
+impl<S: Deref<Target = FailoverState>> Drop for Verdict<S> {
+    fn drop(&mut self) {
+        if self.probe {
+            self.state.failure(self.threshold);
+        }
+    }
 }
 
 impl FailoverState {
-    fn permit(&self, cooldown: Duration) -> Permit {
-        if !self.tripped.load(Ordering::Acquire) {
-            return Permit::Primary;
-        }
-        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
-        match *b {
-            Breaker::Closed | Breaker::Counting(_) => Permit::Primary,
-            Breaker::Open(since) if since.elapsed() >= cooldown => {
-                *b = Breaker::HalfOpen;
-                self.breaker_metric.set(names::BREAKER_STATE, 1.0);
-                Permit::Probe
+    /// Leave to call the primary, or `None` while the breaker keeps it out.
+    fn admit<S>(state: S, config: &FailoverConfig) -> Option<Verdict<S>>
+    where
+        S: Deref<Target = FailoverState>,
+    {
+        let probe = state.tripped.load(Ordering::Acquire) && {
+            let mut b = state.breaker.lock().unwrap_or_else(|p| p.into_inner());
+            match *b {
+                Breaker::Closed | Breaker::Counting(_) => false,
+                Breaker::Open(since) if since.elapsed() >= config.cooldown => {
+                    *b = Breaker::HalfOpen;
+                    state.breaker_metric.set(names::BREAKER_STATE, 1.0);
+                    true
+                }
+                Breaker::Open(_) | Breaker::HalfOpen => return None,
             }
-            Breaker::Open(_) | Breaker::HalfOpen => Permit::Denied,
-        }
+        };
+        Some(Verdict {
+            state,
+            threshold: config.failure_threshold,
+            probe,
+        })
     }
 
     fn success(&self) {
@@ -199,8 +269,9 @@ impl FailoverState {
 }
 
 impl FailoverLayer {
-    /// Fails over to `fallback`: 5 consecutive failures open the breaker for 10 s; up to
-    /// 10 000 writes wait for replay.
+    /// Fails over to `fallback`: 5 consecutive failures open the breaker for 10 s; a
+    /// primary call that takes over 1 s counts as failed; up to 10 000 writes wait for
+    /// replay.
     pub fn new(fallback: Arc<dyn StorageBackend>) -> Self {
         FailoverLayer {
             fallback,
@@ -208,6 +279,7 @@ impl FailoverLayer {
                 failure_threshold: 5,
                 cooldown: Duration::from_secs(10),
                 max_pending: 10_000,
+                primary_timeout: Some(Duration::from_secs(1)),
             },
             state: Arc::default(),
         }
@@ -228,6 +300,15 @@ impl FailoverLayer {
     /// Sets how many writes may wait for replay before new writes are refused.
     pub fn with_max_pending(mut self, max_pending: usize) -> Self {
         self.config.max_pending = max_pending;
+        self
+    }
+
+    /// Sets the deadline of each call to the primary (`None`: no deadline of its own).
+    /// A call past it counts as a transient primary failure and is served by the
+    /// fallback; a write past it may still land on the primary, so the replay of a
+    /// counter increment omits the counters.
+    pub fn with_primary_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.primary_timeout = timeout;
         self
     }
 
@@ -252,7 +333,7 @@ impl<B> tower_layer::Layer<B> for FailoverLayer {
 
     fn layer(&self, primary: B) -> Self::Service {
         Failover {
-            primary,
+            primary: Arc::new(primary),
             fallback: self.fallback.clone(),
             config: self.config,
             state: self.state.clone(),
@@ -262,7 +343,8 @@ impl<B> tower_layer::Layer<B> for FailoverLayer {
 
 /// The wrapper a [`FailoverLayer`] puts around its primary.
 pub struct Failover<B> {
-    primary: B,
+    // Shared with the replay task, which outlives the call that starts it.
+    primary: Arc<B>,
     fallback: Arc<dyn StorageBackend>,
     config: FailoverConfig,
     state: Arc<FailoverState>,
@@ -278,6 +360,7 @@ impl<B> std::fmt::Debug for Failover<B> {
 }
 
 /// A write acknowledged from the fallback, kept to replay on the primary.
+#[derive(Clone)]
 enum Hint {
     CreateSession(NewSession),
     UpdateSession(String, SessionUpdate),
@@ -298,6 +381,45 @@ enum Hint {
 }
 
 impl Hint {
+    /// Makes the hint safe to send again after an attempt whose outcome is unknown:
+    /// everything but a counter increment is keyed or an upsert, and an increment is
+    /// dropped from it (metadata and status stay), so no count is applied twice.
+    fn settle_unknown(&mut self, state: &FailoverState) {
+        if let Hint::UpdateSession(id, u) = self {
+            if u.add_requests > 0 || u.add_errors > 0 || u.add_processing_time != 0.0 {
+                u.add_requests = 0;
+                u.add_errors = 0;
+                u.add_processing_time = 0.0;
+                state.unreplayed_increments.add(1);
+                tracing::warn!(
+                    session_id = %id,
+                    "failover: a counter increment may already be on the primary; it is not replayed"
+                );
+            }
+        }
+    }
+
+    fn operation(&self) -> Operation {
+        match self {
+            Hint::CreateSession(_) => Operation::CreateSession,
+            Hint::UpdateSession(..) => Operation::UpdateSession,
+            Hint::EndSession(..) => Operation::EndSession,
+            Hint::BatchCreateSessions(_) => Operation::BatchCreateSessions,
+            Hint::AddMessage(..) => Operation::AddConversationMessage,
+            Hint::BatchAddMessages(_) => Operation::BatchAddConversationMessages,
+            Hint::StoreCheckpoint(_) => Operation::StoreCheckpoint,
+            Hint::PutWrites(_) => Operation::PutWrites,
+            Hint::BatchPutWrites(_) => Operation::BatchPutWrites,
+            Hint::DeleteThread(_) => Operation::DeleteThread,
+            Hint::StoreTaskContext(..) => Operation::StoreTaskContext,
+            Hint::Cleanup(_) => Operation::CleanupExpiredSessions,
+            Hint::RestoreSessions(_) => Operation::RestoreSessions,
+            Hint::DeleteSession(_) => Operation::DeleteSession,
+            Hint::RestoreMessages(..) => Operation::RestoreMessages,
+            Hint::RestoreCheckpoints(_) => Operation::RestoreCheckpoints,
+        }
+    }
+
     async fn apply(&self, b: &dyn StorageBackend) -> Result<()> {
         match self {
             Hint::CreateSession(s) => b
@@ -332,9 +454,90 @@ impl Hint {
     }
 }
 
-impl<B: StorageBackend> Failover<B> {
+/// Runs `call` on the primary under the layer's deadline for it.
+async fn bounded<T>(
+    state: &FailoverState,
+    limit: Option<Duration>,
+    operation: Operation,
+    call: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let Some(limit) = limit else {
+        return call.await;
+    };
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            state.primary_timeouts.add(1);
+            Err(StorageError::Timeout {
+                operation: operation.as_str(),
+                after: limit,
+            })
+        }
+    }
+}
+
+/// Replays the queue to the primary in order, until it is empty (`Ok`; the layer is no
+/// longer degraded) or the primary fails transiently (`Err`; the rest waits). The queue
+/// is locked only between writes, so degraded writes go on meanwhile; they queue
+/// behind, and the replay takes them too.
+async fn replay(
+    primary: &dyn StorageBackend,
+    state: &FailoverState,
+    config: &FailoverConfig,
+) -> Result<()> {
+    loop {
+        let hint = {
+            let mut pending = state.pending.lock().await;
+            if state.in_flight.swap(false, Ordering::AcqRel) {
+                // The last replay was cut short while this write was on its way.
+                if let Some(front) = pending.front_mut() {
+                    front.settle_unknown(state);
+                }
+            }
+            match pending.front() {
+                Some(hint) => hint.clone(),
+                None => {
+                    state.degraded.store(false, Ordering::Release);
+                    return Ok(());
+                }
+            }
+        };
+        state.in_flight.store(true, Ordering::Release);
+        let result = bounded(
+            state,
+            config.primary_timeout,
+            hint.operation(),
+            hint.apply(primary),
+        )
+        .await;
+        state.in_flight.store(false, Ordering::Release);
+        let mut pending = state.pending.lock().await;
+        match result {
+            Ok(()) => state.replayed.add(1),
+            Err(e) if e.is_transient() => {
+                if e.may_have_applied() {
+                    if let Some(front) = pending.front_mut() {
+                        front.settle_unknown(state);
+                    }
+                }
+                return Err(e);
+            }
+            Err(e) => {
+                // The primary refuses it for good (it lost the session it belongs to,
+                // say); the fallback keeps it. Skipping beats blocking every later write.
+                state.dropped.add(1);
+                tracing::warn!(error = %e, "failover: primary refused a replayed write");
+            }
+        }
+        // Only a replay removes from the front, and only one replay runs.
+        pending.pop_front();
+        state.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<B: StorageBackend + 'static> Failover<B> {
     fn primary(&self) -> &dyn StorageBackend {
-        &self.primary
+        self.primary.as_ref()
     }
 
     fn fallback(&self) -> &dyn StorageBackend {
@@ -345,57 +548,49 @@ impl<B: StorageBackend> Failover<B> {
         self.state.degraded.load(Ordering::Acquire)
     }
 
-    /// Replays pending writes to the primary when the breaker allows a probe. Only one
-    /// caller replays at a time; the others keep using the fallback meanwhile.
-    async fn try_replay(&self) {
+    /// Starts replaying pending writes to the primary when the breaker allows it, in a
+    /// task of its own so that no caller giving up can cut it short. At most one runs.
+    fn start_replay(&self) {
         if !self.degraded() {
             return;
         }
-        let Ok(mut pending) = self.state.pending.try_lock() else {
+        let Ok(running) = self.state.replay.clone().try_lock_owned() else {
             return;
         };
-        if self.state.permit(self.config.cooldown) == Permit::Denied {
+        let Some(verdict) = FailoverState::admit(self.state.clone(), &self.config) else {
             return;
-        }
-        while let Some(hint) = pending.front() {
-            match hint.apply(self.primary()).await {
-                Ok(()) => {
-                    self.state.replayed.add(1);
-                }
-                Err(e) if e.is_transient() => {
-                    self.state.failure(self.config.failure_threshold);
-                    return;
-                }
-                Err(e) => {
-                    // The primary refuses it for good (it lost the session it belongs to,
-                    // say); the fallback keeps it. Skipping beats blocking every later write.
-                    self.state.dropped.add(1);
-                    tracing::warn!(error = %e, "failover: primary refused a replayed write");
-                }
+        };
+        let primary = self.primary.clone();
+        let config = self.config;
+        tokio::spawn(async move {
+            let _running = running;
+            match replay(primary.as_ref(), &verdict.state, &config).await {
+                Ok(()) => verdict.success(),
+                Err(_) => verdict.failure(),
             }
-            pending.pop_front();
-            self.state.queued.fetch_sub(1, Ordering::Relaxed);
-        }
-        self.state.success();
-        self.state.degraded.store(false, Ordering::Release);
+        });
     }
 
     async fn read<'a, T>(
         &'a self,
+        operation: Operation,
         run: impl Fn(&'a dyn StorageBackend) -> Fut<'a, T>,
     ) -> Result<T> {
-        self.try_replay().await;
-        if !self.degraded() && self.state.permit(self.config.cooldown) != Permit::Denied {
-            match run(self.primary()).await {
-                Ok(v) => {
-                    self.state.success();
-                    return Ok(v);
-                }
-                Err(e) if e.is_transient() => self.state.failure(self.config.failure_threshold),
-                Err(e) => {
-                    // The primary answered; a permanent error is the answer.
-                    self.state.success();
-                    return Err(e);
+        self.start_replay();
+        if !self.degraded() {
+            if let Some(verdict) = FailoverState::admit(&*self.state, &self.config) {
+                let limit = self.config.primary_timeout;
+                match bounded(&self.state, limit, operation, run(self.primary())).await {
+                    Ok(v) => {
+                        verdict.success();
+                        return Ok(v);
+                    }
+                    Err(e) if e.is_transient() => verdict.failure(),
+                    Err(e) => {
+                        // The primary answered; a permanent error is the answer.
+                        verdict.success();
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -403,45 +598,57 @@ impl<B: StorageBackend> Failover<B> {
         run(self.fallback()).await
     }
 
+    /// A write: to the primary and then the fallback while the primary is healthy; to
+    /// the fallback and the replay queue otherwise. `keep` says whether a fallback
+    /// answer changed anything worth replaying; `limit` is the primary's deadline.
     async fn write<'a, T>(
         &'a self,
+        operation: Operation,
         hint: impl FnOnce() -> Hint,
+        keep: impl FnOnce(&T) -> bool,
         run: impl Fn(&'a dyn StorageBackend) -> Fut<'a, T>,
     ) -> Result<T> {
-        self.try_replay().await;
-        // A call that waited for the queue while a replay emptied it goes to the primary:
-        // queueing it would degrade the layer again, and under steady load it would never
-        // leave the fallback.
-        let mut queue = None;
-        if self.degraded() {
-            let pending = self.state.pending.lock().await;
-            if self.degraded() {
-                queue = Some(pending);
-            }
-        }
-        if queue.is_none()
-            && !self.degraded()
-            && self.state.permit(self.config.cooldown) != Permit::Denied
-        {
-            match run(self.primary()).await {
-                Ok(v) => {
-                    self.state.success();
-                    if let Err(e) = run(self.fallback()).await {
-                        self.state.fallback_write_failures.add(1);
-                        tracing::warn!(error = %e, "failover: fallback write failed");
+        self.start_replay();
+        let limit = match operation {
+            Operation::CleanupExpiredSessions => None,
+            _ => self.config.primary_timeout,
+        };
+        // Whether the primary may hold this write although it failed.
+        let mut on_primary = false;
+        let mut asked_primary = false;
+        let mut pending = loop {
+            if !asked_primary && !self.degraded() {
+                asked_primary = true;
+                if let Some(verdict) = FailoverState::admit(&*self.state, &self.config) {
+                    match bounded(&self.state, limit, operation, run(self.primary())).await {
+                        Ok(v) => {
+                            verdict.success();
+                            if let Err(e) = run(self.fallback()).await {
+                                self.state.fallback_write_failures.add(1);
+                                tracing::warn!(error = %e, "failover: fallback write failed");
+                            }
+                            return Ok(v);
+                        }
+                        Err(e) if e.is_transient() => {
+                            on_primary = e.may_have_applied();
+                            verdict.failure();
+                        }
+                        Err(e) => {
+                            verdict.success();
+                            return Err(e);
+                        }
                     }
-                    return Ok(v);
-                }
-                Err(e) if e.is_transient() => self.state.failure(self.config.failure_threshold),
-                Err(e) => {
-                    self.state.success();
-                    return Err(e);
                 }
             }
-        }
-        let mut pending = match queue {
-            Some(pending) => pending,
-            None => self.state.pending.lock().await,
+            // The queue is held across the fallback write, so writes reach the fallback
+            // in the order they are queued and the primary sees them in that order too.
+            let pending = self.state.pending.lock().await;
+            if asked_primary || self.degraded() {
+                break pending;
+            }
+            // A replay emptied the queue while this call waited for it: the primary
+            // serves again (queueing would degrade the layer anew, and under steady load
+            // it would never leave the fallback).
         };
         if pending.len() >= self.config.max_pending {
             return Err(StorageError::Unavailable {
@@ -451,11 +658,29 @@ impl<B: StorageBackend> Failover<B> {
                 ),
             });
         }
-        let answer = run(self.fallback()).await?;
-        pending.push_back(hint());
+        // Intent first: if the caller gives up during the fallback write, which may land,
+        // the entry stays and the primary gets the write too.
+        let mut entry = hint();
+        if on_primary {
+            entry.settle_unknown(&self.state);
+        }
+        pending.push_back(entry);
         self.state.queued.fetch_add(1, Ordering::Relaxed);
         self.state.degraded.store(true, Ordering::Release);
-        Ok(answer)
+        let answer = run(self.fallback()).await;
+        let keep = match &answer {
+            Ok(v) => keep(v),
+            // The fallback may hold it: keep the entry, as for a dropped call.
+            Err(e) => e.may_have_applied(),
+        };
+        if !keep {
+            pending.pop_back();
+            self.state.queued.fetch_sub(1, Ordering::Relaxed);
+            if pending.is_empty() {
+                self.state.degraded.store(false, Ordering::Release);
+            }
+        }
+        answer
     }
 
     fn figures(&self) -> Metadata {
@@ -469,6 +694,8 @@ impl<B: StorageBackend> Failover<B> {
         );
         for (name, counter) in [
             ("primary_failures", &s.primary_failures),
+            ("primary_timeouts", &s.primary_timeouts),
+            ("unreplayed_increments", &s.unreplayed_increments),
             ("fallback_reads", &s.fallback_reads),
             ("fallback_write_failures", &s.fallback_write_failures),
             ("replayed_writes", &s.replayed),
@@ -481,7 +708,7 @@ impl<B: StorageBackend> Failover<B> {
 }
 
 #[async_trait]
-impl<B: StorageBackend> SessionStorage for Failover<B> {
+impl<B: StorageBackend + 'static> SessionStorage for Failover<B> {
     async fn create_session(
         &self,
         session_id: &str,
@@ -489,23 +716,28 @@ impl<B: StorageBackend> SessionStorage for Failover<B> {
         metadata: &Metadata,
     ) -> Result<Session> {
         self.write(
+            Operation::CreateSession,
             || {
                 Hint::CreateSession(
                     NewSession::new(session_id, user_id).with_metadata(metadata.clone()),
                 )
             },
+            |_| true,
             |b| b.create_session(session_id, user_id, metadata),
         )
         .await
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
-        self.read(|b| b.get_session(session_id)).await
+        self.read(Operation::GetSession, |b| b.get_session(session_id))
+            .await
     }
 
     async fn update_session(&self, session_id: &str, update: &SessionUpdate) -> Result<bool> {
         self.write(
+            Operation::UpdateSession,
             || Hint::UpdateSession(session_id.to_owned(), update.clone()),
+            |changed: &bool| *changed,
             |b| b.update_session(session_id, update),
         )
         .await
@@ -513,7 +745,9 @@ impl<B: StorageBackend> SessionStorage for Failover<B> {
 
     async fn end_session(&self, session_id: &str, status: &str) -> Result<bool> {
         self.write(
+            Operation::EndSession,
             || Hint::EndSession(session_id.to_owned(), status.to_owned()),
+            |changed: &bool| *changed,
             |b| b.end_session(session_id, status),
         )
         .await
@@ -521,19 +755,26 @@ impl<B: StorageBackend> SessionStorage for Failover<B> {
 
     async fn batch_create_sessions(&self, sessions: &[NewSession]) -> Result<Vec<Session>> {
         self.write(
+            Operation::BatchCreateSessions,
             || Hint::BatchCreateSessions(sessions.to_vec()),
+            |_| true,
             |b| b.batch_create_sessions(sessions),
         )
         .await
     }
 
     async fn batch_get_sessions(&self, session_ids: &[String]) -> Result<Vec<Option<Session>>> {
-        self.read(|b| b.batch_get_sessions(session_ids)).await
+        self.read(Operation::BatchGetSessions, |b| {
+            b.batch_get_sessions(session_ids)
+        })
+        .await
     }
 
     async fn delete_session(&self, session_id: &str) -> Result<bool> {
         self.write(
+            Operation::DeleteSession,
             || Hint::DeleteSession(session_id.to_owned()),
+            |_| true,
             |b| b.delete_session(session_id),
         )
         .await
@@ -541,19 +782,22 @@ impl<B: StorageBackend> SessionStorage for Failover<B> {
 
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
         self.write(
+            Operation::RestoreSessions,
             || Hint::RestoreSessions(sessions.to_vec()),
+            |_| true,
             |b| b.restore_sessions(sessions),
         )
         .await
     }
 
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
-        self.read(|b| b.list_sessions(query)).await
+        self.read(Operation::ListSessions, |b| b.list_sessions(query))
+            .await
     }
 }
 
 #[async_trait]
-impl<B: StorageBackend> ConversationStorage for Failover<B> {
+impl<B: StorageBackend + 'static> ConversationStorage for Failover<B> {
     async fn add_conversation_message(
         &self,
         session_id: &str,
@@ -563,7 +807,9 @@ impl<B: StorageBackend> ConversationStorage for Failover<B> {
         let message = message.with_fixed_id();
         let message = message.as_ref();
         self.write(
+            Operation::AddConversationMessage,
             || Hint::AddMessage(session_id.to_owned(), message.clone()),
+            |_| true,
             |b| b.add_conversation_message(session_id, message),
         )
         .await
@@ -579,7 +825,9 @@ impl<B: StorageBackend> ConversationStorage for Failover<B> {
             .collect();
         let messages = messages.as_slice();
         self.write(
+            Operation::BatchAddConversationMessages,
             || Hint::BatchAddMessages(messages.to_vec()),
+            |_| true,
             |b| b.batch_add_conversation_messages(messages),
         )
         .await
@@ -587,7 +835,9 @@ impl<B: StorageBackend> ConversationStorage for Failover<B> {
 
     async fn restore_messages(&self, session_id: &str, messages: &[Message]) -> Result<u64> {
         self.write(
+            Operation::RestoreMessages,
             || Hint::RestoreMessages(session_id.to_owned(), messages.to_vec()),
+            |_| true,
             |b| b.restore_messages(session_id, messages),
         )
         .await
@@ -599,8 +849,10 @@ impl<B: StorageBackend> ConversationStorage for Failover<B> {
         offset: u64,
         limit: usize,
     ) -> Result<Vec<Message>> {
-        self.read(|b| b.get_conversation_range(session_id, offset, limit))
-            .await
+        self.read(Operation::GetConversationRange, |b| {
+            b.get_conversation_range(session_id, offset, limit)
+        })
+        .await
     }
 
     async fn get_conversation_history(
@@ -608,16 +860,20 @@ impl<B: StorageBackend> ConversationStorage for Failover<B> {
         session_id: &str,
         limit: usize,
     ) -> Result<Vec<Message>> {
-        self.read(|b| b.get_conversation_history(session_id, limit))
-            .await
+        self.read(Operation::GetConversationHistory, |b| {
+            b.get_conversation_history(session_id, limit)
+        })
+        .await
     }
 }
 
 #[async_trait]
-impl<B: StorageBackend> CheckpointStorage for Failover<B> {
+impl<B: StorageBackend + 'static> CheckpointStorage for Failover<B> {
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         self.write(
+            Operation::StoreCheckpoint,
             || Hint::StoreCheckpoint(checkpoint.clone()),
+            |_| true,
             |b| b.store_checkpoint(checkpoint),
         )
         .await
@@ -629,8 +885,10 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
         checkpoint_ns: &str,
         checkpoint_id: Option<&str>,
     ) -> Result<Option<Checkpoint>> {
-        self.read(|b| b.get_checkpoint(thread_id, checkpoint_ns, checkpoint_id))
-            .await
+        self.read(Operation::GetCheckpoint, |b| {
+            b.get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
+        })
+        .await
     }
 
     async fn list_checkpoints(
@@ -639,8 +897,10 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
         checkpoint_ns: &str,
         filter: &CheckpointFilter,
     ) -> Result<Vec<Checkpoint>> {
-        self.read(|b| b.list_checkpoints(thread_id, checkpoint_ns, filter))
-            .await
+        self.read(Operation::ListCheckpoints, |b| {
+            b.list_checkpoints(thread_id, checkpoint_ns, filter)
+        })
+        .await
     }
 
     async fn put_writes(
@@ -652,6 +912,7 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
         writes: &[WriteInput],
     ) -> Result<()> {
         self.write(
+            Operation::PutWrites,
             || {
                 Hint::PutWrites(TaskWrites {
                     thread_id: thread_id.to_owned(),
@@ -661,6 +922,7 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
                     writes: writes.to_vec(),
                 })
             },
+            |_| true,
             |b| b.put_writes(thread_id, checkpoint_ns, checkpoint_id, task_id, writes),
         )
         .await
@@ -668,7 +930,9 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
 
     async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
         self.write(
+            Operation::BatchPutWrites,
             || Hint::BatchPutWrites(items.to_vec()),
+            |_| true,
             |b| b.batch_put_writes(items),
         )
         .await
@@ -680,29 +944,39 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
         checkpoint_ns: &str,
         checkpoint_id: &str,
     ) -> Result<Vec<PendingWrite>> {
-        self.read(|b| b.get_writes(thread_id, checkpoint_ns, checkpoint_id))
-            .await
+        self.read(Operation::GetWrites, |b| {
+            b.get_writes(thread_id, checkpoint_ns, checkpoint_id)
+        })
+        .await
     }
 
     async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
         self.write(
+            Operation::RestoreCheckpoints,
             || Hint::RestoreCheckpoints(checkpoints.to_vec()),
+            |_| true,
             |b| b.restore_checkpoints(checkpoints),
         )
         .await
     }
 
     async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
-        self.read(|b| b.list_threads(after, limit)).await
+        self.read(Operation::ListThreads, |b| b.list_threads(after, limit))
+            .await
     }
 
     async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
-        self.read(|b| b.list_checkpoint_namespaces(thread_id)).await
+        self.read(Operation::ListCheckpointNamespaces, |b| {
+            b.list_checkpoint_namespaces(thread_id)
+        })
+        .await
     }
 
     async fn delete_thread(&self, thread_id: &str) -> Result<()> {
         self.write(
+            Operation::DeleteThread,
             || Hint::DeleteThread(thread_id.to_owned()),
+            |_| true,
             |b| b.delete_thread(thread_id),
         )
         .await
@@ -710,18 +984,26 @@ impl<B: StorageBackend> CheckpointStorage for Failover<B> {
 }
 
 #[async_trait]
-impl<B: StorageBackend> TaskContextStorage for Failover<B> {
+impl<B: StorageBackend + 'static> TaskContextStorage for Failover<B> {
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
-        self.read(|b| b.get_task_context(session_id)).await
+        self.read(Operation::GetTaskContext, |b| {
+            b.get_task_context(session_id)
+        })
+        .await
     }
 
     async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
-        self.read(|b| b.list_task_contexts(after, limit)).await
+        self.read(Operation::ListTaskContexts, |b| {
+            b.list_task_contexts(after, limit)
+        })
+        .await
     }
 
     async fn store_task_context(&self, session_id: &str, context: &Value) -> Result<()> {
         self.write(
+            Operation::StoreTaskContext,
             || Hint::StoreTaskContext(session_id.to_owned(), context.clone()),
+            |_| true,
             |b| b.store_task_context(session_id, context),
         )
         .await
@@ -729,7 +1011,7 @@ impl<B: StorageBackend> TaskContextStorage for Failover<B> {
 }
 
 #[async_trait]
-impl<B: StorageBackend> StorageBackend for Failover<B> {
+impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
     fn kind(&self) -> &'static str {
         self.primary.kind()
     }
@@ -746,8 +1028,33 @@ impl<B: StorageBackend> StorageBackend for Failover<B> {
     }
 
     async fn close(&self) -> Result<()> {
+        // Writes acknowledged during an outage are not thrown away with the queue: one
+        // last replay (after any running one), whatever the breaker says.
+        let left = {
+            let _running = self.state.replay.lock().await;
+            if self.degraded() {
+                if let Err(e) = replay(self.primary(), &self.state, &self.config).await {
+                    tracing::warn!(error = %e, "failover: the replay at close failed");
+                }
+            }
+            self.state.queued.load(Ordering::Relaxed)
+        };
         let primary = self.primary.close().await;
         let fallback = self.fallback.close().await;
+        if left > 0 {
+            tracing::error!(
+                writes = left,
+                "failover: closed with writes the primary never got; the fallback holds them"
+            );
+            return Err(StorageError::Backend {
+                message: format!(
+                    "closed with {left} writes acknowledged while the primary was down and \
+                     not replayed to it: they are stored in the fallback only"
+                ),
+                transient: false,
+                source: None,
+            });
+        }
         primary.and(fallback)
     }
 
@@ -804,7 +1111,9 @@ impl<B: StorageBackend> StorageBackend for Failover<B> {
 
     async fn cleanup_expired_sessions(&self, max_idle: Duration) -> Result<u64> {
         self.write(
+            Operation::CleanupExpiredSessions,
             || Hint::Cleanup(max_idle),
+            |_| true,
             |b| b.cleanup_expired_sessions(max_idle),
         )
         .await

@@ -152,9 +152,8 @@ impl<B> tower_layer::Layer<B> for RetryLayer {
 
 impl RetryPolicy {
     fn should_retry(&self, call: &Call<'_>, started: Instant, error: &StorageError) -> bool {
-        let allowed = call.idempotent
-            || self.config.retry_non_idempotent
-            || matches!(error, StorageError::Unavailable { .. });
+        let allowed =
+            call.idempotent || self.config.retry_non_idempotent || !error.may_have_applied();
         error.is_transient() && allowed && started.elapsed() < self.config.max_elapsed
     }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,8 +40,67 @@ impl Target {
 #[derive(Clone, Default)]
 pub struct Faults(Arc<State>);
 
+/// Where a gate holds a call: before it reaches the inner backend (nothing applied), or
+/// after the inner backend answered (applied, the answer not yet handed back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Point {
+    Before,
+    After,
+}
+
+/// Holds every call matching its target at its point until opened, so a test can drop
+/// the caller's future there (the caller gives up) and check what the layers above left.
+#[derive(Clone)]
+pub struct Gate(Arc<GateState>);
+
+struct GateState {
+    target: Target,
+    point: Point,
+    arrived: AtomicUsize,
+    arrival: tokio::sync::Notify,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    /// Waits until `n` calls in all have reached the gate (held or let through).
+    pub async fn arrived(&self, n: usize) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let notified = self.0.arrival.notified();
+                if self.0.arrived.load(Ordering::SeqCst) >= n {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {n} calls reached the gate"));
+    }
+
+    /// Calls that reached the gate so far.
+    pub fn count(&self) -> usize {
+        self.0.arrived.load(Ordering::SeqCst)
+    }
+
+    /// Lets held calls go on, and later ones pass.
+    pub fn open(&self) {
+        self.0.open.send_replace(true);
+    }
+
+    async fn pass(&self) {
+        self.0.arrived.fetch_add(1, Ordering::SeqCst);
+        self.0.arrival.notify_waiters();
+        let mut open = self.0.open.subscribe();
+        // An error means the gate was dropped with the faults: let the call go on.
+        let _ = open.wait_for(|open| *open).await;
+    }
+}
+
 #[derive(Default)]
 struct State {
+    gate: Mutex<Option<Gate>>,
+    /// Yields before and after each inner call: await points where a caller can give up.
+    yields: AtomicUsize,
     down: AtomicBool,
     latency_ms: AtomicU64,
     plan: Mutex<Vec<(Target, u64, ErrorKind)>>,
@@ -102,6 +161,38 @@ impl Faults {
             .store(latency.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// Holds calls matching `target` at `point` until the returned gate is opened
+    /// (replaces any earlier gate).
+    pub fn gate(&self, target: Target, point: Point) -> Gate {
+        let gate = Gate(Arc::new(GateState {
+            target,
+            point,
+            arrived: AtomicUsize::new(0),
+            arrival: tokio::sync::Notify::new(),
+            open: tokio::sync::watch::channel(false).0,
+        }));
+        *self.0.gate.lock().unwrap() = Some(gate.clone());
+        gate
+    }
+
+    /// Removes the gate (held calls stay held until it is opened).
+    pub fn ungate(&self) {
+        self.0.gate.lock().unwrap().take();
+    }
+
+    /// Makes every call yield to the scheduler `n` times before and after the inner
+    /// call, giving a caller that many more points to give up at.
+    pub fn set_yields(&self, n: usize) {
+        self.0.yields.store(n, Ordering::SeqCst);
+    }
+
+    fn gate_at(&self, op: Operation, point: Point) -> Option<Gate> {
+        let gate = self.0.gate.lock().unwrap();
+        gate.as_ref()
+            .filter(|g| g.0.point == point && g.0.target.matches(op))
+            .cloned()
+    }
+
     /// Calls of `op` that reached the inner backend.
     pub fn calls(&self, op: Operation) -> u64 {
         *self.0.calls.lock().unwrap().get(&op).unwrap_or(&0)
@@ -142,6 +233,14 @@ impl Policy for FaultPolicy {
         F: Fn() -> Fut + Send + Sync + 'a,
         Fut: Future<Output = Result<T>> + Send + 'a,
     {
+        let faults = &self.0;
+        let yields = faults.0.yields.load(Ordering::SeqCst);
+        for _ in 0..yields {
+            tokio::task::yield_now().await;
+        }
+        if let Some(gate) = faults.gate_at(call.operation, Point::Before) {
+            gate.pass().await;
+        }
         let latency = self.0 .0.latency_ms.load(Ordering::SeqCst);
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
@@ -158,6 +257,13 @@ impl Policy for FaultPolicy {
             .unwrap()
             .entry(call.operation)
             .or_default() += 1;
-        run().await
+        let result = run().await;
+        if let Some(gate) = faults.gate_at(call.operation, Point::After) {
+            gate.pass().await;
+        }
+        for _ in 0..yields {
+            tokio::task::yield_now().await;
+        }
+        result
     }
 }
