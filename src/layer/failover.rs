@@ -43,9 +43,10 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 /// - **Writes while the primary is down are kept, not lost** (hinted handoff): they are
 ///   stored in the fallback, acknowledged, and queued (bounded by `max_pending`) for
 ///   replay to the primary. Until the queue is replayed, reads and writes go to the
-///   fallback, so nothing acknowledged is invisible; the replay runs in order, in a task
-///   of its own, when the breaker lets a probe through, and only after it empties does
-///   the primary serve again. When the queue is full, writes fail with
+///   fallback, so nothing acknowledged is invisible. A task of the layer's own replays
+///   the queue in order whenever the breaker lets it (after each cooldown), whether or
+///   not calls reach the layer (a cache in front may answer every read), and only after
+///   the queue empties does the primary serve again. When the queue is full, writes fail with
 ///   [`StorageError::Unavailable`] instead of being acknowledged and dropped. A write
 ///   the fallback answers as changing nothing (`update_session` or `end_session` of a
 ///   session it lacks: `Ok(false)`) is not queued, so the primary never applies what
@@ -58,8 +59,8 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 ///
 /// - **A dropped probe counts as a failure**: the breaker opens again for a cooldown
 ///   instead of staying half-open with nobody to close it.
-/// - **The replay is never cancelled by a caller**: it runs in a spawned task, so the
-///   queue drains however the call that started it ends.
+/// - **The replay is never cancelled by a caller**: it runs in the layer's task, so the
+///   queue drains however the calls around it end.
 /// - **A degraded write records its intent first**: the replay entry is queued before
 ///   the fallback is called and removed only if the fallback refuses the write for
 ///   good. A call dropped while the fallback writes (the write may land) keeps its
@@ -128,8 +129,14 @@ struct FailoverState {
     pending: tokio::sync::Mutex<VecDeque<Hint>>,
     /// Set while writes are pending; reads and writes then go to the fallback.
     degraded: AtomicBool,
-    /// Held by the one replay that may run; `close` waits for it.
-    replay: Arc<tokio::sync::Mutex<()>>,
+    /// Held while a replay runs (by the replay task, or by `close`), so only one does.
+    replay: tokio::sync::Mutex<()>,
+    /// Whether a replay task is alive; it lives while writes wait, retrying whenever
+    /// the breaker lets it, so the queue drains even when no call reaches the layer (a
+    /// cache in front answering every read).
+    replayer: AtomicBool,
+    /// Set by `close`: the replay task stops.
+    closed: AtomicBool,
     /// Set while a replayed write is on its way to the primary. Still set when a replay
     /// starts, the last one was cut short there and the front write may have applied.
     in_flight: AtomicBool,
@@ -154,7 +161,9 @@ impl Default for FailoverState {
             tripped: AtomicBool::default(),
             pending: tokio::sync::Mutex::default(),
             degraded: AtomicBool::default(),
-            replay: Arc::default(),
+            replay: tokio::sync::Mutex::default(),
+            replayer: AtomicBool::default(),
+            closed: AtomicBool::default(),
             in_flight: AtomicBool::default(),
             primary_failures: event(&[("event", "primary_failure")]),
             primary_timeouts: event(&[("event", "primary_timeout")]),
@@ -230,6 +239,16 @@ impl FailoverState {
             threshold: config.failure_threshold,
             probe,
         })
+    }
+
+    /// How long until the breaker lets a call through to the primary.
+    fn probe_in(&self, cooldown: Duration) -> Duration {
+        match *self.breaker.lock().unwrap_or_else(|p| p.into_inner()) {
+            Breaker::Closed | Breaker::Counting(_) => Duration::ZERO,
+            Breaker::Open(since) => cooldown.saturating_sub(since.elapsed()),
+            // Another call is probing: look again after a cooldown.
+            Breaker::HalfOpen => cooldown,
+        }
     }
 
     fn success(&self) {
@@ -535,6 +554,44 @@ async fn replay(
     }
 }
 
+/// The replay task's loop: waits for the breaker, replays, and again, until nothing
+/// waits, the layer is closed, or no wrapper is left.
+async fn replay_while_degraded<B: StorageBackend>(
+    primary: &std::sync::Weak<B>,
+    state: &std::sync::Weak<FailoverState>,
+    config: &FailoverConfig,
+) {
+    loop {
+        let wait = {
+            let Some(s) = state.upgrade() else { return };
+            if !s.degraded.load(Ordering::Acquire) || s.closed.load(Ordering::Acquire) {
+                return;
+            }
+            s.probe_in(config.cooldown)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        let (Some(primary), Some(s)) = (primary.upgrade(), state.upgrade()) else {
+            return;
+        };
+        let Some(verdict) = FailoverState::admit(s.clone(), config) else {
+            continue;
+        };
+        let _running = s.replay.lock().await;
+        if s.closed.load(Ordering::Acquire) {
+            // `close` replayed what it could; what is left is reported there.
+            drop(verdict);
+            return;
+        }
+        match replay(primary.as_ref(), &s, config).await {
+            Ok(()) => verdict.success(),
+            Err(_) => verdict.failure(),
+        }
+    }
+}
+
 impl<B: StorageBackend + 'static> Failover<B> {
     fn primary(&self) -> &dyn StorageBackend {
         self.primary.as_ref()
@@ -548,25 +605,28 @@ impl<B: StorageBackend + 'static> Failover<B> {
         self.state.degraded.load(Ordering::Acquire)
     }
 
-    /// Starts replaying pending writes to the primary when the breaker allows it, in a
-    /// task of its own so that no caller giving up can cut it short. At most one runs.
+    /// Makes sure a replay task runs while writes wait for the primary. The task is the
+    /// layer's, not a caller's: no caller giving up can cut a replay short. It holds the
+    /// layer only weakly between tries, so dropping every wrapper ends it.
     fn start_replay(&self) {
-        if !self.degraded() {
+        if !self.degraded() || self.state.replayer.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(running) = self.state.replay.clone().try_lock_owned() else {
-            return;
-        };
-        let Some(verdict) = FailoverState::admit(self.state.clone(), &self.config) else {
-            return;
-        };
-        let primary = self.primary.clone();
+        let primary = Arc::downgrade(&self.primary);
+        let state = Arc::downgrade(&self.state);
         let config = self.config;
         tokio::spawn(async move {
-            let _running = running;
-            match replay(primary.as_ref(), &verdict.state, &config).await {
-                Ok(()) => verdict.success(),
-                Err(_) => verdict.failure(),
+            loop {
+                replay_while_degraded(&primary, &state, &config).await;
+                let Some(s) = state.upgrade() else { return };
+                s.replayer.store(false, Ordering::Release);
+                // A write queued while this task was ending found it still alive and
+                // started none: take over again rather than leave it waiting.
+                let wanted =
+                    s.degraded.load(Ordering::Acquire) && !s.closed.load(Ordering::Acquire);
+                if !wanted || s.replayer.swap(true, Ordering::AcqRel) {
+                    return;
+                }
             }
         });
     }
@@ -667,6 +727,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
         pending.push_back(entry);
         self.state.queued.fetch_add(1, Ordering::Relaxed);
         self.state.degraded.store(true, Ordering::Release);
+        self.start_replay();
         let answer = run(self.fallback()).await;
         let keep = match &answer {
             Ok(v) => keep(v),
@@ -1037,6 +1098,7 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
                     tracing::warn!(error = %e, "failover: the replay at close failed");
                 }
             }
+            self.state.closed.store(true, Ordering::Release);
             self.state.queued.load(Ordering::Relaxed)
         };
         let primary = self.primary.close().await;

@@ -154,6 +154,11 @@ impl Faults {
         self.0.down.store(down, Ordering::SeqCst);
     }
 
+    /// Forgets every planned failure (`fail_next`) not yet raised.
+    pub fn clear_plan(&self) {
+        self.0.plan.lock().unwrap().clear();
+    }
+
     /// Delays every call by `latency` before it reaches the inner backend.
     pub fn set_latency(&self, latency: Duration) {
         self.0
