@@ -383,3 +383,136 @@ async fn tls_with_a_private_root_certificate() {
         "u"
     );
 }
+
+/// The servers configured for this run: (name, URL).
+fn servers() -> Vec<(&'static str, String)> {
+    [
+        ("node", "AIECS_TEST_REDIS_URL"),
+        ("cluster", "AIECS_TEST_REDIS_CLUSTER_URL"),
+    ]
+    .into_iter()
+    .filter_map(|(name, var)| url(var).map(|url| (name, url)))
+    .collect()
+}
+
+/// A plain client connection to a test server, node or cluster, to look at keys behind
+/// the backend's back.
+enum Raw {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Raw {
+    async fn connect(url: &str) -> Raw {
+        match url.strip_prefix("redis+cluster://") {
+            Some(seeds) => {
+                let seeds: Vec<String> = seeds.split(',').map(|s| format!("redis://{s}")).collect();
+                let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+                Raw::Cluster(client.get_async_connection().await.unwrap())
+            }
+            None => Raw::Node(raw(url).get_multiplexed_async_connection().await.unwrap()),
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        match self {
+            Raw::Node(c) => cmd.query_async(&mut c.clone()).await.unwrap(),
+            Raw::Cluster(c) => cmd.query_async(&mut c.clone()).await.unwrap(),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> bool {
+        self.query::<i64>(redis::cmd("EXISTS").arg(key)).await == 1
+    }
+}
+
+async fn restored_history_expires_with_its_session(server: &str, url: &str) {
+    let prefix = prefix();
+    let backend = RedisBackend::new(url)
+        .unwrap()
+        .with_prefix(prefix.clone())
+        .with_session_ttl(Some(Duration::from_secs(1)));
+    let now = chrono::Utc::now();
+    let session = aiecs_storage::Session {
+        session_id: "restored".into(),
+        user_id: "u".into(),
+        created_at: now,
+        updated_at: now,
+        status: "active".into(),
+        metadata: Metadata::new(),
+        metrics: aiecs_storage::SessionMetrics::default(),
+    };
+    backend.restore_sessions(&[session]).await.unwrap();
+    let old = |id: &str, content: &str| aiecs_storage::Message {
+        message_id: id.into(),
+        role: "user".into(),
+        content: content.into(),
+        timestamp: now,
+        metadata: Metadata::new(),
+    };
+    let restored = backend
+        .restore_messages("restored", &[old("m-1", "old one"), old("m-2", "old two")])
+        .await
+        .unwrap();
+    assert_eq!(restored, 2, "{server}");
+
+    let raw = Raw::connect(url).await;
+    let key = |suffix: &str| format!("{prefix}{{s:restored}}:{suffix}");
+    for suffix in ["session", "messages", "message_ids"] {
+        let ttl: i64 = raw.query(redis::cmd("PTTL").arg(key(suffix))).await;
+        assert!(
+            ttl > 0 && ttl <= 1_000,
+            "{server}: `{suffix}` has PTTL {ttl} after a restore with a 1 s session TTL"
+        );
+    }
+    // Waits for the server to expire the session (bounded, so a key that never expires
+    // fails the test rather than hanging it).
+    let mut polls = 0;
+    while raw.exists(&key("session")).await {
+        polls += 1;
+        assert!(polls < 400, "{server}: the restored session never expired");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for suffix in ["messages", "message_ids"] {
+        assert!(
+            !raw.exists(&key(suffix)).await,
+            "{server}: `{suffix}` outlived its expired session"
+        );
+    }
+    // A new session under the same id starts empty and stores an id the old one used.
+    backend
+        .create_session("restored", "someone-else", &Metadata::new())
+        .await
+        .unwrap();
+    let history = backend
+        .get_conversation_history("restored", 50)
+        .await
+        .unwrap();
+    assert!(history.is_empty(), "{server}: inherited {history:?}");
+    backend
+        .add_conversation_message(
+            "restored",
+            &aiecs_storage::NewMessage::new("user", "new one").with_id("m-1"),
+        )
+        .await
+        .unwrap();
+    let history = backend
+        .get_conversation_history("restored", 50)
+        .await
+        .unwrap();
+    let stored: Vec<(&str, &str)> = history
+        .iter()
+        .map(|m| (m.message_id.as_str(), m.content.as_str()))
+        .collect();
+    assert_eq!(stored, [("m-1", "new one")], "{server}");
+}
+
+/// Migration and import restore a session, then its messages: the message keys must
+/// expire with the session, or a later session under the same id inherits the history
+/// and silently drops messages whose ids the old one used.
+#[tokio::test]
+async fn restored_messages_expire_with_their_session() {
+    for (server, url) in servers() {
+        restored_history_expires_with_its_session(server, &url).await;
+    }
+}

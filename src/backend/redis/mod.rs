@@ -1124,6 +1124,7 @@ impl ConversationStorage for RedisBackend {
         validate::restored_messages(session_id, messages)?;
         let keys = self.session_keys(session_id);
         let mut c = evalsha(&scripts::RESTORE_MESSAGES, &keys.all());
+        c.arg(Self::ttl_ms(self.session_ttl));
         for m in messages {
             let stored = StoredMessage {
                 message_id: &m.message_id,
