@@ -48,7 +48,7 @@ fn seq_of(checkpoint_id: &str) -> u64 {
 /// One checkpoint in three matches the filter, so a listing of `LIMIT` reads about
 /// `3 * LIMIT` rows: more than one internal page.
 fn kept(seq: u64) -> bool {
-    seq % 3 == 0
+    seq.is_multiple_of(3)
 }
 
 fn checkpoint(thread: &str, seq: u64) -> NewCheckpoint {
