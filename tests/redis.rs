@@ -516,3 +516,138 @@ async fn restored_messages_expire_with_their_session() {
         restored_history_expires_with_its_session(server, &url).await;
     }
 }
+
+async fn batch_items_fail_alone(server: &str, url: &str) {
+    use aiecs_storage::{NewMessage, TaskWrites, WriteInput};
+    let prefix = prefix();
+    let backend = RedisBackend::new(url).unwrap().with_prefix(prefix.clone());
+    let raw = Raw::connect(url).await;
+    for id in ["a", "broken", "b"] {
+        backend
+            .create_session(id, "u", &Metadata::new())
+            .await
+            .unwrap();
+    }
+    // A key of the wrong type makes this session's append script fail on the server.
+    raw.query::<()>(
+        redis::cmd("SET")
+            .arg(format!("{prefix}{{s:broken}}:message_ids"))
+            .arg("not a set"),
+    )
+    .await;
+    let batch: Vec<(String, NewMessage)> = [
+        ("a", "to a"),
+        ("missing", "to nobody"),
+        ("broken", "to broken"),
+        ("b", "to b"),
+    ]
+    .into_iter()
+    .map(|(s, text)| (s.to_owned(), NewMessage::new("user", text)))
+    .collect();
+    let results = backend
+        .batch_add_conversation_messages(&batch)
+        .await
+        .unwrap_or_else(|e| panic!("{server}: one bad item failed the whole batch: {e:?}"));
+    assert_eq!(results.len(), 4, "{server}");
+    assert!(results[0].is_ok(), "{server}: {:?}", results[0]);
+    assert!(
+        matches!(results[1], Err(StorageError::NotFound { .. })),
+        "{server}: {:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Err(StorageError::Backend { .. })),
+        "{server}: {:?}",
+        results[2]
+    );
+    assert!(results[3].is_ok(), "{server}: {:?}", results[3]);
+    for (session, text) in [("a", "to a"), ("b", "to b")] {
+        let history = backend.get_conversation_history(session, 50).await.unwrap();
+        let contents: Vec<&str> = history.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(contents, [text], "{server}: session {session}");
+    }
+
+    // Pending writes: the middle thread's order key has the wrong type.
+    raw.query::<()>(
+        redis::cmd("SET")
+            .arg(format!("{prefix}{{t:t2}}:ns::writes:cp:order"))
+            .arg("not a sorted set"),
+    )
+    .await;
+    let items: Vec<TaskWrites> = ["t1", "t2", "t3"]
+        .into_iter()
+        .map(|thread| TaskWrites {
+            thread_id: thread.into(),
+            checkpoint_ns: String::new(),
+            checkpoint_id: "cp".into(),
+            task_id: "task".into(),
+            writes: vec![WriteInput::new("channel", serde_json::json!(thread))],
+        })
+        .collect();
+    let results = backend
+        .batch_put_writes(&items)
+        .await
+        .unwrap_or_else(|e| panic!("{server}: one bad item failed the whole batch: {e:?}"));
+    assert!(results[0].is_ok(), "{server}: {:?}", results[0]);
+    assert!(
+        matches!(results[1], Err(StorageError::Backend { .. })),
+        "{server}: {:?}",
+        results[1]
+    );
+    assert!(results[2].is_ok(), "{server}: {:?}", results[2]);
+    for thread in ["t1", "t3"] {
+        let writes = backend.get_writes(thread, "", "cp").await.unwrap();
+        assert_eq!(writes.len(), 1, "{server}: thread {thread}");
+        assert_eq!(writes[0].value, serde_json::json!(thread), "{server}");
+    }
+}
+
+/// The batch calls answer per item: an item whose script fails on the server (or whose
+/// session is missing) fails alone, and the others, whose scripts ran, are reported Ok.
+#[tokio::test]
+async fn one_failing_item_does_not_fail_the_rest_of_a_batch() {
+    for (server, url) in servers() {
+        batch_items_fail_alone(server, &url).await;
+    }
+}
+
+/// A server that lost its script cache (restart, failover, SCRIPT FLUSH) refuses every
+/// script of a batch without running it; the batch reloads them and runs each once.
+#[tokio::test]
+async fn a_batch_survives_a_flushed_script_cache() {
+    if url("AIECS_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    // A private server: flushing the shared one's scripts would disturb other runs.
+    let server = ProtectedRedis::start("flush-pass");
+    let url = format!("redis://:flush-pass@127.0.0.1:{}", server.port);
+    let backend = RedisBackend::new(&url).unwrap().with_prefix(prefix());
+    for id in ["a", "b"] {
+        backend
+            .create_session(id, "u", &Metadata::new())
+            .await
+            .unwrap();
+    }
+    let raw = Raw::connect(&url).await;
+    raw.query::<()>(redis::cmd("SCRIPT").arg("FLUSH")).await;
+    let batch: Vec<(String, aiecs_storage::NewMessage)> = ["a", "b", "a"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let message = aiecs_storage::NewMessage::new("user", format!("m{i}"));
+            (s.to_owned(), message)
+        })
+        .collect();
+    let results = backend
+        .batch_add_conversation_messages(&batch)
+        .await
+        .unwrap();
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let contents = |history: Vec<aiecs_storage::Message>| -> Vec<String> {
+        history.into_iter().map(|m| m.content).collect()
+    };
+    let a = backend.get_conversation_history("a", 50).await.unwrap();
+    assert_eq!(contents(a), ["m0", "m2"]);
+    let b = backend.get_conversation_history("b", 50).await.unwrap();
+    assert_eq!(contents(b), ["m1"]);
+}

@@ -351,20 +351,40 @@ impl RedisBackend {
     }
 
     /// Runs many commands in one round trip: one pipeline on a node; on a cluster,
-    /// concurrent commands that the client pipelines per master.
+    /// concurrent commands that the client pipelines per master. Fails on the first
+    /// failed command; see [`Self::many_each`] for an answer per command.
     async fn many(&self, cmds: &[Cmd]) -> Result<Vec<RedisValue>> {
+        self.many_each(cmds).await?.into_iter().collect()
+    }
+
+    /// Runs many commands in one round trip as [`Self::many`] does, answering per
+    /// command: a command the server refused or whose script failed fails alone, since
+    /// the others ran regardless. Only an error of the whole round trip (the
+    /// connection) fails the call.
+    async fn many_each(&self, cmds: &[Cmd]) -> Result<Vec<Result<RedisValue>>> {
         if cmds.is_empty() {
             self.conn().await?;
             return Ok(Vec::new());
         }
         let mut conn = self.conn().await?;
-        match conn.many(cmds).await {
-            Err(e) if is_noscript(&e) => {
-                load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
-                conn.many(cmds).await.map_err(|e| self.error(e))
+        let mut replies = conn.many(cmds).await.map_err(|e| self.error(e))?;
+        // NOSCRIPT means the script did not run: reload and send again only the
+        // commands refused, so a script that did run never runs twice.
+        let refused: Vec<usize> = (0..replies.len())
+            .filter(|&i| matches!(&replies[i], Err(e) if is_noscript(e)))
+            .collect();
+        if !refused.is_empty() {
+            load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
+            let again: Vec<Cmd> = refused.iter().map(|&i| cmds[i].clone()).collect();
+            let answers = conn.many(&again).await.map_err(|e| self.error(e))?;
+            for (i, answer) in refused.into_iter().zip(answers) {
+                replies[i] = answer;
             }
-            other => other.map_err(|e| self.error(e)),
         }
+        Ok(replies
+            .into_iter()
+            .map(|reply| reply.map_err(|e| self.error(e)))
+            .collect())
     }
 
     fn session_keys(&self, session_id: &str) -> SessionKeys {
@@ -710,10 +730,17 @@ impl Conn {
         }
     }
 
-    async fn many(&mut self, cmds: &[Cmd]) -> redis::RedisResult<Vec<RedisValue>> {
+    /// Every command's own reply or error; the outer error is the round trip's.
+    async fn many(
+        &mut self,
+        cmds: &[Cmd],
+    ) -> redis::RedisResult<Vec<redis::RedisResult<RedisValue>>> {
         match self {
             Conn::Node(c) => {
                 let mut pipe = redis::pipe();
+                // Without this one failed command turns the whole reply into an error,
+                // hiding the replies of the commands that ran.
+                pipe.ignore_errors();
                 for cmd in cmds {
                     pipe.add_command(cmd.clone());
                 }
@@ -724,10 +751,7 @@ impl Conn {
                     let mut c = c.clone();
                     async move { cmd.query_async::<RedisValue>(&mut c).await }
                 });
-                futures_util::future::join_all(calls)
-                    .await
-                    .into_iter()
-                    .collect()
+                Ok(futures_util::future::join_all(calls).await)
             }
         }
     }
@@ -1106,17 +1130,27 @@ impl ConversationStorage for RedisBackend {
         }
         // A node runs a pipeline in order, so appends to one session keep their order; a
         // cluster sends each session's appends to its one master over one connection.
-        let replies = self.many(&cmds).await?;
-        let mut reindex = Vec::new();
+        let replies = self.many_each(&cmds).await?;
+        let (mut reindexed, mut reindex) = (Vec::new(), Vec::new());
         for (i, reply) in sent.into_iter().zip(replies) {
             let session_id = &messages[i].0;
-            match from_value::<i64>(reply)? {
-                -1 => out[i] = Err(StorageError::not_found("session", session_id)),
-                1 => reindex.push(self.index_cmd(session_id, at.timestamp_micros())),
-                _ => {}
+            match reply.and_then(from_value::<i64>) {
+                Ok(-1) => out[i] = Err(StorageError::not_found("session", session_id)),
+                Ok(1) => {
+                    reindexed.push(i);
+                    reindex.push(self.index_cmd(session_id, at.timestamp_micros()));
+                }
+                Ok(_) => {}
+                Err(e) => out[i] = Err(e),
             }
         }
-        self.many(&reindex).await?;
+        // As in the single add, a failed index refresh fails its add (which is stored;
+        // a retry with the same id stores nothing twice).
+        for (i, reply) in reindexed.into_iter().zip(self.many_each(&reindex).await?) {
+            if let Err(e) = reply {
+                out[i] = Err(e);
+            }
+        }
         Ok(out)
     }
 
@@ -1358,8 +1392,8 @@ impl CheckpointStorage for RedisBackend {
     async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
         validate::batch("items", items.len())?;
         let mut out = Vec::with_capacity(items.len());
-        let mut cmds = Vec::new();
-        for w in items {
+        let (mut cmds, mut sent) = (Vec::new(), Vec::new());
+        for (i, w) in items.iter().enumerate() {
             let checked = validate::writes(
                 &w.thread_id,
                 &w.checkpoint_ns,
@@ -1376,10 +1410,20 @@ impl CheckpointStorage for RedisBackend {
                     &w.writes,
                 )?);
                 cmds.push(self.thread_index_cmd("SADD", &w.thread_id));
+                sent.push(i);
             }
             out.push(checked);
         }
-        self.many(&cmds).await?;
+        // Two commands an item, the writes then the thread index; either failing fails
+        // only its item.
+        let mut replies = self.many_each(&cmds).await?.into_iter();
+        for i in sent {
+            for reply in replies.by_ref().take(2) {
+                if let (Err(e), Ok(())) = (reply, &out[i]) {
+                    out[i] = Err(e);
+                }
+            }
+        }
         Ok(out)
     }
 
