@@ -7,6 +7,8 @@
 #![cfg(feature = "redis")]
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aiecs_storage::prelude::*;
@@ -650,4 +652,431 @@ async fn a_batch_survives_a_flushed_script_cache() {
     assert_eq!(contents(a), ["m0", "m2"]);
     let b = backend.get_conversation_history("b", 50).await.unwrap();
     assert_eq!(contents(b), ["m1"]);
+}
+
+impl Raw {
+    /// Runs `cmd` on the master that serves `key` (on a node, the node).
+    async fn on_master_of(&self, key: &str, cmd: &redis::Cmd) -> redis::Value {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        match self {
+            Raw::Node(_) => self.query(cmd).await,
+            Raw::Cluster(c) => {
+                let slot: u16 = self
+                    .query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+                    .await;
+                let master =
+                    SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                c.clone()
+                    .route_command(cmd.clone(), RoutingInfo::SingleNode(master))
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+}
+
+/// An increment whose reply times out may still run (here: the server runs it when it
+/// resumes). The client must not send it again on its own, or one call counts twice;
+/// RetryLayer decides (and does not retry an increment after a timeout).
+async fn a_timed_out_increment_runs_once(server: &str, url: &str) {
+    let prefix = prefix();
+    let backend = RedisBackend::new(url)
+        .unwrap()
+        .with_prefix(prefix.clone())
+        .with_response_timeout(Duration::from_millis(250));
+    backend
+        .create_session("counted", "u", &Metadata::new())
+        .await
+        .unwrap();
+    let raw = Raw::connect(url).await;
+    let key = format!("{prefix}{{s:counted}}:session");
+    // Scripts wait while their master is paused for writes; the pause outlasts every
+    // attempt the client could make, and ends only when the test ends it.
+    let pause = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(20_000)
+        .arg("WRITE")
+        .clone();
+    raw.on_master_of(&key, &pause).await;
+    let increment = SessionUpdate::new().increment_requests();
+    let update = backend.update_session("counted", &increment).await;
+    raw.on_master_of(&key, redis::cmd("CLIENT").arg("UNPAUSE"))
+        .await;
+    assert!(
+        matches!(update, Err(StorageError::Timeout { .. })),
+        "{server}: {update:?}"
+    );
+    // Sent after every copy of the first, on the same connection: it runs after them.
+    assert!(backend.update_session("counted", &increment).await.unwrap());
+    let count = backend
+        .get_session("counted")
+        .await
+        .unwrap()
+        .unwrap()
+        .metrics
+        .request_count;
+    assert_eq!(
+        count,
+        2,
+        "{server}: the timed-out increment ran {} times",
+        count.saturating_sub(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_counter_update_is_not_sent_again() {
+    if let Some(url) = url("AIECS_TEST_REDIS_CLUSTER_URL") {
+        a_timed_out_increment_runs_once("cluster", &url).await;
+    }
+    if url("AIECS_TEST_REDIS_URL").is_some() {
+        // A private server: pausing the shared one would stall other runs.
+        let server = ProtectedRedis::start("pause-pass");
+        let url = format!("redis://:pause-pass@127.0.0.1:{}", server.port);
+        a_timed_out_increment_runs_once("node", &url).await;
+    }
+}
+
+/// A loopback TCP proxy to a Redis server. Armed, it swallows the next reply that any
+/// of its connections carries and closes that connection: the server ran the command,
+/// the client sees its connection drop without an answer.
+struct ReplyDropper {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplyDropper {
+    /// Its listener, bound first so a server can be told to announce its port.
+    async fn bind() -> tokio::net::TcpListener {
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    fn serve(listener: tokio::net::TcpListener, upstream: u16) -> ReplyDropper {
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let armed = armed.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    tokio::spawn(Self::relay(client, upstream, armed.clone()));
+                }
+            }
+        });
+        ReplyDropper { port, armed, task }
+    }
+
+    async fn relay(client: tokio::net::TcpStream, upstream: u16, armed: Arc<AtomicBool>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+            return;
+        };
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        let requests = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_server.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if armed.swap(false, AtomicOrdering::SeqCst)
+                || to_client.write_all(&buf[..n]).await.is_err()
+            {
+                break;
+            }
+        }
+        // Dropping both halves closes the client's socket.
+        requests.abort();
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, AtomicOrdering::SeqCst);
+    }
+}
+
+impl Drop for ReplyDropper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One `update_session` whose reply is lost after the server ran it must count once:
+/// the client library may not send it again on its own (RetryLayer does not retry an
+/// increment after a dropped connection either), and the caller gets the error.
+async fn an_increment_whose_reply_is_lost_counts_once(
+    server: &str,
+    url: &str,
+    proxy: &ReplyDropper,
+) {
+    let backend = RedisBackend::new(url).unwrap().with_prefix(prefix());
+    backend
+        .create_session("counted", "u", &Metadata::new())
+        .await
+        .unwrap();
+    proxy.arm();
+    let update = backend
+        .update_session("counted", &SessionUpdate::new().increment_requests())
+        .await;
+    let count = backend
+        .get_session("counted")
+        .await
+        .unwrap()
+        .unwrap()
+        .metrics
+        .request_count;
+    assert_eq!(
+        count, 1,
+        "{server}: one update_session call counted {count} times (it answered {update:?})"
+    );
+    assert!(
+        matches!(update, Err(StorageError::Connection { .. })),
+        "{server}: {update:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_increment_is_not_sent_again_after_its_connection_drops() {
+    if url("AIECS_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    // A single-master cluster of its own, announcing the proxy's port, so the cluster
+    // client reaches its node only through the proxy.
+    let listener = ReplyDropper::bind().await;
+    let announced = listener.local_addr().unwrap().port();
+    let (port, bus) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_args: Vec<String> = vec![
+        "--port".into(),
+        port.to_string(),
+        "--cluster-enabled".into(),
+        "yes".into(),
+        "--cluster-port".into(),
+        bus.to_string(),
+        "--cluster-config-file".into(),
+        dir.path().join("nodes.conf").display().to_string(),
+        "--cluster-announce-ip".into(),
+        "127.0.0.1".into(),
+        "--cluster-announce-port".into(),
+        announced.to_string(),
+    ];
+    let _node = ProtectedRedis::start_with("drop-pass", port, &cluster_args);
+    let direct = raw(&format!("redis://:drop-pass@127.0.0.1:{port}"))
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("CLUSTER")
+        .arg("ADDSLOTSRANGE")
+        .arg(0)
+        .arg(16383)
+        .query_async::<()>(&mut direct.clone())
+        .await
+        .unwrap();
+    let mut polls = 0;
+    loop {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut direct.clone())
+            .await
+            .unwrap();
+        if info.contains("cluster_state:ok") {
+            break;
+        }
+        polls += 1;
+        assert!(
+            polls < 200,
+            "the one-node cluster never became ready: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let proxy = ReplyDropper::serve(listener, port);
+    let url = format!("redis+cluster://:drop-pass@127.0.0.1:{}", proxy.port);
+    an_increment_whose_reply_is_lost_counts_once("cluster", &url, &proxy).await;
+
+    let server = ProtectedRedis::start("drop-pass");
+    let proxy = ReplyDropper::serve(ReplyDropper::bind().await, server.port);
+    let url = format!("redis://:drop-pass@127.0.0.1:{}", proxy.port);
+    an_increment_whose_reply_is_lost_counts_once("node", &url, &proxy).await;
+}
+
+/// The masters of a test cluster, each on a plain connection, to move a slot by hand.
+struct Masters {
+    /// (node id, host, port, connection)
+    nodes: Vec<(String, String, u16, redis::aio::MultiplexedConnection)>,
+}
+
+impl Masters {
+    async fn of(cluster_url: &str) -> Masters {
+        let seed = cluster_url
+            .trim_start_matches("redis+cluster://")
+            .split(',')
+            .next()
+            .unwrap();
+        let mut conn = raw(&format!("redis://{seed}"))
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut nodes = Vec::new();
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 8 || !fields[2].split(',').any(|f| f == "master") {
+                continue;
+            }
+            let address = fields[1].split('@').next().unwrap();
+            let (host, port) = address.rsplit_once(':').unwrap();
+            let port: u16 = port.parse().unwrap();
+            let conn = raw(&format!("redis://{host}:{port}"))
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            nodes.push((fields[0].to_owned(), host.to_owned(), port, conn));
+        }
+        assert!(nodes.len() >= 2, "a slot move needs two masters: {text}");
+        Masters { nodes }
+    }
+
+    async fn on(&self, node: usize, cmd: &redis::Cmd) -> redis::Value {
+        cmd.query_async(&mut self.nodes[node].3.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{cmd:?} on {}: {e}", self.nodes[node].2))
+    }
+
+    async fn owner_of(&self, slot: u16) -> usize {
+        let reply: Vec<Vec<redis::Value>> =
+            redis::from_redis_value(self.on(0, redis::cmd("CLUSTER").arg("SLOTS")).await).unwrap();
+        for range in reply {
+            let start: u16 = redis::from_redis_value(range[0].clone()).unwrap();
+            let end: u16 = redis::from_redis_value(range[1].clone()).unwrap();
+            if (start..=end).contains(&slot) {
+                let master: Vec<redis::Value> = redis::from_redis_value(range[2].clone()).unwrap();
+                let port: u16 = redis::from_redis_value(master[1].clone()).unwrap();
+                return self.nodes.iter().position(|n| n.2 == port).unwrap();
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// Moves the slot's keys from `source` to `target` while `source` still owns the
+    /// slot: `source` answers ASK for them.
+    async fn begin_move(&self, slot: u16, source: usize, target: usize) {
+        let setslot = |state: &str, node: usize| {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(&self.nodes[node].0)
+                .clone()
+        };
+        self.on(target, &setslot("IMPORTING", source)).await;
+        self.on(source, &setslot("MIGRATING", target)).await;
+        let keys: Vec<String> = redis::from_redis_value(
+            self.on(
+                source,
+                redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot)
+                    .arg(1000),
+            )
+            .await,
+        )
+        .unwrap();
+        if !keys.is_empty() {
+            let (_, host, port, _) = &self.nodes[target];
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate
+                .arg(host)
+                .arg(*port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(keys);
+            self.on(source, &migrate).await;
+        }
+    }
+
+    /// Gives the slot to `target` on every master: others answer MOVED for it.
+    async fn end_move(&self, slot: u16, target: usize) {
+        let mut setslot = redis::cmd("CLUSTER");
+        setslot
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&self.nodes[target].0);
+        self.on(target, &setslot).await;
+        for node in (0..self.nodes.len()).filter(|&n| n != target) {
+            self.on(node, &setslot).await;
+        }
+    }
+}
+
+/// A cluster client that does not send a command again on its own must still follow
+/// ASK and MOVED, which say the command did not run: a counter update lands while its
+/// slot moves to another master, and after it moved.
+#[tokio::test]
+async fn counter_updates_follow_a_slot_moving_between_masters() {
+    let Some(url) = url("AIECS_TEST_REDIS_CLUSTER_URL") else {
+        return;
+    };
+    let prefix = prefix();
+    let backend = RedisBackend::new(&url).unwrap().with_prefix(prefix.clone());
+    let id = "moving";
+    backend
+        .create_session(id, "u", &Metadata::new())
+        .await
+        .unwrap();
+    // With every session key present, the importing master runs a script sent with
+    // ASKING; with some missing it would answer TRYAGAIN (Unavailable), which is not
+    // what this test is about.
+    backend
+        .add_conversation_message(id, &aiecs_storage::NewMessage::new("user", "hi"))
+        .await
+        .unwrap();
+    backend
+        .store_task_context(id, &serde_json::json!({"k": 1}))
+        .await
+        .unwrap();
+    let masters = Masters::of(&url).await;
+    let slot: u16 = redis::from_redis_value(
+        masters
+            .on(
+                0,
+                redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(format!("{prefix}{{s:{id}}}:session")),
+            )
+            .await,
+    )
+    .unwrap();
+    let source = masters.owner_of(slot).await;
+    let target = (source + 1) % masters.nodes.len();
+    let increment = SessionUpdate::new().increment_requests();
+
+    masters.begin_move(slot, source, target).await;
+    let during = backend.update_session(id, &increment).await;
+    masters.end_move(slot, target).await;
+    let after = backend.update_session(id, &increment).await;
+    let count = backend
+        .get_session(id)
+        .await
+        .map(|s| s.map(|s| s.metrics.request_count));
+    // Back where it was, before any assertion can end the test.
+    masters.begin_move(slot, target, source).await;
+    masters.end_move(slot, source).await;
+
+    assert!(
+        matches!(during, Ok(true)),
+        "during the move (ASK): {during:?}"
+    );
+    assert!(
+        matches!(after, Ok(true)),
+        "after the move (MOVED): {after:?}"
+    );
+    assert_eq!(count.unwrap(), Some(2));
 }

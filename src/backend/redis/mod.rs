@@ -43,7 +43,10 @@ const CLEANUP_PAGE: usize = 256;
 /// any number of seed nodes; `?prefix=app:` sets the key prefix, as
 /// [`RedisBackend::with_prefix`] does. A single node uses one multiplexed, auto-reconnecting
 /// connection (`ConnectionManager`); a cluster uses the async cluster client, which
-/// follows MOVED and ASK. Concurrent calls share the connection and are pipelined.
+/// follows MOVED and ASK. Concurrent calls share the connection and are pipelined. On a
+/// cluster, counter increments use a second connection (one more per master) whose
+/// client never sends a command again once it may have run, so one call never counts
+/// twice.
 ///
 /// Keys live under a prefix (default `aiecs:`); every key of a session or a thread
 /// carries the same hash tag, so multi-key steps run as one Lua script in one slot. A
@@ -85,7 +88,13 @@ enum Target {
 #[derive(Clone)]
 enum Conn {
     Node(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster {
+        /// Every command but counter increments: idempotent, so the client may send one
+        /// again after a timeout or a dropped connection (its default retries).
+        shared: ClusterConnection,
+        /// Counter increments: never sent again by the client (see `RedisBackend::connect`).
+        once: ClusterConnection,
+    },
 }
 
 impl fmt::Debug for RedisBackend {
@@ -248,7 +257,7 @@ impl RedisBackend {
     /// Turns a client error into a [`StorageError`] of the right kind, with the password
     /// scrubbed from its text.
     fn error(&self, e: redis::RedisError) -> StorageError {
-        use redis::{ErrorKind, ServerErrorKind};
+        use redis::ErrorKind;
         let mut text = e.to_string();
         for secret in &self.secrets {
             text = text.replace(secret.as_str(), "***");
@@ -258,13 +267,8 @@ impl RedisBackend {
             ErrorKind::AuthenticationFailed => StorageError::Authentication {
                 message: format!("redis at {} refused the credentials", self.redacted),
             },
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::ReadOnly,
-            ) => StorageError::Unavailable { message },
+            // The server or the client refused the command before it ran.
+            _ if refused_without_running(&e) => StorageError::Unavailable { message },
             _ if e.is_timeout() => StorageError::Timeout {
                 operation: "redis command",
                 after: self.response_timeout,
@@ -307,15 +311,35 @@ impl RedisBackend {
                 }
             }
             Target::Cluster(nodes) => {
-                let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
-                    .connection_timeout(Duration::from_secs(5))
-                    .response_timeout(self.response_timeout);
-                if let Some(certs) = self.certificates() {
-                    builder = builder.certs(certs);
-                }
-                match builder.build() {
-                    Ok(client) => client.get_async_connection().await.map(Conn::Cluster),
-                    Err(e) => Err(e),
+                let client = |retries: Option<u32>| {
+                    let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
+                        .connection_timeout(Duration::from_secs(5))
+                        .response_timeout(self.response_timeout);
+                    if let Some(certs) = self.certificates() {
+                        builder = builder.certs(certs);
+                    }
+                    if let Some(retries) = retries {
+                        builder = builder.retries(retries);
+                    }
+                    builder.build()
+                };
+                // The cluster client sends a command again after a dropped connection or
+                // an I/O error (redis-rs 1.8 `RetryMethod::Reconnect`/`RetryImmediately`),
+                // though the server may have run it before the reply was lost: harmless
+                // for keyed writes and reads, a double count for an `update_session`
+                // increment, outside RetryLayer's policy (which retries an increment only
+                // after `Unavailable`). Its retry count is per client, not per command, and
+                // `retries(0)` also stops it following MOVED and ASK and waiting out a
+                // reconnect, which every other command needs. So increments get a client
+                // of their own with `retries(0)`, and `Conn::query_once` re-sends only
+                // what the server refused without running (MOVED, ASK, TRYAGAIN, ...).
+                // It costs one more connection per master.
+                match (client(None), client(Some(0))) {
+                    (Ok(shared), Ok(once)) => {
+                        tokio::try_join!(shared.get_async_connection(), once.get_async_connection())
+                            .map(|(shared, once)| Conn::Cluster { shared, once })
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(e),
                 }
             }
         }
@@ -385,6 +409,24 @@ impl RedisBackend {
             .into_iter()
             .map(|reply| reply.map_err(|e| self.error(e)))
             .collect())
+    }
+
+    /// Runs one command that must not run twice (a counter increment): neither the
+    /// client nor this method sends it again once it may have reached the server; see
+    /// [`Conn::query_once`].
+    async fn run_once<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let mut conn = self.conn().await?;
+        let reply = match conn.query_once(cmd, self.response_timeout).await {
+            // NOSCRIPT: refused without running.
+            Err(e) if is_noscript(&e) => {
+                load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
+                conn.query_once(cmd, self.response_timeout)
+                    .await
+                    .map_err(|e| self.error(e))
+            }
+            other => other.map_err(|e| self.error(e)),
+        }?;
+        from_value(reply)
     }
 
     fn session_keys(&self, session_id: &str) -> SessionKeys {
@@ -548,10 +590,22 @@ impl RedisBackend {
         Ok((message_id, c))
     }
 
-    /// Runs a session-touching script and refreshes the cleanup index when it asks.
-    /// Returns `false` when the session is missing.
-    async fn touch_session(&self, session_id: &str, cmd: &Cmd, at: i64) -> Result<bool> {
-        match self.run::<i64>(cmd).await? {
+    /// Runs a session-touching script (at most once if `once`, see [`Self::run_once`])
+    /// and refreshes the cleanup index when it asks. Returns `false` when the session is
+    /// missing.
+    async fn touch_session(
+        &self,
+        session_id: &str,
+        cmd: &Cmd,
+        at: i64,
+        once: bool,
+    ) -> Result<bool> {
+        let reply = if once {
+            self.run_once::<i64>(cmd).await?
+        } else {
+            self.run::<i64>(cmd).await?
+        };
+        match reply {
             -1 => Ok(false),
             1 => {
                 self.run::<RedisValue>(&self.index_cmd(session_id, at))
@@ -722,11 +776,76 @@ impl RedisBackend {
     }
 }
 
+/// Attempts [`Conn::query_once`] makes at most, as redis-rs's default retries.
+const ONCE_ATTEMPTS: u32 = 16;
+
 impl Conn {
     async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> redis::RedisResult<T> {
         match self {
             Conn::Node(c) => cmd.query_async(c).await,
-            Conn::Cluster(c) => cmd.query_async(c).await,
+            Conn::Cluster { shared, .. } => cmd.query_async(shared).await,
+        }
+    }
+
+    /// Sends `cmd` again only after an answer that says it did not run: MOVED and ASK
+    /// (followed to the node they name, as the client would), and refusals that pass
+    /// (TRYAGAIN, CLUSTERDOWN, MASTERDOWN, LOADING, READONLY, no connection to the
+    /// slot's node yet), within `budget`. After a timeout or a dropped connection the
+    /// command may have run: the error is returned, for the caller (RetryLayer) to
+    /// decide. A node's `ConnectionManager` never sends a command again itself.
+    async fn query_once(&mut self, cmd: &Cmd, budget: Duration) -> redis::RedisResult<RedisValue> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let once = match self {
+            Conn::Node(c) => return cmd.query_async(c).await,
+            Conn::Cluster { once, .. } => once,
+        };
+        let deadline = Instant::now() + budget;
+        let mut wait = Duration::from_millis(10);
+        let mut redirect: Option<(bool, String, u16)> = None;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = match redirect.take() {
+                None => cmd.query_async::<RedisValue>(once).await,
+                Some((false, host, port)) => {
+                    let to = SingleNodeRoutingInfo::ByAddress { host, port };
+                    once.route_command(cmd.clone(), RoutingInfo::SingleNode(to))
+                        .await
+                }
+                Some((true, host, port)) => {
+                    // ASKING holds for the next command on the connection only: a
+                    // pipeline keeps the two together.
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ASKING").add_command(cmd.clone());
+                    let to = SingleNodeRoutingInfo::ByAddress { host, port };
+                    once.route_pipeline(pipe, 1, 1, to)
+                        .await
+                        .and_then(|mut replies| {
+                            replies.pop().unwrap_or(RedisValue::Nil).extract_error()
+                        })
+                }
+            };
+            let Err(e) = result else {
+                return result;
+            };
+            if attempt >= ONCE_ATTEMPTS || Instant::now() >= deadline {
+                return Err(e);
+            }
+            let ask = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask);
+            let node = e
+                .redirect_node()
+                .and_then(|(node, _slot)| node.rsplit_once(':'));
+            if let Some((host, Ok(port))) = node.map(|(host, port)| (host, port.parse())) {
+                redirect = Some((ask, host.to_owned(), port));
+                continue;
+            }
+            if !(refused_without_running(&e) || e.is_connection_refusal()) {
+                return Err(e);
+            }
+            // The client refreshes its slots and connections meanwhile.
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(wait.min(left)).await;
+            wait = (wait * 2).min(Duration::from_millis(250));
         }
     }
 
@@ -746,7 +865,7 @@ impl Conn {
                 }
                 pipe.query_async(c).await
             }
-            Conn::Cluster(c) => {
+            Conn::Cluster { shared: c, .. } => {
                 let calls = cmds.iter().map(|cmd| {
                     let mut c = c.clone();
                     async move { cmd.query_async::<RedisValue>(&mut c).await }
@@ -768,6 +887,24 @@ async fn load_scripts(conn: &mut Conn) -> redis::RedisResult<()> {
 
 fn is_noscript(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// Whether `e` says the command did not run and may run if sent again later: a server
+/// refusal while the cluster changes, or no connection to send it on.
+fn refused_without_running(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::BusyLoading
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+        ) | ErrorKind::ClusterConnectionNotFound
+    )
 }
 
 fn evalsha(script: &Lua, keys: &[&str]) -> Cmd {
@@ -1002,7 +1139,10 @@ impl SessionStorage for RedisBackend {
             .arg(Self::ttl_ms(self.session_ttl))
             .arg(INDEX_GRANULARITY_MICROS);
         metadata_args(&mut c, &update.metadata)?;
-        self.touch_session(session_id, &c, at).await
+        // Only additions can apply twice; a status or metadata update is idempotent.
+        let counts =
+            update.add_requests != 0 || update.add_errors != 0 || update.add_processing_time != 0.0;
+        self.touch_session(session_id, &c, at, counts).await
     }
 
     async fn end_session(&self, session_id: &str, status: &str) -> Result<bool> {
@@ -1098,7 +1238,7 @@ impl ConversationStorage for RedisBackend {
         let at = now();
         let (message_id, cmd) = self.add_message_cmd(session_id, message, at)?;
         if self
-            .touch_session(session_id, &cmd, at.timestamp_micros())
+            .touch_session(session_id, &cmd, at.timestamp_micros(), false)
             .await?
         {
             Ok(message_id)
