@@ -7,6 +7,8 @@
 #![cfg(feature = "redis")]
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aiecs_storage::prelude::*;
@@ -382,4 +384,699 @@ async fn tls_with_a_private_root_certificate() {
         trusted.get_session("tls").await.unwrap().unwrap().user_id,
         "u"
     );
+}
+
+/// The servers configured for this run: (name, URL).
+fn servers() -> Vec<(&'static str, String)> {
+    [
+        ("node", "AIECS_TEST_REDIS_URL"),
+        ("cluster", "AIECS_TEST_REDIS_CLUSTER_URL"),
+    ]
+    .into_iter()
+    .filter_map(|(name, var)| url(var).map(|url| (name, url)))
+    .collect()
+}
+
+/// A plain client connection to a test server, node or cluster, to look at keys behind
+/// the backend's back.
+enum Raw {
+    Node(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Raw {
+    async fn connect(url: &str) -> Raw {
+        match url.strip_prefix("redis+cluster://") {
+            Some(seeds) => {
+                let seeds: Vec<String> = seeds.split(',').map(|s| format!("redis://{s}")).collect();
+                let client = redis::cluster::ClusterClient::new(seeds).unwrap();
+                Raw::Cluster(client.get_async_connection().await.unwrap())
+            }
+            None => Raw::Node(raw(url).get_multiplexed_async_connection().await.unwrap()),
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        match self {
+            Raw::Node(c) => cmd.query_async(&mut c.clone()).await.unwrap(),
+            Raw::Cluster(c) => cmd.query_async(&mut c.clone()).await.unwrap(),
+        }
+    }
+
+    async fn exists(&self, key: &str) -> bool {
+        self.query::<i64>(redis::cmd("EXISTS").arg(key)).await == 1
+    }
+}
+
+async fn restored_history_expires_with_its_session(server: &str, url: &str) {
+    let prefix = prefix();
+    let backend = RedisBackend::new(url)
+        .unwrap()
+        .with_prefix(prefix.clone())
+        .with_session_ttl(Some(Duration::from_secs(1)));
+    let now = chrono::Utc::now();
+    let session = aiecs_storage::Session {
+        session_id: "restored".into(),
+        user_id: "u".into(),
+        created_at: now,
+        updated_at: now,
+        status: "active".into(),
+        metadata: Metadata::new(),
+        metrics: aiecs_storage::SessionMetrics::default(),
+    };
+    backend.restore_sessions(&[session]).await.unwrap();
+    let old = |id: &str, content: &str| aiecs_storage::Message {
+        message_id: id.into(),
+        role: "user".into(),
+        content: content.into(),
+        timestamp: now,
+        metadata: Metadata::new(),
+    };
+    let restored = backend
+        .restore_messages("restored", &[old("m-1", "old one"), old("m-2", "old two")])
+        .await
+        .unwrap();
+    assert_eq!(restored, 2, "{server}");
+
+    let raw = Raw::connect(url).await;
+    let key = |suffix: &str| format!("{prefix}{{s:restored}}:{suffix}");
+    for suffix in ["session", "messages", "message_ids"] {
+        let ttl: i64 = raw.query(redis::cmd("PTTL").arg(key(suffix))).await;
+        assert!(
+            ttl > 0 && ttl <= 1_000,
+            "{server}: `{suffix}` has PTTL {ttl} after a restore with a 1 s session TTL"
+        );
+    }
+    // Waits for the server to expire the session (bounded, so a key that never expires
+    // fails the test rather than hanging it).
+    let mut polls = 0;
+    while raw.exists(&key("session")).await {
+        polls += 1;
+        assert!(polls < 400, "{server}: the restored session never expired");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    for suffix in ["messages", "message_ids"] {
+        assert!(
+            !raw.exists(&key(suffix)).await,
+            "{server}: `{suffix}` outlived its expired session"
+        );
+    }
+    // A new session under the same id starts empty and stores an id the old one used.
+    backend
+        .create_session("restored", "someone-else", &Metadata::new())
+        .await
+        .unwrap();
+    let history = backend
+        .get_conversation_history("restored", 50)
+        .await
+        .unwrap();
+    assert!(history.is_empty(), "{server}: inherited {history:?}");
+    backend
+        .add_conversation_message(
+            "restored",
+            &aiecs_storage::NewMessage::new("user", "new one").with_id("m-1"),
+        )
+        .await
+        .unwrap();
+    let history = backend
+        .get_conversation_history("restored", 50)
+        .await
+        .unwrap();
+    let stored: Vec<(&str, &str)> = history
+        .iter()
+        .map(|m| (m.message_id.as_str(), m.content.as_str()))
+        .collect();
+    assert_eq!(stored, [("m-1", "new one")], "{server}");
+}
+
+/// Migration and import restore a session, then its messages: the message keys must
+/// expire with the session, or a later session under the same id inherits the history
+/// and silently drops messages whose ids the old one used.
+#[tokio::test]
+async fn restored_messages_expire_with_their_session() {
+    for (server, url) in servers() {
+        restored_history_expires_with_its_session(server, &url).await;
+    }
+}
+
+async fn batch_items_fail_alone(server: &str, url: &str) {
+    use aiecs_storage::{NewMessage, TaskWrites, WriteInput};
+    let prefix = prefix();
+    let backend = RedisBackend::new(url).unwrap().with_prefix(prefix.clone());
+    let raw = Raw::connect(url).await;
+    for id in ["a", "broken", "b"] {
+        backend
+            .create_session(id, "u", &Metadata::new())
+            .await
+            .unwrap();
+    }
+    // A key of the wrong type makes this session's append script fail on the server.
+    raw.query::<()>(
+        redis::cmd("SET")
+            .arg(format!("{prefix}{{s:broken}}:message_ids"))
+            .arg("not a set"),
+    )
+    .await;
+    let batch: Vec<(String, NewMessage)> = [
+        ("a", "to a"),
+        ("missing", "to nobody"),
+        ("broken", "to broken"),
+        ("b", "to b"),
+    ]
+    .into_iter()
+    .map(|(s, text)| (s.to_owned(), NewMessage::new("user", text)))
+    .collect();
+    let results = backend
+        .batch_add_conversation_messages(&batch)
+        .await
+        .unwrap_or_else(|e| panic!("{server}: one bad item failed the whole batch: {e:?}"));
+    assert_eq!(results.len(), 4, "{server}");
+    assert!(results[0].is_ok(), "{server}: {:?}", results[0]);
+    assert!(
+        matches!(results[1], Err(StorageError::NotFound { .. })),
+        "{server}: {:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[2], Err(StorageError::Backend { .. })),
+        "{server}: {:?}",
+        results[2]
+    );
+    assert!(results[3].is_ok(), "{server}: {:?}", results[3]);
+    for (session, text) in [("a", "to a"), ("b", "to b")] {
+        let history = backend.get_conversation_history(session, 50).await.unwrap();
+        let contents: Vec<&str> = history.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(contents, [text], "{server}: session {session}");
+    }
+
+    // Pending writes: the middle thread's order key has the wrong type.
+    raw.query::<()>(
+        redis::cmd("SET")
+            .arg(format!("{prefix}{{t:t2}}:ns::writes:cp:order"))
+            .arg("not a sorted set"),
+    )
+    .await;
+    let items: Vec<TaskWrites> = ["t1", "t2", "t3"]
+        .into_iter()
+        .map(|thread| TaskWrites {
+            thread_id: thread.into(),
+            checkpoint_ns: String::new(),
+            checkpoint_id: "cp".into(),
+            task_id: "task".into(),
+            writes: vec![WriteInput::new("channel", serde_json::json!(thread))],
+        })
+        .collect();
+    let results = backend
+        .batch_put_writes(&items)
+        .await
+        .unwrap_or_else(|e| panic!("{server}: one bad item failed the whole batch: {e:?}"));
+    assert!(results[0].is_ok(), "{server}: {:?}", results[0]);
+    assert!(
+        matches!(results[1], Err(StorageError::Backend { .. })),
+        "{server}: {:?}",
+        results[1]
+    );
+    assert!(results[2].is_ok(), "{server}: {:?}", results[2]);
+    for thread in ["t1", "t3"] {
+        let writes = backend.get_writes(thread, "", "cp").await.unwrap();
+        assert_eq!(writes.len(), 1, "{server}: thread {thread}");
+        assert_eq!(writes[0].value, serde_json::json!(thread), "{server}");
+    }
+}
+
+/// The batch calls answer per item: an item whose script fails on the server (or whose
+/// session is missing) fails alone, and the others, whose scripts ran, are reported Ok.
+#[tokio::test]
+async fn one_failing_item_does_not_fail_the_rest_of_a_batch() {
+    for (server, url) in servers() {
+        batch_items_fail_alone(server, &url).await;
+    }
+}
+
+/// A server that lost its script cache (restart, failover, SCRIPT FLUSH) refuses every
+/// script of a batch without running it; the batch reloads them and runs each once.
+#[tokio::test]
+async fn a_batch_survives_a_flushed_script_cache() {
+    if url("AIECS_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    // A private server: flushing the shared one's scripts would disturb other runs.
+    let server = ProtectedRedis::start("flush-pass");
+    let url = format!("redis://:flush-pass@127.0.0.1:{}", server.port);
+    let backend = RedisBackend::new(&url).unwrap().with_prefix(prefix());
+    for id in ["a", "b"] {
+        backend
+            .create_session(id, "u", &Metadata::new())
+            .await
+            .unwrap();
+    }
+    let raw = Raw::connect(&url).await;
+    raw.query::<()>(redis::cmd("SCRIPT").arg("FLUSH")).await;
+    let batch: Vec<(String, aiecs_storage::NewMessage)> = ["a", "b", "a"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let message = aiecs_storage::NewMessage::new("user", format!("m{i}"));
+            (s.to_owned(), message)
+        })
+        .collect();
+    let results = backend
+        .batch_add_conversation_messages(&batch)
+        .await
+        .unwrap();
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let contents = |history: Vec<aiecs_storage::Message>| -> Vec<String> {
+        history.into_iter().map(|m| m.content).collect()
+    };
+    let a = backend.get_conversation_history("a", 50).await.unwrap();
+    assert_eq!(contents(a), ["m0", "m2"]);
+    let b = backend.get_conversation_history("b", 50).await.unwrap();
+    assert_eq!(contents(b), ["m1"]);
+}
+
+impl Raw {
+    /// Runs `cmd` on the master that serves `key` (on a node, the node).
+    async fn on_master_of(&self, key: &str, cmd: &redis::Cmd) -> redis::Value {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        match self {
+            Raw::Node(_) => self.query(cmd).await,
+            Raw::Cluster(c) => {
+                let slot: u16 = self
+                    .query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+                    .await;
+                let master =
+                    SingleNodeRoutingInfo::SpecificNode(Route::new(slot, SlotAddr::Master));
+                c.clone()
+                    .route_command(cmd.clone(), RoutingInfo::SingleNode(master))
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+}
+
+/// An increment whose reply times out may still run (here: the server runs it when it
+/// resumes). The client must not send it again on its own, or one call counts twice;
+/// RetryLayer decides (and does not retry an increment after a timeout).
+async fn a_timed_out_increment_runs_once(server: &str, url: &str) {
+    let prefix = prefix();
+    let backend = RedisBackend::new(url)
+        .unwrap()
+        .with_prefix(prefix.clone())
+        .with_response_timeout(Duration::from_millis(250));
+    backend
+        .create_session("counted", "u", &Metadata::new())
+        .await
+        .unwrap();
+    let raw = Raw::connect(url).await;
+    let key = format!("{prefix}{{s:counted}}:session");
+    // Scripts wait while their master is paused for writes; the pause outlasts every
+    // attempt the client could make, and ends only when the test ends it.
+    let pause = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(20_000)
+        .arg("WRITE")
+        .clone();
+    raw.on_master_of(&key, &pause).await;
+    let increment = SessionUpdate::new().increment_requests();
+    let update = backend.update_session("counted", &increment).await;
+    raw.on_master_of(&key, redis::cmd("CLIENT").arg("UNPAUSE"))
+        .await;
+    assert!(
+        matches!(update, Err(StorageError::Timeout { .. })),
+        "{server}: {update:?}"
+    );
+    // Sent after every copy of the first, on the same connection: it runs after them.
+    assert!(backend.update_session("counted", &increment).await.unwrap());
+    let count = backend
+        .get_session("counted")
+        .await
+        .unwrap()
+        .unwrap()
+        .metrics
+        .request_count;
+    assert_eq!(
+        count,
+        2,
+        "{server}: the timed-out increment ran {} times",
+        count.saturating_sub(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_counter_update_is_not_sent_again() {
+    if let Some(url) = url("AIECS_TEST_REDIS_CLUSTER_URL") {
+        a_timed_out_increment_runs_once("cluster", &url).await;
+    }
+    if url("AIECS_TEST_REDIS_URL").is_some() {
+        // A private server: pausing the shared one would stall other runs.
+        let server = ProtectedRedis::start("pause-pass");
+        let url = format!("redis://:pause-pass@127.0.0.1:{}", server.port);
+        a_timed_out_increment_runs_once("node", &url).await;
+    }
+}
+
+/// A loopback TCP proxy to a Redis server. Armed, it swallows the next reply that any
+/// of its connections carries and closes that connection: the server ran the command,
+/// the client sees its connection drop without an answer.
+struct ReplyDropper {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplyDropper {
+    /// Its listener, bound first so a server can be told to announce its port.
+    async fn bind() -> tokio::net::TcpListener {
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    fn serve(listener: tokio::net::TcpListener, upstream: u16) -> ReplyDropper {
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let armed = armed.clone();
+            async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    tokio::spawn(Self::relay(client, upstream, armed.clone()));
+                }
+            }
+        });
+        ReplyDropper { port, armed, task }
+    }
+
+    async fn relay(client: tokio::net::TcpStream, upstream: u16, armed: Arc<AtomicBool>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
+            return;
+        };
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        let requests = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_client, &mut to_server).await;
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_server.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if armed.swap(false, AtomicOrdering::SeqCst)
+                || to_client.write_all(&buf[..n]).await.is_err()
+            {
+                break;
+            }
+        }
+        // Dropping both halves closes the client's socket.
+        requests.abort();
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, AtomicOrdering::SeqCst);
+    }
+}
+
+impl Drop for ReplyDropper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One `update_session` whose reply is lost after the server ran it must count once:
+/// the client library may not send it again on its own (RetryLayer does not retry an
+/// increment after a dropped connection either), and the caller gets the error.
+async fn an_increment_whose_reply_is_lost_counts_once(
+    server: &str,
+    url: &str,
+    proxy: &ReplyDropper,
+) {
+    let backend = RedisBackend::new(url).unwrap().with_prefix(prefix());
+    backend
+        .create_session("counted", "u", &Metadata::new())
+        .await
+        .unwrap();
+    proxy.arm();
+    let update = backend
+        .update_session("counted", &SessionUpdate::new().increment_requests())
+        .await;
+    let count = backend
+        .get_session("counted")
+        .await
+        .unwrap()
+        .unwrap()
+        .metrics
+        .request_count;
+    assert_eq!(
+        count, 1,
+        "{server}: one update_session call counted {count} times (it answered {update:?})"
+    );
+    assert!(
+        matches!(update, Err(StorageError::Connection { .. })),
+        "{server}: {update:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_increment_is_not_sent_again_after_its_connection_drops() {
+    if url("AIECS_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    // A single-master cluster of its own, announcing the proxy's port, so the cluster
+    // client reaches its node only through the proxy.
+    let listener = ReplyDropper::bind().await;
+    let announced = listener.local_addr().unwrap().port();
+    let (port, bus) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_args: Vec<String> = vec![
+        "--port".into(),
+        port.to_string(),
+        "--cluster-enabled".into(),
+        "yes".into(),
+        "--cluster-port".into(),
+        bus.to_string(),
+        "--cluster-config-file".into(),
+        dir.path().join("nodes.conf").display().to_string(),
+        "--cluster-announce-ip".into(),
+        "127.0.0.1".into(),
+        "--cluster-announce-port".into(),
+        announced.to_string(),
+    ];
+    let _node = ProtectedRedis::start_with("drop-pass", port, &cluster_args);
+    let direct = raw(&format!("redis://:drop-pass@127.0.0.1:{port}"))
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("CLUSTER")
+        .arg("ADDSLOTSRANGE")
+        .arg(0)
+        .arg(16383)
+        .query_async::<()>(&mut direct.clone())
+        .await
+        .unwrap();
+    let mut polls = 0;
+    loop {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut direct.clone())
+            .await
+            .unwrap();
+        if info.contains("cluster_state:ok") {
+            break;
+        }
+        polls += 1;
+        assert!(
+            polls < 200,
+            "the one-node cluster never became ready: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let proxy = ReplyDropper::serve(listener, port);
+    let url = format!("redis+cluster://:drop-pass@127.0.0.1:{}", proxy.port);
+    an_increment_whose_reply_is_lost_counts_once("cluster", &url, &proxy).await;
+
+    let server = ProtectedRedis::start("drop-pass");
+    let proxy = ReplyDropper::serve(ReplyDropper::bind().await, server.port);
+    let url = format!("redis://:drop-pass@127.0.0.1:{}", proxy.port);
+    an_increment_whose_reply_is_lost_counts_once("node", &url, &proxy).await;
+}
+
+/// The masters of a test cluster, each on a plain connection, to move a slot by hand.
+struct Masters {
+    /// (node id, host, port, connection)
+    nodes: Vec<(String, String, u16, redis::aio::MultiplexedConnection)>,
+}
+
+impl Masters {
+    async fn of(cluster_url: &str) -> Masters {
+        let seed = cluster_url
+            .trim_start_matches("redis+cluster://")
+            .split(',')
+            .next()
+            .unwrap();
+        let mut conn = raw(&format!("redis://{seed}"))
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let mut nodes = Vec::new();
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 8 || !fields[2].split(',').any(|f| f == "master") {
+                continue;
+            }
+            let address = fields[1].split('@').next().unwrap();
+            let (host, port) = address.rsplit_once(':').unwrap();
+            let port: u16 = port.parse().unwrap();
+            let conn = raw(&format!("redis://{host}:{port}"))
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            nodes.push((fields[0].to_owned(), host.to_owned(), port, conn));
+        }
+        assert!(nodes.len() >= 2, "a slot move needs two masters: {text}");
+        Masters { nodes }
+    }
+
+    async fn on(&self, node: usize, cmd: &redis::Cmd) -> redis::Value {
+        cmd.query_async(&mut self.nodes[node].3.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{cmd:?} on {}: {e}", self.nodes[node].2))
+    }
+
+    async fn owner_of(&self, slot: u16) -> usize {
+        let reply: Vec<Vec<redis::Value>> =
+            redis::from_redis_value(self.on(0, redis::cmd("CLUSTER").arg("SLOTS")).await).unwrap();
+        for range in reply {
+            let start: u16 = redis::from_redis_value(range[0].clone()).unwrap();
+            let end: u16 = redis::from_redis_value(range[1].clone()).unwrap();
+            if (start..=end).contains(&slot) {
+                let master: Vec<redis::Value> = redis::from_redis_value(range[2].clone()).unwrap();
+                let port: u16 = redis::from_redis_value(master[1].clone()).unwrap();
+                return self.nodes.iter().position(|n| n.2 == port).unwrap();
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// Moves the slot's keys from `source` to `target` while `source` still owns the
+    /// slot: `source` answers ASK for them.
+    async fn begin_move(&self, slot: u16, source: usize, target: usize) {
+        let setslot = |state: &str, node: usize| {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(&self.nodes[node].0)
+                .clone()
+        };
+        self.on(target, &setslot("IMPORTING", source)).await;
+        self.on(source, &setslot("MIGRATING", target)).await;
+        let keys: Vec<String> = redis::from_redis_value(
+            self.on(
+                source,
+                redis::cmd("CLUSTER")
+                    .arg("GETKEYSINSLOT")
+                    .arg(slot)
+                    .arg(1000),
+            )
+            .await,
+        )
+        .unwrap();
+        if !keys.is_empty() {
+            let (_, host, port, _) = &self.nodes[target];
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate
+                .arg(host)
+                .arg(*port)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(keys);
+            self.on(source, &migrate).await;
+        }
+    }
+
+    /// Gives the slot to `target` on every master: others answer MOVED for it.
+    async fn end_move(&self, slot: u16, target: usize) {
+        let mut setslot = redis::cmd("CLUSTER");
+        setslot
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&self.nodes[target].0);
+        self.on(target, &setslot).await;
+        for node in (0..self.nodes.len()).filter(|&n| n != target) {
+            self.on(node, &setslot).await;
+        }
+    }
+}
+
+/// A cluster client that does not send a command again on its own must still follow
+/// ASK and MOVED, which say the command did not run: a counter update lands while its
+/// slot moves to another master, and after it moved.
+#[tokio::test]
+async fn counter_updates_follow_a_slot_moving_between_masters() {
+    let Some(url) = url("AIECS_TEST_REDIS_CLUSTER_URL") else {
+        return;
+    };
+    let prefix = prefix();
+    let backend = RedisBackend::new(&url).unwrap().with_prefix(prefix.clone());
+    let id = "moving";
+    backend
+        .create_session(id, "u", &Metadata::new())
+        .await
+        .unwrap();
+    // With every session key present, the importing master runs a script sent with
+    // ASKING; with some missing it would answer TRYAGAIN (Unavailable), which is not
+    // what this test is about.
+    backend
+        .add_conversation_message(id, &aiecs_storage::NewMessage::new("user", "hi"))
+        .await
+        .unwrap();
+    backend
+        .store_task_context(id, &serde_json::json!({"k": 1}))
+        .await
+        .unwrap();
+    let masters = Masters::of(&url).await;
+    let slot: u16 = redis::from_redis_value(
+        masters
+            .on(
+                0,
+                redis::cmd("CLUSTER")
+                    .arg("KEYSLOT")
+                    .arg(format!("{prefix}{{s:{id}}}:session")),
+            )
+            .await,
+    )
+    .unwrap();
+    let source = masters.owner_of(slot).await;
+    let target = (source + 1) % masters.nodes.len();
+    let increment = SessionUpdate::new().increment_requests();
+
+    masters.begin_move(slot, source, target).await;
+    let during = backend.update_session(id, &increment).await;
+    masters.end_move(slot, target).await;
+    let after = backend.update_session(id, &increment).await;
+    let count = backend
+        .get_session(id)
+        .await
+        .map(|s| s.map(|s| s.metrics.request_count));
+    // Back where it was, before any assertion can end the test.
+    masters.begin_move(slot, target, source).await;
+    masters.end_move(slot, source).await;
+
+    assert!(
+        matches!(during, Ok(true)),
+        "during the move (ASK): {during:?}"
+    );
+    assert!(
+        matches!(after, Ok(true)),
+        "after the move (MOVED): {after:?}"
+    );
+    assert_eq!(count.unwrap(), Some(2));
 }

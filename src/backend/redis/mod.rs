@@ -43,7 +43,10 @@ const CLEANUP_PAGE: usize = 256;
 /// any number of seed nodes; `?prefix=app:` sets the key prefix, as
 /// [`RedisBackend::with_prefix`] does. A single node uses one multiplexed, auto-reconnecting
 /// connection (`ConnectionManager`); a cluster uses the async cluster client, which
-/// follows MOVED and ASK. Concurrent calls share the connection and are pipelined.
+/// follows MOVED and ASK. Concurrent calls share the connection and are pipelined. On a
+/// cluster, counter increments use a second connection (one more per master) whose
+/// client never sends a command again once it may have run, so one call never counts
+/// twice.
 ///
 /// Keys live under a prefix (default `aiecs:`); every key of a session or a thread
 /// carries the same hash tag, so multi-key steps run as one Lua script in one slot. A
@@ -85,7 +88,13 @@ enum Target {
 #[derive(Clone)]
 enum Conn {
     Node(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster {
+        /// Every command but counter increments: idempotent, so the client may send one
+        /// again after a timeout or a dropped connection (its default retries).
+        shared: ClusterConnection,
+        /// Counter increments: never sent again by the client (see `RedisBackend::connect`).
+        once: ClusterConnection,
+    },
 }
 
 impl fmt::Debug for RedisBackend {
@@ -248,7 +257,7 @@ impl RedisBackend {
     /// Turns a client error into a [`StorageError`] of the right kind, with the password
     /// scrubbed from its text.
     fn error(&self, e: redis::RedisError) -> StorageError {
-        use redis::{ErrorKind, ServerErrorKind};
+        use redis::ErrorKind;
         let mut text = e.to_string();
         for secret in &self.secrets {
             text = text.replace(secret.as_str(), "***");
@@ -258,13 +267,8 @@ impl RedisBackend {
             ErrorKind::AuthenticationFailed => StorageError::Authentication {
                 message: format!("redis at {} refused the credentials", self.redacted),
             },
-            ErrorKind::Server(
-                ServerErrorKind::BusyLoading
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::ReadOnly,
-            ) => StorageError::Unavailable { message },
+            // The server or the client refused the command before it ran.
+            _ if refused_without_running(&e) => StorageError::Unavailable { message },
             _ if e.is_timeout() => StorageError::Timeout {
                 operation: "redis command",
                 after: self.response_timeout,
@@ -307,15 +311,35 @@ impl RedisBackend {
                 }
             }
             Target::Cluster(nodes) => {
-                let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
-                    .connection_timeout(Duration::from_secs(5))
-                    .response_timeout(self.response_timeout);
-                if let Some(certs) = self.certificates() {
-                    builder = builder.certs(certs);
-                }
-                match builder.build() {
-                    Ok(client) => client.get_async_connection().await.map(Conn::Cluster),
-                    Err(e) => Err(e),
+                let client = |retries: Option<u32>| {
+                    let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
+                        .connection_timeout(Duration::from_secs(5))
+                        .response_timeout(self.response_timeout);
+                    if let Some(certs) = self.certificates() {
+                        builder = builder.certs(certs);
+                    }
+                    if let Some(retries) = retries {
+                        builder = builder.retries(retries);
+                    }
+                    builder.build()
+                };
+                // The cluster client sends a command again after a dropped connection or
+                // an I/O error (redis-rs 1.8 `RetryMethod::Reconnect`/`RetryImmediately`),
+                // though the server may have run it before the reply was lost: harmless
+                // for keyed writes and reads, a double count for an `update_session`
+                // increment, outside RetryLayer's policy (which retries an increment only
+                // after `Unavailable`). Its retry count is per client, not per command, and
+                // `retries(0)` also stops it following MOVED and ASK and waiting out a
+                // reconnect, which every other command needs. So increments get a client
+                // of their own with `retries(0)`, and `Conn::query_once` re-sends only
+                // what the server refused without running (MOVED, ASK, TRYAGAIN, ...).
+                // It costs one more connection per master.
+                match (client(None), client(Some(0))) {
+                    (Ok(shared), Ok(once)) => {
+                        tokio::try_join!(shared.get_async_connection(), once.get_async_connection())
+                            .map(|(shared, once)| Conn::Cluster { shared, once })
+                    }
+                    (Err(e), _) | (_, Err(e)) => Err(e),
                 }
             }
         }
@@ -351,20 +375,58 @@ impl RedisBackend {
     }
 
     /// Runs many commands in one round trip: one pipeline on a node; on a cluster,
-    /// concurrent commands that the client pipelines per master.
+    /// concurrent commands that the client pipelines per master. Fails on the first
+    /// failed command; see [`Self::many_each`] for an answer per command.
     async fn many(&self, cmds: &[Cmd]) -> Result<Vec<RedisValue>> {
+        self.many_each(cmds).await?.into_iter().collect()
+    }
+
+    /// Runs many commands in one round trip as [`Self::many`] does, answering per
+    /// command: a command the server refused or whose script failed fails alone, since
+    /// the others ran regardless. Only an error of the whole round trip (the
+    /// connection) fails the call.
+    async fn many_each(&self, cmds: &[Cmd]) -> Result<Vec<Result<RedisValue>>> {
         if cmds.is_empty() {
             self.conn().await?;
             return Ok(Vec::new());
         }
         let mut conn = self.conn().await?;
-        match conn.many(cmds).await {
+        let mut replies = conn.many(cmds).await.map_err(|e| self.error(e))?;
+        // NOSCRIPT means the script did not run: reload and send again only the
+        // commands refused, so a script that did run never runs twice.
+        let refused: Vec<usize> = (0..replies.len())
+            .filter(|&i| matches!(&replies[i], Err(e) if is_noscript(e)))
+            .collect();
+        if !refused.is_empty() {
+            load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
+            let again: Vec<Cmd> = refused.iter().map(|&i| cmds[i].clone()).collect();
+            let answers = conn.many(&again).await.map_err(|e| self.error(e))?;
+            for (i, answer) in refused.into_iter().zip(answers) {
+                replies[i] = answer;
+            }
+        }
+        Ok(replies
+            .into_iter()
+            .map(|reply| reply.map_err(|e| self.error(e)))
+            .collect())
+    }
+
+    /// Runs one command that must not run twice (a counter increment): neither the
+    /// client nor this method sends it again once it may have reached the server; see
+    /// [`Conn::query_once`].
+    async fn run_once<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let mut conn = self.conn().await?;
+        let reply = match conn.query_once(cmd, self.response_timeout).await {
+            // NOSCRIPT: refused without running.
             Err(e) if is_noscript(&e) => {
                 load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
-                conn.many(cmds).await.map_err(|e| self.error(e))
+                conn.query_once(cmd, self.response_timeout)
+                    .await
+                    .map_err(|e| self.error(e))
             }
             other => other.map_err(|e| self.error(e)),
-        }
+        }?;
+        from_value(reply)
     }
 
     fn session_keys(&self, session_id: &str) -> SessionKeys {
@@ -528,10 +590,22 @@ impl RedisBackend {
         Ok((message_id, c))
     }
 
-    /// Runs a session-touching script and refreshes the cleanup index when it asks.
-    /// Returns `false` when the session is missing.
-    async fn touch_session(&self, session_id: &str, cmd: &Cmd, at: i64) -> Result<bool> {
-        match self.run::<i64>(cmd).await? {
+    /// Runs a session-touching script (at most once if `once`, see [`Self::run_once`])
+    /// and refreshes the cleanup index when it asks. Returns `false` when the session is
+    /// missing.
+    async fn touch_session(
+        &self,
+        session_id: &str,
+        cmd: &Cmd,
+        at: i64,
+        once: bool,
+    ) -> Result<bool> {
+        let reply = if once {
+            self.run_once::<i64>(cmd).await?
+        } else {
+            self.run::<i64>(cmd).await?
+        };
+        match reply {
             -1 => Ok(false),
             1 => {
                 self.run::<RedisValue>(&self.index_cmd(session_id, at))
@@ -702,32 +776,101 @@ impl RedisBackend {
     }
 }
 
+/// Attempts [`Conn::query_once`] makes at most, as redis-rs's default retries.
+const ONCE_ATTEMPTS: u32 = 16;
+
 impl Conn {
     async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> redis::RedisResult<T> {
         match self {
             Conn::Node(c) => cmd.query_async(c).await,
-            Conn::Cluster(c) => cmd.query_async(c).await,
+            Conn::Cluster { shared, .. } => cmd.query_async(shared).await,
         }
     }
 
-    async fn many(&mut self, cmds: &[Cmd]) -> redis::RedisResult<Vec<RedisValue>> {
+    /// Sends `cmd` again only after an answer that says it did not run: MOVED and ASK
+    /// (followed to the node they name, as the client would), and refusals that pass
+    /// (TRYAGAIN, CLUSTERDOWN, MASTERDOWN, LOADING, READONLY, no connection to the
+    /// slot's node yet), within `budget`. After a timeout or a dropped connection the
+    /// command may have run: the error is returned, for the caller (RetryLayer) to
+    /// decide. A node's `ConnectionManager` never sends a command again itself.
+    async fn query_once(&mut self, cmd: &Cmd, budget: Duration) -> redis::RedisResult<RedisValue> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let once = match self {
+            Conn::Node(c) => return cmd.query_async(c).await,
+            Conn::Cluster { once, .. } => once,
+        };
+        let deadline = Instant::now() + budget;
+        let mut wait = Duration::from_millis(10);
+        let mut redirect: Option<(bool, String, u16)> = None;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = match redirect.take() {
+                None => cmd.query_async::<RedisValue>(once).await,
+                Some((false, host, port)) => {
+                    let to = SingleNodeRoutingInfo::ByAddress { host, port };
+                    once.route_command(cmd.clone(), RoutingInfo::SingleNode(to))
+                        .await
+                }
+                Some((true, host, port)) => {
+                    // ASKING holds for the next command on the connection only: a
+                    // pipeline keeps the two together.
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ASKING").add_command(cmd.clone());
+                    let to = SingleNodeRoutingInfo::ByAddress { host, port };
+                    once.route_pipeline(pipe, 1, 1, to)
+                        .await
+                        .and_then(|mut replies| {
+                            replies.pop().unwrap_or(RedisValue::Nil).extract_error()
+                        })
+                }
+            };
+            let Err(e) = result else {
+                return result;
+            };
+            if attempt >= ONCE_ATTEMPTS || Instant::now() >= deadline {
+                return Err(e);
+            }
+            let ask = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::Ask);
+            let node = e
+                .redirect_node()
+                .and_then(|(node, _slot)| node.rsplit_once(':'));
+            if let Some((host, Ok(port))) = node.map(|(host, port)| (host, port.parse())) {
+                redirect = Some((ask, host.to_owned(), port));
+                continue;
+            }
+            if !(refused_without_running(&e) || e.is_connection_refusal()) {
+                return Err(e);
+            }
+            // The client refreshes its slots and connections meanwhile.
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(wait.min(left)).await;
+            wait = (wait * 2).min(Duration::from_millis(250));
+        }
+    }
+
+    /// Every command's own reply or error; the outer error is the round trip's.
+    async fn many(
+        &mut self,
+        cmds: &[Cmd],
+    ) -> redis::RedisResult<Vec<redis::RedisResult<RedisValue>>> {
         match self {
             Conn::Node(c) => {
                 let mut pipe = redis::pipe();
+                // Without this one failed command turns the whole reply into an error,
+                // hiding the replies of the commands that ran.
+                pipe.ignore_errors();
                 for cmd in cmds {
                     pipe.add_command(cmd.clone());
                 }
                 pipe.query_async(c).await
             }
-            Conn::Cluster(c) => {
+            Conn::Cluster { shared: c, .. } => {
                 let calls = cmds.iter().map(|cmd| {
                     let mut c = c.clone();
                     async move { cmd.query_async::<RedisValue>(&mut c).await }
                 });
-                futures_util::future::join_all(calls)
-                    .await
-                    .into_iter()
-                    .collect()
+                Ok(futures_util::future::join_all(calls).await)
             }
         }
     }
@@ -744,6 +887,24 @@ async fn load_scripts(conn: &mut Conn) -> redis::RedisResult<()> {
 
 fn is_noscript(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// Whether `e` says the command did not run and may run if sent again later: a server
+/// refusal while the cluster changes, or no connection to send it on.
+fn refused_without_running(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::BusyLoading
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+        ) | ErrorKind::ClusterConnectionNotFound
+    )
 }
 
 fn evalsha(script: &Lua, keys: &[&str]) -> Cmd {
@@ -978,7 +1139,10 @@ impl SessionStorage for RedisBackend {
             .arg(Self::ttl_ms(self.session_ttl))
             .arg(INDEX_GRANULARITY_MICROS);
         metadata_args(&mut c, &update.metadata)?;
-        self.touch_session(session_id, &c, at).await
+        // Only additions can apply twice; a status or metadata update is idempotent.
+        let counts =
+            update.add_requests != 0 || update.add_errors != 0 || update.add_processing_time != 0.0;
+        self.touch_session(session_id, &c, at, counts).await
     }
 
     async fn end_session(&self, session_id: &str, status: &str) -> Result<bool> {
@@ -1074,7 +1238,7 @@ impl ConversationStorage for RedisBackend {
         let at = now();
         let (message_id, cmd) = self.add_message_cmd(session_id, message, at)?;
         if self
-            .touch_session(session_id, &cmd, at.timestamp_micros())
+            .touch_session(session_id, &cmd, at.timestamp_micros(), false)
             .await?
         {
             Ok(message_id)
@@ -1106,17 +1270,27 @@ impl ConversationStorage for RedisBackend {
         }
         // A node runs a pipeline in order, so appends to one session keep their order; a
         // cluster sends each session's appends to its one master over one connection.
-        let replies = self.many(&cmds).await?;
-        let mut reindex = Vec::new();
+        let replies = self.many_each(&cmds).await?;
+        let (mut reindexed, mut reindex) = (Vec::new(), Vec::new());
         for (i, reply) in sent.into_iter().zip(replies) {
             let session_id = &messages[i].0;
-            match from_value::<i64>(reply)? {
-                -1 => out[i] = Err(StorageError::not_found("session", session_id)),
-                1 => reindex.push(self.index_cmd(session_id, at.timestamp_micros())),
-                _ => {}
+            match reply.and_then(from_value::<i64>) {
+                Ok(-1) => out[i] = Err(StorageError::not_found("session", session_id)),
+                Ok(1) => {
+                    reindexed.push(i);
+                    reindex.push(self.index_cmd(session_id, at.timestamp_micros()));
+                }
+                Ok(_) => {}
+                Err(e) => out[i] = Err(e),
             }
         }
-        self.many(&reindex).await?;
+        // As in the single add, a failed index refresh fails its add (which is stored;
+        // a retry with the same id stores nothing twice).
+        for (i, reply) in reindexed.into_iter().zip(self.many_each(&reindex).await?) {
+            if let Err(e) = reply {
+                out[i] = Err(e);
+            }
+        }
         Ok(out)
     }
 
@@ -1124,6 +1298,7 @@ impl ConversationStorage for RedisBackend {
         validate::restored_messages(session_id, messages)?;
         let keys = self.session_keys(session_id);
         let mut c = evalsha(&scripts::RESTORE_MESSAGES, &keys.all());
+        c.arg(Self::ttl_ms(self.session_ttl));
         for m in messages {
             let stored = StoredMessage {
                 message_id: &m.message_id,
@@ -1268,16 +1443,17 @@ impl CheckpointStorage for RedisBackend {
     ) -> Result<Vec<Checkpoint>> {
         validate::checkpoint_filter(thread_id, checkpoint_ns, filter)?;
         let keys = ThreadKeys::new(&self.prefix, thread_id, checkpoint_ns);
-        // Without a metadata filter one page is the answer; with one, pages are read
-        // newest first until `limit` match.
-        let page = if filter.metadata.is_empty() {
-            filter.limit
-        } else {
+        // Without a metadata filter one page is the answer (records vanish only with their
+        // whole thread); with one, pages are read newest first until `limit` match.
+        let filtered = !filter.metadata.is_empty();
+        let page = if filtered {
             filter.limit.max(64)
+        } else {
+            filter.limit
         };
         // `before` bounds the order's scores; an id the thread does not hold yields
         // nothing.
-        let max = match &filter.before {
+        let mut max = match &filter.before {
             None => "+inf".to_owned(),
             Some(before) => {
                 let mut c = redis::cmd("ZSCORE");
@@ -1289,21 +1465,34 @@ impl CheckpointStorage for RedisBackend {
             }
         };
         let mut out = Vec::new();
-        let mut offset = 0usize;
         loop {
             // Ids, then records: two plain commands, not one script. Records passed
             // through Lua are copied into Lua strings and back: a script returning ten
             // 1 KiB records ran at 21 000/s in redis-benchmark, where ZREVRANGEBYSCORE
             // ran at 100 000/s and the HMGET at 83 000/s. Redis's CPU is what a shared
             // server runs out of. A checkpoint deleted in between is skipped.
+            //
+            // The next page starts below the last score read, not at an offset: new
+            // checkpoints take the highest scores, so an offset counted from the head
+            // shifts under concurrent stores and reads a checkpoint twice. A score never
+            // changes once given, so score bounds neither repeat nor skip one.
             let mut c = redis::cmd("ZREVRANGEBYSCORE");
-            c.arg(keys.order())
-                .arg(&max)
-                .arg("-inf")
-                .arg("LIMIT")
-                .arg(offset)
-                .arg(page);
-            let ids: Vec<String> = self.run(&c).await?;
+            c.arg(keys.order()).arg(&max).arg("-inf");
+            if filtered {
+                c.arg("WITHSCORES");
+            }
+            c.arg("LIMIT").arg(0).arg(page);
+            let ids: Vec<String> = if filtered {
+                let scored: Vec<(String, f64)> = self.run(&c).await?;
+                if let Some((_, last)) = scored.last() {
+                    // Sequences are integers far below 2^53: the f64 and its Display
+                    // are exact.
+                    max = format!("({last}");
+                }
+                scored.into_iter().map(|(id, _)| id).collect()
+            } else {
+                self.run(&c).await?
+            };
             let rows = ids.len();
             for (id, record, created) in self.checkpoint_records(&keys, ids).await? {
                 let cp =
@@ -1315,10 +1504,9 @@ impl CheckpointStorage for RedisBackend {
                     }
                 }
             }
-            if rows < page {
+            if !filtered || rows < page {
                 return Ok(out);
             }
-            offset += page;
         }
     }
 
@@ -1344,8 +1532,8 @@ impl CheckpointStorage for RedisBackend {
     async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
         validate::batch("items", items.len())?;
         let mut out = Vec::with_capacity(items.len());
-        let mut cmds = Vec::new();
-        for w in items {
+        let (mut cmds, mut sent) = (Vec::new(), Vec::new());
+        for (i, w) in items.iter().enumerate() {
             let checked = validate::writes(
                 &w.thread_id,
                 &w.checkpoint_ns,
@@ -1362,10 +1550,20 @@ impl CheckpointStorage for RedisBackend {
                     &w.writes,
                 )?);
                 cmds.push(self.thread_index_cmd("SADD", &w.thread_id));
+                sent.push(i);
             }
             out.push(checked);
         }
-        self.many(&cmds).await?;
+        // Two commands an item, the writes then the thread index; either failing fails
+        // only its item.
+        let mut replies = self.many_each(&cmds).await?.into_iter();
+        for i in sent {
+            for reply in replies.by_ref().take(2) {
+                if let (Err(e), Ok(())) = (reply, &out[i]) {
+                    out[i] = Err(e);
+                }
+            }
+        }
         Ok(out)
     }
 

@@ -22,16 +22,27 @@ impl Lua {
     }
 }
 
-/// Shared by every session-scoped script (KEYS are the four session keys): moves
-/// `updated_at`, refreshes the TTL of every session key, and says whether the cleanup
+/// Shared by every script that writes a session's keys (KEYS are the four session keys):
+/// gives every one of them the session TTL (ms; 0 keeps them until cleanup). One
+/// definition, so no write path can leave the history or its ids without the expiry
+/// the session hash has: they would outlive it and leak into a session re-created
+/// under the same id.
+const EXPIRE: &str = r#"
+local function expire(ttl)
+  if tonumber(ttl) > 0 then
+    for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+end
+"#;
+
+/// Shared by every session-scoped script that moves `updated_at` (needs [`EXPIRE`]):
+/// moves it, refreshes the TTL of every session key, and says whether the cleanup
 /// index is due for a refresh (its score may lag `updated_at` by up to one granularity,
 /// never lead it).
 const TOUCH: &str = r#"
 local function touch(now, ttl, granularity, indexed_at)
   redis.call('HSET', KEYS[1], 'updated_at', now)
-  if tonumber(ttl) > 0 then
-    for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
-  end
+  expire(ttl)
   local indexed = tonumber(indexed_at or redis.call('HGET', KEYS[1], 'indexed_at') or '0')
   if tonumber(now) - indexed >= tonumber(granularity) then
     redis.call('HSET', KEYS[1], 'indexed_at', now)
@@ -45,8 +56,8 @@ end
 /// Returns the session hash after an upsert, 0 for a new session (whose every field the
 /// caller knows: no hash to send back and parse).
 pub static CREATE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        r#"
+    Lua::new(format!(
+        r#"{EXPIRE}
 local s = KEYS[1]
 local existed = redis.call('EXISTS', s) == 1
 if existed then
@@ -60,13 +71,11 @@ else
     'total_processing_time', '0', 'error_count', '0')
 end
 for i = 4, #ARGV, 2 do redis.call('HSET', s, ARGV[i], ARGV[i + 1]) end
-if tonumber(ARGV[3]) > 0 then
-  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
-end
+expire(ARGV[3])
 if existed then return redis.call('HGETALL', s) end
 return 0
-"#,
-    )
+"#
+    ))
 });
 
 /// Applies a session update. ARGV: add_requests, add_time, add_errors, status or '',
@@ -82,7 +91,7 @@ return 0
 /// Redis.
 pub static UPDATE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
-        r#"{TOUCH}
+        r#"{EXPIRE}{TOUCH}
 local s = KEYS[1]
 local c = redis.call('HMGET', s, 'request_count', 'total_processing_time', 'error_count',
   'indexed_at')
@@ -117,7 +126,7 @@ return touch(ARGV[5], ARGV[6], ARGV[7], c[4])
 /// missing, else whether the index needs a refresh.
 pub static ADD_MESSAGE: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(format!(
-        r#"{TOUCH}
+        r#"{EXPIRE}{TOUCH}
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('SADD', KEYS[3], ARGV[1]) == 1 then redis.call('RPUSH', KEYS[2], ARGV[2]) end
 return touch(ARGV[3], ARGV[4], ARGV[5])
@@ -129,39 +138,42 @@ return touch(ARGV[3], ARGV[4], ARGV[5])
 /// updated_at, status, request_count, total_processing_time, error_count, ttl ms, then
 /// `m:key`/JSON pairs.
 pub static RESTORE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        r#"
+    Lua::new(format!(
+        r#"{EXPIRE}
 local s = KEYS[1]
 redis.call('DEL', s)
 redis.call('HSET', s, 'user_id', ARGV[1], 'created_at', ARGV[2], 'updated_at', ARGV[3],
   'indexed_at', ARGV[3], 'status', ARGV[4], 'request_count', ARGV[5],
   'total_processing_time', ARGV[6], 'error_count', ARGV[7])
 for i = 9, #ARGV, 2 do redis.call('HSET', s, ARGV[i], ARGV[i + 1]) end
-if tonumber(ARGV[8]) > 0 then
-  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[8]) end
-end
+expire(ARGV[8])
 return 1
-"#,
-    )
+"#
+    ))
 });
 
 /// Appends messages with their own ids, skipping known ids. KEYS: the four session keys.
-/// ARGV: id/JSON pairs. Returns -1 when the session is missing, else how many were
-/// stored.
+/// ARGV: ttl ms, then id/JSON pairs. Returns -1 when the session is missing, else how
+/// many were stored.
+///
+/// The TTL is refreshed on every key as an append does, though `updated_at` stays: a
+/// restore runs after `RESTORE_SESSION`, whose `PEXPIRE` skipped the message keys that
+/// did not exist yet.
 pub static RESTORE_MESSAGES: LazyLock<Lua> = LazyLock::new(|| {
-    Lua::new(
-        r#"
+    Lua::new(format!(
+        r#"{EXPIRE}
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local stored = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   if redis.call('SADD', KEYS[3], ARGV[i]) == 1 then
     redis.call('RPUSH', KEYS[2], ARGV[i + 1])
     stored = stored + 1
   end
 end
+expire(ARGV[1])
 return stored
-"#,
-    )
+"#
+    ))
 });
 
 /// Removes a session if it has been idle since before ARGV[1] (µs). Returns -1 when it
