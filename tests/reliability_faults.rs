@@ -53,6 +53,70 @@ fn figure(values: &Metadata, name: &str) -> u64 {
 }
 
 // ---------------------------------------------------------------------------------------
+// 1b. Redis frozen (SIGSTOP) behind the README's order: retry -> timeout -> failover.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_frozen_fails_over_behind_an_outer_timeout() {
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    let dir = tempfile::TempDir::new().unwrap();
+    let prefix = format!("{}:", common::unique_name("frozen"));
+    let fallback = Arc::new(SqliteBackend::new(dir.path().join("fallback.db")));
+    // The layer's defaults but a short cooldown, so the test does not wait 10 s for the
+    // replay; the primary's own deadline (1 s) is the default.
+    let failover = FailoverLayer::new(fallback.clone()).with_cooldown(COOLDOWN);
+    let primary = RedisBackend::new(&server.url())
+        .unwrap()
+        .with_prefix(prefix.as_str());
+    let stack = tower::ServiceBuilder::new()
+        .layer(RetryLayer::new())
+        .layer(TimeoutLayer::new(Duration::from_secs(2)))
+        .layer(failover.clone())
+        .service(primary);
+    stack.initialize().await.unwrap();
+    stack
+        .create_session("s", "u", &Metadata::new())
+        .await
+        .unwrap();
+
+    server.freeze(true);
+    // Each read waits out the primary's deadline, then the fallback answers: well inside
+    // the outer 2 s. Five failures open the breaker; then reads skip the primary.
+    for i in 0..8 {
+        let read = stack.get_session("s").await;
+        assert!(
+            matches!(read, Ok(Some(_))),
+            "read {i} with Redis frozen: {read:?}"
+        );
+    }
+    assert_eq!(failover.breaker_state(), "open");
+    let metrics = stack.get_metrics().await.unwrap();
+    let values = &metrics.components[0].components[0].values;
+    assert_eq!(figure(values, "fallback_reads"), 8);
+    // Five reads, and this metrics read's own bounded look at the frozen primary.
+    assert_eq!(figure(values, "primary_timeouts"), 6);
+    // A write made during the freeze is acknowledged from the fallback and kept.
+    stack
+        .create_session("s2", "u", &Metadata::new())
+        .await
+        .unwrap();
+    assert!(fallback.get_session("s2").await.unwrap().is_some());
+
+    server.freeze(false);
+    wait_for("the replay to the thawed Redis", || {
+        !failover.is_degraded() && failover.breaker_state() == "closed"
+    })
+    .await;
+    let direct = RedisBackend::new(&server.url())
+        .unwrap()
+        .with_prefix(prefix.as_str());
+    assert!(direct.get_session("s2").await.unwrap().is_some());
+    assert!(stack.get_session("s2").await.unwrap().is_some());
+}
+
+// ---------------------------------------------------------------------------------------
 // 1. Redis killed under load, behind failover to SQLite.
 // ---------------------------------------------------------------------------------------
 

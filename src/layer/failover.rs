@@ -1138,7 +1138,15 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
                 })
             }
         };
-        let primary = report(self.primary.kind(), self.primary.health_check().await)?;
+        // A hung primary must not hang the health check: it is reported unhealthy.
+        let limit = self.config.primary_timeout;
+        let primary_check = bounded(
+            &self.state,
+            limit,
+            Operation::HealthCheck,
+            self.primary.health_check(),
+        );
+        let primary = report(self.primary.kind(), primary_check.await)?;
         let fallback = report(self.fallback.kind(), self.fallback.health_check().await)?;
         let healthy = |r: &HealthReport| r.status == HealthStatus::Healthy;
         let status = match (healthy(&primary), healthy(&fallback)) {
@@ -1158,7 +1166,14 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
 
     async fn get_metrics(&self) -> Result<MetricsReport> {
         let mut components = Vec::with_capacity(2);
-        match self.primary.get_metrics().await {
+        let limit = self.config.primary_timeout;
+        let primary = bounded(
+            &self.state,
+            limit,
+            Operation::GetMetrics,
+            self.primary.get_metrics(),
+        );
+        match primary.await {
             Ok(m) => components.push(m),
             Err(e) if !e.is_transient() => return Err(e),
             Err(_) => {}

@@ -118,6 +118,18 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP (`freeze(true)`) or SIGCONT: a frozen server keeps its sockets open and
+    /// answers nothing, as a hung host does; commands sent meanwhile run when it resumes.
+    pub fn freeze(&self, frozen: bool) {
+        let child = self.child.as_ref().expect("the server runs");
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Starts it again on the same port, with the same directory (its append-only file).
     pub async fn restart(&mut self) {
         self.kill();
