@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aiecs_storage::layer::{
-    BatchLayer, CacheLayer, Failover, FailoverLayer, Layered, Operation, RetryLayer, TimeoutLayer,
+    BatchLayer, CacheLayer, Failover, FailoverLayer, Layered, LoggingLayer, MetricsLayer,
+    Operation, RetryLayer, TimeoutLayer,
 };
 use aiecs_storage::{
     prelude::*, ErrorKind, MemoryBackend, Metadata, NewCheckpoint, NewMessage, SessionUpdate,
@@ -586,4 +587,38 @@ async fn a_batch_caller_that_gives_up_leaves_the_others_their_own_answers() {
     let history = storage.get_conversation_history("s", 10).await.unwrap();
     assert_eq!(history.len(), 3, "{history:?}");
     assert_eq!(batch.stats().pending, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics and logging
+
+#[tokio::test]
+async fn a_call_given_up_on_is_counted_and_logged_as_cancelled() {
+    let (cap, _guard) = common::capture::capture(tracing::level_filters::LevelFilter::INFO);
+    let (inner, faults) = Faults::wrap(MemoryBackend::new());
+    let metrics = MetricsLayer::new();
+    let logging = LoggingLayer::new();
+    let storage = ServiceBuilder::new()
+        .layer(metrics.clone())
+        .layer(logging)
+        .service(inner);
+    let gate = faults.gate(Target::Op(Operation::GetSession), Point::Before);
+    give_up_at(&gate, storage.get_session("s-hung")).await;
+    gate.open();
+    faults.ungate();
+    storage.get_session("s-ok").await.unwrap();
+
+    let report = &metrics.performance_report().operations["get_session"];
+    assert_eq!(
+        (
+            report.total_operations,
+            report.cancelled_count,
+            report.error_count
+        ),
+        (2, 1, 0)
+    );
+    let warns = cap.lines_at("WARN");
+    assert_eq!(warns.len(), 1, "{warns:?}");
+    assert!(warns[0].contains("abandoned by its caller"), "{warns:?}");
+    assert!(warns[0].contains("s-hung") && warns[0].contains("outcome=\"cancelled\""));
 }

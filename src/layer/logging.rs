@@ -26,6 +26,7 @@ use crate::storage::StorageBackend;
 /// | --- | --- | --- |
 /// | the call failed | `ERROR` | `storage operation failed`, with `error.type` and `error.message` |
 /// | it took at least the slow threshold (default 100 ms) | `WARN` | `slow storage operation` |
+/// | the caller gave up before it answered (the call was dropped) | `WARN` | `storage operation abandoned by its caller`, `outcome = "cancelled"` |
 /// | anything else | `DEBUG` | `storage operation` |
 ///
 /// The span (named `storage`) is at `DEBUG` too, so a subscriber that filters at `INFO`
@@ -83,6 +84,7 @@ pub struct LoggingLayer {
 struct LogStats {
     errors: AtomicU64,
     slow: AtomicU64,
+    cancelled: AtomicU64,
 }
 
 /// The policy a [`LoggingLayer`] runs in its [`Layered`] wrappers.
@@ -183,9 +185,16 @@ impl Policy for LoggingPolicy {
             outcome = Empty,
             error.type = Empty,
         );
-        let started = Instant::now();
+        let mut in_flight = InFlight {
+            policy: self,
+            call,
+            span: &span,
+            started: Instant::now(),
+            answered: false,
+        };
         let result = run().instrument(span.clone()).await;
-        let elapsed = started.elapsed();
+        in_flight.answered = true;
+        let elapsed = in_flight.started.elapsed();
         // Whole microseconds: `0.092`, not `0.09262799999999999`.
         let duration_ms = elapsed.as_micros() as f64 / 1000.0;
         span.in_scope(|| match &result {
@@ -235,6 +244,10 @@ impl Policy for LoggingPolicy {
 
     fn figures(&self) -> Metadata {
         let mut m = Metadata::new();
+        m.insert(
+            "cancelled".into(),
+            json!(self.stats.cancelled.load(Ordering::Relaxed)),
+        );
         m.insert("backend_label".into(), json!(self.backend_label));
         m.insert(
             "slow_threshold_ms".into(),
@@ -249,5 +262,37 @@ impl Policy for LoggingPolicy {
             json!(self.stats.slow.load(Ordering::Relaxed)),
         );
         m
+    }
+}
+
+/// A call on its way; dropped unanswered (its caller gave up: an outer timeout,
+/// `select!`), it logs so, since no other event would say what became of it.
+struct InFlight<'a> {
+    policy: &'a LoggingPolicy,
+    call: Call<'a>,
+    span: &'a tracing::Span,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let p = self.policy;
+        p.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        let duration_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
+        self.span.record("outcome", "cancelled");
+        self.span.in_scope(|| {
+            tracing::warn!(
+                db.system.name = &*p.backend_label,
+                db.operation.name = self.call.operation.as_str(),
+                aiecs.key = self.call.key,
+                duration_ms,
+                outcome = "cancelled",
+                "storage operation abandoned by its caller"
+            );
+        });
     }
 }

@@ -23,6 +23,11 @@ use crate::storage::StorageBackend;
 /// p50, p95, p99 latency) returned inside `get_metrics()` and by
 /// [`MetricsLayer::performance_report`] — the spec's `get_performance_report`.
 ///
+/// A call whose caller gives up before it answers (an outer timeout, `select!`) is
+/// recorded when it is dropped, with outcome `cancelled` and the time it had run, so a
+/// hung backend behind an outer deadline still shows in the figures instead of
+/// vanishing from them; the in-process report counts it in `cancelled_count`.
+///
 /// Labels carry no ids: `backend` is a name you choose with
 /// [`MetricsLayer::with_backend_label`], defaulting to the inner backend's kind.
 ///
@@ -61,6 +66,8 @@ pub struct MetricsPolicy {
 struct Handles {
     ok: Counter,
     error: Counter,
+    /// Made on the first cancelled call: most operations never see one.
+    cancelled: OnceLock<Counter>,
     duration: Histogram,
     errors: [OnceLock<Counter>; 16],
 }
@@ -110,8 +117,22 @@ impl MetricsPolicy {
                 error: metrics::counter!(names::OPERATIONS_TOTAL, "operation" => operation, "backend" => backend.clone(), "outcome" => "error"),
                 duration: metrics::histogram!(names::OPERATION_DURATION_SECONDS, "operation" => operation, "backend" => backend),
                 errors: Default::default(),
+                cancelled: OnceLock::new(),
             }
         })
+    }
+
+    /// Records a call its caller dropped before it answered.
+    fn record_cancelled(&self, op: Operation, elapsed: Duration) {
+        let h = self.handles(op);
+        h.duration.record(elapsed.as_secs_f64());
+        h.cancelled
+            .get_or_init(|| {
+                metrics::counter!(names::OPERATIONS_TOTAL, "operation" => op.as_str(), "backend" => self.backend.clone(), "outcome" => "cancelled")
+            })
+            .increment(1);
+        self.stats.record(op, elapsed, false);
+        self.stats.cancelled(op);
     }
 
     fn record(&self, op: Operation, elapsed: Duration, error: Option<ErrorKind>) {
@@ -143,11 +164,17 @@ impl Policy for MetricsPolicy {
         F: Fn() -> Fut + Send + Sync + 'a,
         Fut: Future<Output = Result<T>> + Send + 'a,
     {
-        let started = Instant::now();
+        let mut in_flight = InFlight {
+            policy: self,
+            operation: call.operation,
+            started: Instant::now(),
+            answered: false,
+        };
         let result = run().await;
+        in_flight.answered = true;
         self.record(
             call.operation,
-            started.elapsed(),
+            in_flight.started.elapsed(),
             result.as_ref().err().map(|e| e.kind()),
         );
         result
@@ -160,6 +187,24 @@ impl Policy for MetricsPolicy {
             m.extend(ops);
         }
         m
+    }
+}
+
+/// A call on its way; dropped unanswered (the caller gave up), it is recorded as
+/// cancelled.
+struct InFlight<'a> {
+    policy: &'a MetricsPolicy,
+    operation: Operation,
+    started: Instant,
+    answered: bool,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.policy
+                .record_cancelled(self.operation, self.started.elapsed());
+        }
     }
 }
 
@@ -178,6 +223,10 @@ pub struct OperationReport {
     pub total_operations: u64,
     /// Calls that failed.
     pub error_count: u64,
+    /// Calls whose caller gave up before they answered (counted in
+    /// `total_operations`, not in `error_count`).
+    #[serde(default)]
+    pub cancelled_count: u64,
     /// `error_count / total_operations`.
     pub error_rate: f64,
     /// Mean latency.
@@ -229,6 +278,7 @@ struct Stats {
 #[derive(Debug)]
 struct OpStats {
     errors: AtomicU64,
+    cancelled: AtomicU64,
     sum_ns: AtomicU64,
     min_ns: AtomicU64,
     max_ns: AtomicU64,
@@ -239,6 +289,7 @@ impl OpStats {
     fn new() -> Self {
         OpStats {
             errors: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             sum_ns: AtomicU64::new(0),
             min_ns: AtomicU64::new(u64::MAX),
             max_ns: AtomicU64::new(0),
@@ -279,6 +330,12 @@ impl Stats {
         s.buckets[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
     }
 
+    fn cancelled(&self, op: Operation) {
+        if let Some(s) = self.ops[op.index()].get() {
+            s.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn report(&self) -> PerformanceReport {
         const MS: f64 = 1e6;
         let mut operations = BTreeMap::new();
@@ -300,6 +357,7 @@ impl Stats {
                 OperationReport {
                     total_operations: total,
                     error_count: errors,
+                    cancelled_count: s.cancelled.load(Ordering::Relaxed),
                     error_rate: errors as f64 / total as f64,
                     avg_latency_ms: s.sum_ns.load(Ordering::Relaxed) as f64 / total as f64 / MS,
                     min_latency_ms: s.min_ns.load(Ordering::Relaxed) as f64 / MS,

@@ -3,7 +3,8 @@
 //! names, a backend label the user chooses, outcomes, error kinds and fixed event names,
 //! never ids or content.
 
-/// Counter of operations, labels `operation`, `backend`, `outcome` (`ok` or `error`).
+/// Counter of operations, labels `operation`, `backend`, `outcome` (`ok`, `error`, or
+/// `cancelled`: the caller gave up before the call answered).
 pub const OPERATIONS_TOTAL: &str = "aiecs_storage_operations_total";
 /// Histogram of operation latency in seconds, labels `operation`, `backend`; buckets
 /// [`LATENCY_BUCKETS`].
