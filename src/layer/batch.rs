@@ -53,6 +53,15 @@ use crate::validate;
 ///   answered before the inner backend is closed; later calls fail with
 ///   [`StorageError::Closed`].
 ///
+/// # When the caller gives up
+///
+/// The batch belongs to the writer task, not to its callers: a caller that drops its
+/// call after the item was queued leaves the item to be stored with its batch (its
+/// outcome is unknown to it, the others in the batch get their own answers, and the
+/// pending counts drop back when the batch is written); a caller that drops before its
+/// item is queued leaves nothing. A dropped `flush`, history read or `close` leaves the
+/// queue as it was.
+///
 /// Each wrapper runs one background tokio task, started on first use (so a wrapper may
 /// be built outside a runtime) and ended when the wrapper and its clones are dropped or
 /// closed. If the task dies, waiting callers get an error instead of hanging and the

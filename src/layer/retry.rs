@@ -28,6 +28,17 @@ use crate::model::Metadata;
 /// Put [`TimeoutLayer`](super::TimeoutLayer) inside retry to give each attempt its own
 /// deadline, or outside to bound the whole call including backoff.
 ///
+/// When retries run out, the last error is returned as it was, still transient: a
+/// [`FailoverLayer`](super::FailoverLayer) outside then sees a failing primary and
+/// serves from its fallback. (A second retry layer outside this one would retry the
+/// whole sequence again; use one.)
+///
+/// # When the caller gives up
+///
+/// The layer keeps no state per call: a dropped call stops where it stood, in a backoff
+/// sleep or in an attempt. An attempt dropped while the store runs it may still apply
+/// (outcome unknown); nothing re-runs it.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
 /// use std::time::Duration;

@@ -21,6 +21,16 @@ use crate::model::Metadata;
 /// Inside [`RetryLayer`](super::RetryLayer) the deadline bounds each attempt; outside it
 /// bounds the whole call, backoff included.
 ///
+/// # When the deadline passes
+///
+/// The inner call is dropped, exactly as if its caller had given up: the layers below
+/// see a caller giving up, and the store may still apply the write.
+/// [`StorageError::may_have_applied`] is true for the `Timeout` it returns, so a cache
+/// above stops serving what the write touches for a while and a retry above does not
+/// repeat a counter increment. Outside a [`FailoverLayer`](super::FailoverLayer), make
+/// the deadline longer than failover's own deadline for the primary plus a fallback
+/// call, or failover never gets to answer from the fallback.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
 /// use std::time::Duration;
