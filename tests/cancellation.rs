@@ -622,3 +622,128 @@ async fn a_call_given_up_on_is_counted_and_logged_as_cancelled() {
     assert!(warns[0].contains("abandoned by its caller"), "{warns:?}");
     assert!(warns[0].contains("s-hung") && warns[0].contains("outcome=\"cancelled\""));
 }
+
+// ---------------------------------------------------------------------------------------
+// Found by review of the fixes above
+
+#[test]
+fn a_replay_task_left_without_a_wrapper_ends_instead_of_spinning() {
+    // On a current-thread runtime a task that loops without awaiting blocks everything:
+    // the sleep below would never end. A watchdog fails the test instead of hanging.
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let finished = finished.clone();
+        std::thread::spawn(move || {
+            for _ in 0..400 {
+                if finished.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!("the runtime is blocked: the replay task spins");
+            std::process::abort();
+        })
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let p = pair(|l| l.with_cooldown(Duration::from_millis(1)));
+        p.outage().await;
+        p.storage
+            .create_session("s1", "u", &Metadata::new())
+            .await
+            .unwrap();
+        // The application keeps the layer (to watch its breaker) but drops the stack.
+        let Pair { storage, layer, .. } = p;
+        drop(storage);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(layer.is_degraded());
+
+        // A new stack over the same layer replays what waits.
+        let primary = Arc::new(MemoryBackend::new());
+        let storage = layer.layer(primary.clone());
+        eventually("the new stack to replay", async || {
+            storage.get_session("s1").await.unwrap();
+            !layer.is_degraded()
+        })
+        .await;
+        assert!(primary.get_session("s1").await.unwrap().is_some());
+    });
+    finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    watchdog.join().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_given_up_during_its_replay_applies_an_increment_once() {
+    let p = pair(|l| l.with_cooldown(Duration::from_millis(300)));
+    p.storage
+        .create_session("s", "u", &Metadata::new())
+        .await
+        .unwrap();
+    p.outage().await;
+    let increment = SessionUpdate::new().increment_requests();
+    assert!(p.storage.update_session("s", &increment).await.unwrap());
+
+    // close() replays (the layer's own task waits out its cooldown); the increment lands
+    // on the primary and close's caller gives up before the replay heard back.
+    let gate = p
+        .primary_faults
+        .gate(Target::Op(Operation::UpdateSession), Point::After);
+    p.primary_faults.set_down(false);
+    give_up_at(&gate, p.storage.close()).await;
+    gate.open();
+    p.primary_faults.ungate();
+
+    // The layer's task replays it again: without its counters, since it may have landed.
+    eventually("the replay task to finish", async || !p.layer.is_degraded()).await;
+    let s = p.primary.get_session("s").await.unwrap().unwrap();
+    assert_eq!(s.metrics.request_count, 1, "applied once");
+    assert_eq!(figure(&p, "unreplayed_increments").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_that_joined_one_started_before_an_unknown_write_is_not_cached() {
+    let store = Arc::new(MemoryBackend::new());
+    let (inner, faults) = Faults::wrap(store.clone());
+    let storage = Arc::new(
+        CacheLayer::new()
+            .with_unknown_outcome_window(Duration::from_millis(100))
+            .layer(inner),
+    );
+    store.store_task_context("s", &json!(1)).await.unwrap();
+    // A load of the old value is held at the store.
+    let gate = faults.gate(Target::Op(Operation::GetTaskContext), Point::Before);
+    let first = {
+        let storage = storage.clone();
+        tokio::spawn(async move { storage.get_task_context("s").await })
+    };
+    gate.arrived(1).await;
+    faults.ungate();
+    // A write that completes, then a read that starts after it and retries its load.
+    storage.store_task_context("s", &json!(1)).await.unwrap();
+    let second = {
+        let storage = storage.clone();
+        tokio::spawn(async move { storage.get_task_context("s").await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // A write whose caller gives up before the store has it; it lands later.
+    let two = json!(2);
+    faults.set_latency(Duration::from_millis(50));
+    let _ = tokio::time::timeout(
+        Duration::from_millis(1),
+        storage.store_task_context("s", &two),
+    )
+    .await;
+    faults.set_latency(Duration::ZERO);
+    gate.open();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    store.store_task_context("s", &json!(2)).await.unwrap();
+    // Past the window, reads are cached again, and what they cache is the store's.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..2 {
+        assert_eq!(storage.get_task_context("s").await.unwrap(), Some(json!(2)));
+    }
+}

@@ -94,7 +94,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    (op(), prop::option::weighted(0.4, 0u8..12))
+    (op(), prop::option::weighted(0.4, 1u8..12))
         .prop_map(|(op, give_up_after)| Step { op, give_up_after })
 }
 

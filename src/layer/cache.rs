@@ -569,11 +569,19 @@ impl Shared {
     }
 
     /// Whether reads of `stripe` must bypass the cache now. One load each on the usual
-    /// path; the clock is read only while a window is open.
+    /// path; the clock is read only while a window is open, and a window found expired
+    /// is closed (unless a newer one replaced it meanwhile).
     fn is_unsettled(&self, stripe: usize) -> bool {
         let open = |slot: &AtomicU64| {
             let until = slot.load(Ordering::SeqCst);
-            until != 0 && self.now_ms() < until
+            if until == 0 {
+                return false;
+            }
+            if self.now_ms() < until {
+                return true;
+            }
+            let _ = slot.compare_exchange(until, 0, Ordering::SeqCst, Ordering::SeqCst);
+            false
         };
         open(&self.unsettled[stripe]) || open(&self.unsettled_all)
     }
@@ -639,12 +647,15 @@ impl Shared {
         Fut: Future<Output = Result<T>> + Send,
     {
         let stripe = stripe_of(key.owner());
+        // The stamp before the window check: a write that ends after the stamp was read
+        // outdates what this read loads; one that ended before it opened its window
+        // first (see `Invalidation::bump`), and the check below sees it.
+        let start = self.stamp(stripe);
         if self.is_unsettled(stripe) {
             bump(&self.counters.misses);
             bump(&self.counters.loads);
             return fetch().await;
         }
-        let start = self.stamp(stripe);
         if let Some(entry) = self.cache.get(&key).await {
             if entry.stamp.covers(start) {
                 if let Some(v) = T::from_cached(&entry.value) {
@@ -661,6 +672,9 @@ impl Shared {
             .set(names::CACHE_ENTRIES, self.cache.entry_count() as f64);
         for _ in 0..ATTEMPTS {
             let stamp = self.stamp(stripe);
+            if self.is_unsettled(stripe) {
+                break;
+            }
             let mut own_error = None;
             let loaded = self
                 .cache

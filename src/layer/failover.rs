@@ -6,6 +6,7 @@ use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -36,7 +37,8 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 ///   the fallback. A timeout layer *outside* failover cancels the call before failover
 ///   sees any error, so failover could never engage on a hung primary without this
 ///   deadline; an outer deadline must be longer than this one plus a fallback call.
-///   `cleanup_expired_sessions` (a long sweep) runs without it.
+///   Bulk operations whose time grows with the data (`cleanup_expired_sessions`, the
+///   `restore_*` calls, `delete_thread`) run without it.
 /// - **Circuit breaker**: after `failure_threshold` consecutive transient primary
 ///   failures the primary is not called for `cooldown`; then one call probes it and a
 ///   success closes the breaker.
@@ -68,7 +70,8 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 /// - **Counter increments are replayed at most once**: an increment whose attempt on
 ///   the primary may have applied (a timeout, a lost connection, a replay cut short) is
 ///   replayed without its counters (metadata and status still are), and counted as
-///   `unreplayed_increments`.
+///   `unreplayed_increments`. Each replay starts with a health check of the primary, so
+///   a primary still down refuses the check, not a replayed increment.
 /// - **A call dropped after the primary answered** may leave that write out of the
 ///   fallback (as a fallback failure would); the primary has it.
 ///
@@ -473,6 +476,20 @@ impl Hint {
     }
 }
 
+/// The primary's deadline for `operation`: none for the bulk operations (a cleanup
+/// sweep, a restore, deleting a large thread) whose time grows with the data, since a
+/// deadline would only make them fail over and be replayed, again too slow, for ever.
+fn primary_limit(config: &FailoverConfig, operation: Operation) -> Option<Duration> {
+    match operation {
+        Operation::CleanupExpiredSessions
+        | Operation::RestoreSessions
+        | Operation::RestoreMessages
+        | Operation::RestoreCheckpoints
+        | Operation::DeleteThread => None,
+        _ => config.primary_timeout,
+    }
+}
+
 /// Runs `call` on the primary under the layer's deadline for it.
 async fn bounded<T>(
     state: &FailoverState,
@@ -480,9 +497,15 @@ async fn bounded<T>(
     operation: Operation,
     call: impl Future<Output = Result<T>>,
 ) -> Result<T> {
+    let mut call = std::pin::pin!(call);
     let Some(limit) = limit else {
         return call.await;
     };
+    // A call that answers at once (an in-process primary) never arms a timer.
+    let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+    if let Poll::Ready(result) = first {
+        return result;
+    }
     match tokio::time::timeout(limit, call).await {
         Ok(result) => result,
         Err(_) => {
@@ -495,63 +518,82 @@ async fn bounded<T>(
     }
 }
 
+/// Writes a replay sends with the queue held, before it lets waiting writers in.
+const REPLAY_CHUNK: usize = 128;
+
 /// Replays the queue to the primary in order, until it is empty (`Ok`; the layer is no
-/// longer degraded) or the primary fails transiently (`Err`; the rest waits). The queue
-/// is locked only between writes, so degraded writes go on meanwhile; they queue
-/// behind, and the replay takes them too.
+/// longer degraded) or the primary fails transiently (`Err`; the rest waits).
+///
+/// The queue is held while a chunk of writes is sent, then let go so that degraded
+/// writers waiting for it (the lock is fair) queue theirs: each chunk shrinks the queue
+/// by at least its size less the number of writers, so the replay catches up under
+/// load, and writers wait at most one chunk. Handing the queue over between every
+/// write instead let 32 writers take turns with the replay, which then drained a few
+/// hundred writes a second.
+///
+/// A health check goes first: against a primary still down it fails without sending
+/// anything, so a replayed counter increment is only ever sent to a primary that just
+/// answered, and a failure then is a real "outcome unknown" (its counters are dropped)
+/// rather than a refused connection.
 async fn replay(
     primary: &dyn StorageBackend,
     state: &FailoverState,
     config: &FailoverConfig,
 ) -> Result<()> {
+    let check = primary.health_check();
+    bounded(state, config.primary_timeout, Operation::HealthCheck, check).await?;
     loop {
-        let hint = {
-            let mut pending = state.pending.lock().await;
-            if state.in_flight.swap(false, Ordering::AcqRel) {
-                // The last replay was cut short while this write was on its way.
-                if let Some(front) = pending.front_mut() {
-                    front.settle_unknown(state);
-                }
-            }
-            match pending.front() {
-                Some(hint) => hint.clone(),
-                None => {
-                    state.degraded.store(false, Ordering::Release);
-                    return Ok(());
-                }
-            }
-        };
-        state.in_flight.store(true, Ordering::Release);
-        let result = bounded(
-            state,
-            config.primary_timeout,
-            hint.operation(),
-            hint.apply(primary),
-        )
-        .await;
-        state.in_flight.store(false, Ordering::Release);
         let mut pending = state.pending.lock().await;
-        match result {
-            Ok(()) => state.replayed.add(1),
-            Err(e) if e.is_transient() => {
-                if e.may_have_applied() {
-                    if let Some(front) = pending.front_mut() {
-                        front.settle_unknown(state);
-                    }
-                }
-                return Err(e);
-            }
-            Err(e) => {
-                // The primary refuses it for good (it lost the session it belongs to,
-                // say); the fallback keeps it. Skipping beats blocking every later write.
-                state.dropped.add(1);
-                tracing::warn!(error = %e, "failover: primary refused a replayed write");
+        if state.in_flight.swap(false, Ordering::AcqRel) {
+            // The last replay was cut short while this write was on its way.
+            if let Some(front) = pending.front_mut() {
+                front.settle_unknown(state);
             }
         }
-        // Only a replay removes from the front, and only one replay runs.
-        pending.pop_front();
-        state.queued.fetch_sub(1, Ordering::Relaxed);
+        for _ in 0..REPLAY_CHUNK {
+            let Some(hint) = pending.front() else {
+                state.degraded.store(false, Ordering::SeqCst);
+                return Ok(());
+            };
+            let operation = hint.operation();
+            let limit = primary_limit(config, operation);
+            // Set while the write may be on the primary and still queued: cut short
+            // here, the next replay treats it as possibly applied.
+            state.in_flight.store(true, Ordering::Release);
+            let result = bounded(state, limit, operation, hint.apply(primary)).await;
+            match result {
+                Ok(()) => state.replayed.add(1),
+                Err(e) if e.is_transient() => {
+                    state.in_flight.store(false, Ordering::Release);
+                    if e.may_have_applied() {
+                        if let Some(front) = pending.front_mut() {
+                            front.settle_unknown(state);
+                        }
+                    }
+                    return Err(e);
+                }
+                Err(e) => {
+                    // The primary refuses it for good (it lost the session it belongs
+                    // to, say); the fallback keeps it. Skipping beats blocking every
+                    // later write.
+                    state.dropped.add(1);
+                    tracing::warn!(error = %e, "failover: primary refused a replayed write");
+                }
+            }
+            // Only a replay removes from the front, and only one replay runs.
+            pending.pop_front();
+            state.queued.fetch_sub(1, Ordering::Relaxed);
+            state.in_flight.store(false, Ordering::Release);
+        }
     }
+}
+
+/// Why the replay task's loop ended.
+enum ReplayEnd {
+    /// Nothing waits, or the layer was closed.
+    Done,
+    /// No wrapper is left to replay through: the task ends for good.
+    Orphaned,
 }
 
 /// The replay task's loop: waits for the breaker, replays, and again, until nothing
@@ -560,12 +602,14 @@ async fn replay_while_degraded<B: StorageBackend>(
     primary: &std::sync::Weak<B>,
     state: &std::sync::Weak<FailoverState>,
     config: &FailoverConfig,
-) {
+) -> ReplayEnd {
     loop {
         let wait = {
-            let Some(s) = state.upgrade() else { return };
-            if !s.degraded.load(Ordering::Acquire) || s.closed.load(Ordering::Acquire) {
-                return;
+            let Some(s) = state.upgrade() else {
+                return ReplayEnd::Orphaned;
+            };
+            if !s.degraded.load(Ordering::SeqCst) || s.closed.load(Ordering::SeqCst) {
+                return ReplayEnd::Done;
             }
             s.probe_in(config.cooldown)
         };
@@ -574,16 +618,18 @@ async fn replay_while_degraded<B: StorageBackend>(
             continue;
         }
         let (Some(primary), Some(s)) = (primary.upgrade(), state.upgrade()) else {
-            return;
+            return ReplayEnd::Orphaned;
         };
         let Some(verdict) = FailoverState::admit(s.clone(), config) else {
+            // Another call holds the probe: look again after a while.
+            tokio::time::sleep(config.cooldown.max(Duration::from_millis(1))).await;
             continue;
         };
         let _running = s.replay.lock().await;
-        if s.closed.load(Ordering::Acquire) {
+        if s.closed.load(Ordering::SeqCst) {
             // `close` replayed what it could; what is left is reported there.
             drop(verdict);
-            return;
+            return ReplayEnd::Done;
         }
         match replay(primary.as_ref(), &s, config).await {
             Ok(()) => verdict.success(),
@@ -609,7 +655,9 @@ impl<B: StorageBackend + 'static> Failover<B> {
     /// layer's, not a caller's: no caller giving up can cut a replay short. It holds the
     /// layer only weakly between tries, so dropping every wrapper ends it.
     fn start_replay(&self) {
-        if !self.degraded() || self.state.replayer.swap(true, Ordering::AcqRel) {
+        if !self.state.degraded.load(Ordering::SeqCst)
+            || self.state.replayer.swap(true, Ordering::SeqCst)
+        {
             return;
         }
         let primary = Arc::downgrade(&self.primary);
@@ -617,14 +665,18 @@ impl<B: StorageBackend + 'static> Failover<B> {
         let config = self.config;
         tokio::spawn(async move {
             loop {
-                replay_while_degraded(&primary, &state, &config).await;
+                let end = replay_while_degraded(&primary, &state, &config).await;
                 let Some(s) = state.upgrade() else { return };
-                s.replayer.store(false, Ordering::Release);
+                s.replayer.store(false, Ordering::SeqCst);
+                if matches!(end, ReplayEnd::Orphaned) {
+                    // The next wrapper's first call starts a task of its own.
+                    return;
+                }
                 // A write queued while this task was ending found it still alive and
-                // started none: take over again rather than leave it waiting.
-                let wanted =
-                    s.degraded.load(Ordering::Acquire) && !s.closed.load(Ordering::Acquire);
-                if !wanted || s.replayer.swap(true, Ordering::AcqRel) {
+                // started none: take over again rather than leave it waiting. SeqCst on
+                // both sides, so this task or that writer sees the other.
+                let wanted = s.degraded.load(Ordering::SeqCst) && !s.closed.load(Ordering::SeqCst);
+                if !wanted || s.replayer.swap(true, Ordering::SeqCst) {
                     return;
                 }
             }
@@ -669,10 +721,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
         run: impl Fn(&'a dyn StorageBackend) -> Fut<'a, T>,
     ) -> Result<T> {
         self.start_replay();
-        let limit = match operation {
-            Operation::CleanupExpiredSessions => None,
-            _ => self.config.primary_timeout,
-        };
+        let limit = primary_limit(&self.config, operation);
         // Whether the primary may hold this write although it failed.
         let mut on_primary = false;
         let mut asked_primary = false;
@@ -726,7 +775,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
         }
         pending.push_back(entry);
         self.state.queued.fetch_add(1, Ordering::Relaxed);
-        self.state.degraded.store(true, Ordering::Release);
+        self.state.degraded.store(true, Ordering::SeqCst);
         self.start_replay();
         let answer = run(self.fallback()).await;
         let keep = match &answer {
