@@ -647,6 +647,16 @@ impl<B: StorageBackend + 'static> Failover<B> {
         self.fallback.as_ref()
     }
 
+    /// Runs `call` on the primary under the layer's deadline for `operation`.
+    async fn on_primary<T>(
+        &self,
+        operation: Operation,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let limit = primary_limit(&self.config, operation);
+        bounded(&self.state, limit, operation, call).await
+    }
+
     fn degraded(&self) -> bool {
         self.state.degraded.load(Ordering::Acquire)
     }
@@ -691,8 +701,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
         self.start_replay();
         if !self.degraded() {
             if let Some(verdict) = FailoverState::admit(&*self.state, &self.config) {
-                let limit = self.config.primary_timeout;
-                match bounded(&self.state, limit, operation, run(self.primary())).await {
+                match self.on_primary(operation, run(self.primary())).await {
                     Ok(v) => {
                         verdict.success();
                         return Ok(v);
@@ -712,7 +721,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
 
     /// A write: to the primary and then the fallback while the primary is healthy; to
     /// the fallback and the replay queue otherwise. `keep` says whether a fallback
-    /// answer changed anything worth replaying; `limit` is the primary's deadline.
+    /// answer changed anything worth replaying.
     async fn write<'a, T>(
         &'a self,
         operation: Operation,
@@ -721,15 +730,14 @@ impl<B: StorageBackend + 'static> Failover<B> {
         run: impl Fn(&'a dyn StorageBackend) -> Fut<'a, T>,
     ) -> Result<T> {
         self.start_replay();
-        let limit = primary_limit(&self.config, operation);
         // Whether the primary may hold this write although it failed.
-        let mut on_primary = false;
+        let mut maybe_on_primary = false;
         let mut asked_primary = false;
         let mut pending = loop {
             if !asked_primary && !self.degraded() {
                 asked_primary = true;
                 if let Some(verdict) = FailoverState::admit(&*self.state, &self.config) {
-                    match bounded(&self.state, limit, operation, run(self.primary())).await {
+                    match self.on_primary(operation, run(self.primary())).await {
                         Ok(v) => {
                             verdict.success();
                             if let Err(e) = run(self.fallback()).await {
@@ -739,7 +747,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
                             return Ok(v);
                         }
                         Err(e) if e.is_transient() => {
-                            on_primary = e.may_have_applied();
+                            maybe_on_primary = e.may_have_applied();
                             verdict.failure();
                         }
                         Err(e) => {
@@ -770,7 +778,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
         // Intent first: if the caller gives up during the fallback write, which may land,
         // the entry stays and the primary gets the write too.
         let mut entry = hint();
-        if on_primary {
+        if maybe_on_primary {
             entry.settle_unknown(&self.state);
         }
         pending.push_back(entry);
@@ -1188,13 +1196,7 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
             }
         };
         // A hung primary must not hang the health check: it is reported unhealthy.
-        let limit = self.config.primary_timeout;
-        let primary_check = bounded(
-            &self.state,
-            limit,
-            Operation::HealthCheck,
-            self.primary.health_check(),
-        );
+        let primary_check = self.on_primary(Operation::HealthCheck, self.primary.health_check());
         let primary = report(self.primary.kind(), primary_check.await)?;
         let fallback = report(self.fallback.kind(), self.fallback.health_check().await)?;
         let healthy = |r: &HealthReport| r.status == HealthStatus::Healthy;
@@ -1215,13 +1217,7 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
 
     async fn get_metrics(&self) -> Result<MetricsReport> {
         let mut components = Vec::with_capacity(2);
-        let limit = self.config.primary_timeout;
-        let primary = bounded(
-            &self.state,
-            limit,
-            Operation::GetMetrics,
-            self.primary.get_metrics(),
-        );
+        let primary = self.on_primary(Operation::GetMetrics, self.primary.get_metrics());
         match primary.await {
             Ok(m) => components.push(m),
             Err(e) if !e.is_transient() => return Err(e),
