@@ -39,7 +39,12 @@ pub enum StorageError {
         id: String,
     },
 
-    /// The backend could not be reached or the connection broke. Transient.
+    /// The connection broke while a call may have been on it (a reset, a broken pipe, an
+    /// end of file while waiting for the reply), or the backend could not be reached and
+    /// cannot tell whether the call was sent. Transient; the call may have applied. The
+    /// Redis and PostgreSQL backends report a connection that was never made (refused,
+    /// a name that does not resolve, a failed handshake) as
+    /// [`StorageError::Unavailable`] instead.
     #[error("connection error: {message}")]
     Connection {
         /// What failed, without credentials.
@@ -82,7 +87,8 @@ pub enum StorageError {
     Closed,
 
     /// The backend refuses work for now (a circuit breaker is open, a queue is full, the
-    /// server is busy). Transient.
+    /// server is busy, no connection to the server could be made): the call was refused
+    /// before it ran. Transient.
     #[error("storage unavailable: {message}")]
     Unavailable {
         /// Why the backend refused.

@@ -272,7 +272,13 @@ fn bad_arguments_and_unreachable_servers_fail_without_showing_passwords() {
     ]);
     assert!(!out.status.success());
     let err: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(err["kind"], "connection");
+    // Refused before anything was sent.
+    assert_eq!(err["kind"], "unavailable");
+    assert!(
+        err["error"].as_str().unwrap().contains("cannot connect to"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("cli-secret-pw"), "{err}");
     let out = run(&[
         "diagnose",
         "--timeout",

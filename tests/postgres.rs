@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use aiecs_storage::prelude::*;
 use aiecs_storage::{
-    ErrorKind, Metadata, NewCheckpoint, NewMessage, PostgresBackend, StorageError,
+    ErrorKind, Metadata, NewCheckpoint, NewMessage, PostgresBackend, SessionUpdate, StorageError,
 };
 use serde_json::json;
 
@@ -206,13 +206,15 @@ async fn the_password_never_shows_in_errors_or_debug() {
     assert!(refused.contains(PASSWORD));
     let b = PostgresBackend::new(&refused).unwrap();
     assert!(!format!("{b:?}").contains(PASSWORD));
+    // Refused before any statement was sent.
     let err = b.initialize().await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert!(err.is_transient());
+    assert!(!err.may_have_applied());
     assert_redacted(&err, &b);
     // A later call tries again and fails the same way, still redacted.
     let err = b.get_session("s1").await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert_redacted(&err, &b);
 
     // (b) The server answers with an error: the database does not exist.
@@ -228,7 +230,8 @@ async fn the_password_never_shows_in_errors_or_debug() {
     let tls = format!("{}?sslmode=require", altered(&url, None, None));
     let b = PostgresBackend::new(&tls).unwrap();
     if let Err(err) = b.initialize().await {
-        assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+        // The handshake failed before any statement was sent.
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
         assert_redacted(&err, &b);
     }
 
@@ -236,6 +239,117 @@ async fn the_password_never_shows_in_errors_or_debug() {
     let err = PostgresBackend::new(&format!("{missing_db}?password={PASSWORD}")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(!format!("{err} {err:?}").contains(PASSWORD), "{err}");
+}
+
+/// A write that never reached the server: `Unavailable` (refused before it ran), so no
+/// layer takes it for one that may have applied; transient; its message says what
+/// failed and names the redacted URL, never the password.
+#[track_caller]
+fn assert_never_sent(err: &StorageError, backend: &PostgresBackend) {
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err:?}");
+    assert!(!err.may_have_applied(), "{err:?}");
+    assert!(err.is_transient(), "{err:?}");
+    assert!(err.to_string().contains("cannot connect to "), "{err}");
+    assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
+    assert_redacted(err, backend);
+}
+
+/// A closed loopback port: bound, read, released.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Nothing listens on the port: no connection, so no statement was sent. Needs no
+/// server.
+#[tokio::test]
+async fn a_closed_port_answers_unavailable_for_a_write_never_sent() {
+    let url = format!("postgres://app:{PASSWORD}@127.0.0.1:{}/db", closed_port());
+    let b = PostgresBackend::new(&url).unwrap();
+    let create = b.create_session("s1", "u", &Metadata::new()).await;
+    assert_never_sent(&create.unwrap_err(), &b);
+    let increment = SessionUpdate::new().increment_requests();
+    let update = b.update_session("s1", &increment).await;
+    assert_never_sent(&update.unwrap_err(), &b);
+}
+
+/// A TCP relay to the test server that can be shut: its listener and every connection
+/// it carries close at once, as when a server goes away.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: (String, u16)) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            // Dropped with this task: aborts every relayed connection.
+            let mut relayed = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                relayed.spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Relay { port, task }
+    }
+
+    /// Closes the listener and every connection.
+    async fn shut(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// The server of an opened backend goes away (its connections close, nothing listens):
+/// the pool finds its connections closed, cannot open another, and the write is never
+/// sent.
+#[tokio::test]
+async fn a_server_gone_away_answers_unavailable_for_a_write_never_sent() {
+    let Some(url) = server() else { return };
+    let schema = common::unique_name("pg_gone");
+    let parsed = url::Url::parse(&url).unwrap();
+    let upstream = (
+        parsed.host_str().unwrap().to_owned(),
+        parsed.port().unwrap_or(5432),
+    );
+    let relay = Relay::start(upstream).await;
+    let mut via_relay = url::Url::parse(&altered(&url, Some(relay.port), None)).unwrap();
+    via_relay.set_host(Some("127.0.0.1")).unwrap();
+    let b = backend(via_relay.as_str(), &schema);
+    b.create_session("s1", "u", &Metadata::new()).await.unwrap();
+
+    relay.shut().await;
+    // The pool's connections see their end of file: the pool drops them instead of
+    // handing them out. One that has not seen it yet carries a statement into a closed
+    // socket (its outcome unknown: `Connection`), at most once per pooled connection.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let increment = SessionUpdate::new().increment_requests();
+    let mut unknown = 0;
+    let mut never_sent = 0;
+    while never_sent < 3 {
+        let err = b.update_session("s1", &increment).await.unwrap_err();
+        if never_sent == 0 && err.kind() == ErrorKind::Connection && unknown < 2 {
+            unknown += 1;
+            continue;
+        }
+        assert_never_sent(&err, &b);
+        never_sent += 1;
+    }
+    // None of those was applied.
+    let direct = backend(&url, &schema);
+    let session = direct.get_session("s1").await.unwrap().unwrap();
+    assert_eq!(session.metrics.request_count, 0);
+    direct.close().await.unwrap();
+    drop_schema(&url, &schema).await;
 }
 
 async fn connections_named(url: &str, application_name: &str) -> i64 {

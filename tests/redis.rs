@@ -120,11 +120,13 @@ async fn passwords_never_show_in_errors_or_debug() {
             assert!(!text.contains(SECRET), "{case}: error shows it: {text}");
         }
         if refused {
+            // Refused before any command was sent.
             assert!(
-                matches!(err, StorageError::Connection { .. }),
+                matches!(err, StorageError::Unavailable { .. }),
                 "{case}: {err:?}"
             );
             assert!(err.is_transient());
+            assert!(!err.may_have_applied());
         } else {
             assert!(
                 matches!(err, StorageError::Authentication { .. }),
@@ -142,6 +144,79 @@ async fn passwords_never_show_in_errors_or_debug() {
     ok.initialize().await.unwrap();
     ok.create_session("s", "u", &Metadata::new()).await.unwrap();
     assert!(!format!("{:?}", ok.health_check().await.unwrap()).contains("the-right-one"));
+}
+
+/// A write that never left the client: `Unavailable` (refused before it ran), so no
+/// layer takes it for one that may have applied; transient; its message says what
+/// failed and names the redacted URL, never the password.
+#[track_caller]
+fn assert_never_sent(err: &StorageError, secret: &str) {
+    assert!(
+        matches!(err, StorageError::Unavailable { .. }),
+        "expected Unavailable, got {err:?}"
+    );
+    assert!(!err.may_have_applied(), "{err:?}");
+    assert!(err.is_transient(), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("cannot connect to redis at "), "{text}");
+    assert!(text.contains(":***@127.0.0.1:"), "{text}");
+    assert!(text.to_lowercase().contains("refused"), "{text}");
+    for shown in [text, format!("{err:?}"), format!("{err:#?}")] {
+        assert!(!shown.contains(secret), "password shown in: {shown}");
+    }
+}
+
+/// Nothing listens on the port: no connection, so no write was sent. A node and a
+/// cluster answer `Unavailable`, for a plain write and for a counter increment.
+#[tokio::test]
+async fn a_closed_port_answers_unavailable_for_a_write_never_sent() {
+    const SECRET: &str = "n0t-sent-pw";
+    let port = free_port();
+    for url in [
+        format!("redis://:{SECRET}@127.0.0.1:{port}"),
+        format!("redis+cluster://:{SECRET}@127.0.0.1:{port},127.0.0.1:{port}"),
+    ] {
+        let backend = RedisBackend::new(&url).unwrap();
+        let create = backend.create_session("s", "u", &Metadata::new()).await;
+        assert_never_sent(&create.unwrap_err(), SECRET);
+        let increment = SessionUpdate::new().increment_requests();
+        let update = backend.update_session("s", &increment).await;
+        assert_never_sent(&update.unwrap_err(), SECRET);
+    }
+}
+
+/// The server of a connected backend goes away. A call may still go out on the dead
+/// connection (its outcome unknown: `Connection`); it makes the client reconnect, and
+/// the calls after it wait for a connection that cannot be made: never sent.
+#[tokio::test]
+async fn a_server_gone_away_answers_unavailable_once_the_client_reconnects() {
+    if url("AIECS_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    const SECRET: &str = "g0ne-away-pw";
+    let mut server = ProtectedRedis::start(SECRET);
+    let backend = RedisBackend::new(&format!("redis://:{SECRET}@127.0.0.1:{}", server.port))
+        .unwrap()
+        .with_prefix(prefix());
+    backend
+        .create_session("s", "u", &Metadata::new())
+        .await
+        .unwrap();
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let increment = SessionUpdate::new().increment_requests();
+    let first = backend.update_session("s", &increment).await.unwrap_err();
+    assert!(
+        matches!(
+            first,
+            StorageError::Connection { .. } | StorageError::Unavailable { .. }
+        ),
+        "{first:?}"
+    );
+    for _ in 0..2 {
+        let err = backend.update_session("s", &increment).await.unwrap_err();
+        assert_never_sent(&err, SECRET);
+    }
 }
 
 #[tokio::test]

@@ -410,7 +410,9 @@ async fn within<T>(
     }
 }
 
-/// The error's text with its whole source chain, lower-cased, for classification.
+/// The error's text with its whole source chain, lower-cased, for classification. URLs
+/// are left out: backends name theirs in the message (`cannot connect to
+/// postgres://...?sslmode=require: timed out`), and its words say nothing of the failure.
 fn full_text(e: &StorageError) -> String {
     let mut text = e.to_string();
     let mut next = std::error::Error::source(e);
@@ -419,7 +421,11 @@ fn full_text(e: &StorageError) -> String {
         text.push_str(&source.to_string());
         next = source.source();
     }
-    text.to_lowercase()
+    text.split_whitespace()
+        .filter(|word| !word.contains("://"))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 fn classify(e: &StorageError) -> ConnectionOutcome {
@@ -1309,5 +1315,28 @@ mod tests {
             ConnectionOutcome::Refused
         );
         assert_eq!(classify(&conn("broken pipe")), ConnectionOutcome::Other);
+        // A connection never made is `Unavailable`, classified by its text, not by the
+        // URL it names.
+        let unavailable = |m: &str| StorageError::Unavailable { message: m.into() };
+        assert_eq!(
+            classify(&unavailable(
+                "cannot connect to redis at redis://:***@127.0.0.1:1: \
+                 Connection refused (os error 111)"
+            )),
+            ConnectionOutcome::Refused
+        );
+        assert_eq!(
+            classify(&unavailable(
+                "cannot connect to postgres://u:***@h/db?sslmode=require: timed out after 1s"
+            )),
+            ConnectionOutcome::TimedOut
+        );
+        assert_eq!(
+            classify(&unavailable(
+                "cannot connect to redis at redis://h.invalid:6379: failed to lookup \
+                 address information: Name or service not known"
+            )),
+            ConnectionOutcome::DnsFailed
+        );
     }
 }

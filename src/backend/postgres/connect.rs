@@ -235,7 +235,9 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
 /// - Authentication refused (28000, 28P01): `Authentication` (not transient).
 /// - No such database (3D000): `Backend`, not transient: waiting will not create it.
 /// - Connection-level SQLSTATEs (class 08, 57P01..57P03 shutdown, 53300 too many
-///   connections), a closed connection, I/O and TLS failures: `Connection` (transient).
+///   connections), a closed connection, I/O and TLS failures: `Connection` (transient),
+///   since the statement may have been sent; [`connect_error`] makes them `Unavailable`
+///   when they come while opening a connection.
 /// - Serialization failure (40001), deadlock (40P01), lock timeout (55P03), statement
 ///   cancelled (57014) and out of resources (class 53): `Backend`, transient.
 /// - A stored value that does not decode: `Serialization`.
@@ -300,15 +302,29 @@ pub(super) fn pg_error(e: tokio_postgres::Error, target: &str) -> StorageError {
     StorageError::backend(format!("postgres: {text}"), false, e)
 }
 
-/// Maps an error of opening a connection: as [`pg_error`], except that a failure that is
-/// not a server answer is a `Connection` error naming the target.
+/// Maps an error of opening a connection. No statement was sent on it, so whatever may
+/// pass later is [`StorageError::Unavailable`], naming the target: a refused or failed
+/// TCP connection, a name that does not resolve, a failed TLS handshake, a server
+/// answering that it is starting, shutting down or out of connection slots. What will
+/// not pass keeps its kind, as [`pg_error`] maps it: refused credentials
+/// (`Authentication`), a database that does not exist (`Backend`, not transient).
 pub(super) fn connect_error(e: tokio_postgres::Error, target: &str) -> StorageError {
-    if e.code().is_some() {
-        return pg_error(e, target);
-    }
-    StorageError::Connection {
-        message: format!("could not connect to {target}: {}", describe(&e)),
-        source: Some(Box::new(e)),
+    let text = describe(&e);
+    let mapped = if e.code().is_some() {
+        pg_error(e, target)
+    } else {
+        // Never a server's answer: the connection, the TLS handshake or the startup
+        // exchange failed.
+        return StorageError::Unavailable {
+            message: format!("cannot connect to {target}: {text}"),
+        };
+    };
+    if mapped.is_transient() {
+        StorageError::Unavailable {
+            message: format!("cannot connect to {target}: {text}"),
+        }
+    } else {
+        mapped
     }
 }
 
@@ -320,7 +336,8 @@ pub(super) struct PoolLimits {
     pub connect_timeout: Duration,
 }
 
-/// Maps an error of taking a connection from the pool.
+/// Maps an error of taking a connection from the pool. The caller's statement is not
+/// sent yet, so every failure that may pass later is [`StorageError::Unavailable`].
 pub(super) fn pool_error(e: PoolError, target: &str, limits: PoolLimits) -> StorageError {
     match e {
         PoolError::Timeout(TimeoutType::Wait) => StorageError::Unavailable {
@@ -329,13 +346,17 @@ pub(super) fn pool_error(e: PoolError, target: &str, limits: PoolLimits) -> Stor
                 limits.max_size, limits.acquire_timeout
             ),
         },
-        PoolError::Timeout(TimeoutType::Create) => StorageError::Timeout {
-            operation: "connect",
-            after: limits.connect_timeout,
+        PoolError::Timeout(TimeoutType::Create) => StorageError::Unavailable {
+            message: format!(
+                "cannot connect to {target}: timed out after {:?}",
+                limits.connect_timeout
+            ),
         },
-        PoolError::Timeout(TimeoutType::Recycle) => StorageError::Timeout {
-            operation: "recycle_connection",
-            after: limits.connect_timeout,
+        PoolError::Timeout(TimeoutType::Recycle) => StorageError::Unavailable {
+            message: format!(
+                "checking a pooled connection to {target} timed out after {:?}",
+                limits.connect_timeout
+            ),
         },
         PoolError::Backend(e) => connect_error(e, target),
         PoolError::Closed => StorageError::Closed,
@@ -344,9 +365,8 @@ pub(super) fn pool_error(e: PoolError, target: &str, limits: PoolLimits) -> Stor
             transient: false,
             source: None,
         },
-        PoolError::PostCreateHook(e) => StorageError::Connection {
+        PoolError::PostCreateHook(e) => StorageError::Unavailable {
             message: format!("could not set up a connection to {target}: {e}"),
-            source: None,
         },
     }
 }
@@ -361,6 +381,40 @@ mod tests {
             Err(other) => panic!("expected InvalidInput, got {other:?}"),
             Ok(o) => panic!("expected InvalidInput, got a config for {}", o.redacted),
         }
+    }
+
+    fn limits() -> PoolLimits {
+        PoolLimits {
+            max_size: 3,
+            acquire_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Taking a connection from the pool comes before any statement: every failure that
+    /// may pass later is `Unavailable`, naming the target.
+    #[test]
+    fn pool_failures_before_any_statement_are_unavailable() {
+        let target = "postgres://app:***@db/x";
+        for e in [
+            PoolError::Timeout(TimeoutType::Wait),
+            PoolError::Timeout(TimeoutType::Create),
+            PoolError::Timeout(TimeoutType::Recycle),
+        ] {
+            let e = pool_error(e, target, limits());
+            assert!(matches!(e, StorageError::Unavailable { .. }), "{e:?}");
+            assert!(!e.may_have_applied() && e.is_transient());
+            assert!(e.to_string().contains(target), "{e}");
+        }
+        let e = pool_error(PoolError::Timeout(TimeoutType::Create), target, limits());
+        assert_eq!(
+            e.to_string(),
+            "storage unavailable: cannot connect to postgres://app:***@db/x: timed out after 2s"
+        );
+        assert!(matches!(
+            pool_error(PoolError::Closed, target, limits()),
+            StorageError::Closed
+        ));
     }
 
     #[test]

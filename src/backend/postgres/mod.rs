@@ -653,7 +653,16 @@ impl PostgresBackend {
     }
 
     async fn conn(&self) -> Result<Conn<'_>> {
-        let state = self.state().await?;
+        // Opening the backend (the pool, the schema migration) comes before the caller's
+        // statement is sent: what may pass later is `Unavailable` for the caller, whatever
+        // became of the migration's own statements.
+        let state = self.state().await.map_err(|e| match e {
+            StorageError::Unavailable { .. } => e,
+            e if e.is_transient() => StorageError::Unavailable {
+                message: format!("cannot open {}: {e}", self.options.redacted),
+            },
+            e => e,
+        })?;
         let client = state
             .pool
             .get()

@@ -254,13 +254,41 @@ impl RedisBackend {
         ttl.map_or(0, |t| t.as_millis().max(1) as u64)
     }
 
-    /// Turns a client error into a [`StorageError`] of the right kind, with the password
-    /// scrubbed from its text.
-    fn error(&self, e: redis::RedisError) -> StorageError {
-        use redis::ErrorKind;
+    /// The client error's text with the URL's secrets scrubbed.
+    fn text(&self, e: &redis::RedisError) -> String {
         let mut text = e.to_string();
         for secret in &self.secrets {
             text = text.replace(secret.as_str(), "***");
+        }
+        text
+    }
+
+    /// Turns the error of a command into a [`StorageError`] of the right kind, with the
+    /// password scrubbed from its text. On a node, the command went through a
+    /// `ConnectionManager`, which sends a command at most once (see
+    /// [`Self::error_sent_once`]); on a cluster, through the shared client, which may
+    /// have sent it before the error it reports.
+    fn error(&self, e: redis::RedisError) -> StorageError {
+        self.command_error(e, !self.is_cluster())
+    }
+
+    /// [`Self::error`] for a command its client sent at most once and never again after a
+    /// failure (a node's `ConnectionManager`, the cluster's `once` client behind
+    /// [`Conn::query_once`]): an error only opening a connection gives means this command
+    /// was never sent, and is [`StorageError::Unavailable`].
+    fn error_sent_once(&self, e: redis::RedisError) -> StorageError {
+        self.command_error(e, true)
+    }
+
+    fn command_error(&self, e: redis::RedisError, sent_once: bool) -> StorageError {
+        use redis::ErrorKind;
+        let text = self.text(&e);
+        if sent_once && failed_to_connect(&e, &text) {
+            // A `ConnectionManager` waits for its reconnection before it sends a
+            // command, and fails the command with the reconnection's error.
+            return StorageError::Unavailable {
+                message: format!("cannot connect to redis at {}: {text}", self.redacted),
+            };
         }
         let message = format!("redis at {}: {text}", self.redacted);
         match e.kind() {
@@ -288,6 +316,22 @@ impl RedisBackend {
                 transient: false,
                 source: None,
             },
+        }
+    }
+
+    /// Turns an error of opening the connection (`initialize()` or a first call) into a
+    /// [`StorageError`]: no command of the caller was sent yet, so what would pass is
+    /// [`StorageError::Unavailable`] (a refused or timed-out connection, a name that does
+    /// not resolve, a failed TLS handshake); what will not pass (credentials refused, a
+    /// bad configuration) keeps its kind.
+    fn connect_error(&self, e: redis::RedisError) -> StorageError {
+        let text = self.text(&e);
+        match self.command_error(e, true) {
+            e @ StorageError::Unavailable { .. } => e,
+            e if e.is_transient() => StorageError::Unavailable {
+                message: format!("cannot connect to redis at {}: {text}", self.redacted),
+            },
+            e => e,
         }
     }
 
@@ -343,9 +387,12 @@ impl RedisBackend {
                 }
             }
         }
-        .map_err(|e| self.error(e))?;
+        .map_err(|e| self.connect_error(e))?;
         let mut c = conn.clone();
-        load_scripts(&mut c).await.map_err(|e| self.error(e))?;
+        // Loading is part of opening: the caller's command is not sent yet.
+        load_scripts(&mut c)
+            .await
+            .map_err(|e| self.connect_error(e))?;
         Ok(conn)
     }
 
@@ -422,9 +469,9 @@ impl RedisBackend {
                 load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
                 conn.query_once(cmd, self.response_timeout)
                     .await
-                    .map_err(|e| self.error(e))
+                    .map_err(|e| self.error_sent_once(e))
             }
-            other => other.map_err(|e| self.error(e)),
+            other => other.map_err(|e| self.error_sent_once(e)),
         }?;
         from_value(reply)
     }
@@ -887,6 +934,16 @@ async fn load_scripts(conn: &mut Conn) -> redis::RedisResult<()> {
 
 fn is_noscript(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// Whether `e` (whose scrubbed text is `text`) can only come from opening a connection,
+/// never from a command on an open one: the connection was refused (or a Unix socket is
+/// missing), or the host name did not resolve. An established TCP connection that breaks
+/// reports a reset, a broken pipe or an end of file instead. Other failures of opening a
+/// connection (a timeout, a TLS alert) look like those of a command and are not counted.
+fn failed_to_connect(e: &redis::RedisError, text: &str) -> bool {
+    e.is_connection_refusal()
+        || (e.is_io_error() && text.starts_with("failed to lookup address information"))
 }
 
 /// Whether `e` says the command did not run and may run if sent again later: a server
@@ -1790,6 +1847,78 @@ impl StorageBackend for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a command's client error becomes: only an error that opening a connection
+    /// alone gives is `Unavailable`, and only when the client sent the command at most
+    /// once; a broken connection may have carried the command and stays `Connection`.
+    #[test]
+    fn only_a_connection_never_made_is_unavailable() {
+        use std::io::{Error, ErrorKind};
+        let io = |kind| redis::RedisError::from(Error::from(kind));
+        let node = RedisBackend::new("redis://:pw-1@127.0.0.1:1").unwrap();
+        let cluster = RedisBackend::new("redis+cluster://:pw-1@127.0.0.1:1").unwrap();
+
+        let e = node.error(io(ErrorKind::ConnectionRefused));
+        assert!(matches!(e, StorageError::Unavailable { .. }), "{e:?}");
+        assert!(!e.may_have_applied() && e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            "storage unavailable: cannot connect to redis at redis://:***@127.0.0.1:1: \
+             connection refused"
+        );
+        let dns = redis::RedisError::from(Error::other(
+            "failed to lookup address information: Name or service not known",
+        ));
+        assert_eq!(node.error(dns).kind(), crate::ErrorKind::Unavailable);
+        for kind in [
+            ErrorKind::ConnectionReset,
+            ErrorKind::BrokenPipe,
+            ErrorKind::UnexpectedEof,
+            ErrorKind::ConnectionAborted,
+            ErrorKind::HostUnreachable,
+        ] {
+            let e = node.error(io(kind));
+            assert!(
+                matches!(e, StorageError::Connection { .. }),
+                "{kind:?}: {e:?}"
+            );
+            assert!(e.may_have_applied());
+        }
+        assert!(matches!(
+            node.error(io(ErrorKind::TimedOut)),
+            StorageError::Timeout { .. }
+        ));
+
+        // The cluster's shared client may have sent it before it was refused a
+        // connection; its `once` client did not.
+        let e = cluster.error(io(ErrorKind::ConnectionRefused));
+        assert!(matches!(e, StorageError::Connection { .. }), "{e:?}");
+        let e = cluster.error_sent_once(io(ErrorKind::ConnectionRefused));
+        assert!(matches!(e, StorageError::Unavailable { .. }), "{e:?}");
+
+        // Opening: whatever would pass is Unavailable, the rest keeps its kind.
+        for e in [io(ErrorKind::TimedOut), io(ErrorKind::ConnectionReset)] {
+            let e = node.connect_error(e);
+            assert!(matches!(e, StorageError::Unavailable { .. }), "{e:?}");
+            assert!(e.to_string().contains("cannot connect to redis at "), "{e}");
+        }
+        let auth = redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, "no"));
+        assert!(matches!(
+            node.connect_error(auth),
+            StorageError::Authentication { .. }
+        ));
+    }
+
+    /// The resolver's error text, which [`failed_to_connect`] recognises.
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_failed_to_connect() {
+        let err = tokio::net::lookup_host(("no-such-host.invalid", 6379))
+            .await
+            .err()
+            .expect("the .invalid domain never resolves");
+        let err = redis::RedisError::from(err);
+        assert!(failed_to_connect(&err, &err.to_string()), "{err}");
+    }
 
     fn stored(message: &Message) -> String {
         serde_json::to_string(&StoredMessage {
