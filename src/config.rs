@@ -276,7 +276,7 @@ pub enum LayerConfig {
 }
 
 /// Settings of a `cache` layer ([`CacheLayer`]); unset keys keep its defaults (10 000
-/// entries, 5 minutes time to live).
+/// entries, 5 minutes time to live, a 30 s unknown-outcome window).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheSettings {
     /// `max_entries`: bound by number of entries (at least 1). Not with `max_bytes`.
@@ -329,7 +329,8 @@ pub struct BatchSettings {
 }
 
 /// Settings of a `failover` layer ([`FailoverLayer`]); unset keys keep its defaults (5
-/// failures open the breaker for 10 s, 10 000 writes wait for replay). `Debug` shows the
+/// failures open the breaker for 10 s, a primary call past 1 s counts as failed, 10 000
+/// writes wait for replay). `Debug` shows the
 /// fallback URL without its password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct FailoverSettings {
