@@ -319,3 +319,39 @@ fn export_and_import_round_trip_through_a_file() {
     let lines = String::from_utf8_lossy(&out.stdout).lines().count();
     assert_eq!(lines, 4, "header, session, messages, context");
 }
+
+/// Every numeric flag, given a negative, NaN, infinite or huge value, is refused as
+/// bad input naming the flag: never a panic (exit 101) and never a run.
+#[test]
+fn out_of_range_numeric_flags_are_input_errors_naming_the_flag() {
+    let bad = ["-1", "NaN", "inf", "-inf", "1e16", "1e300"];
+    let mut cases: Vec<(Vec<&str>, &str)> = Vec::new();
+    for v in bad {
+        cases.push((
+            vec!["cleanup", "memory://", "--max-idle-hours", v],
+            "--max-idle-hours",
+        ));
+        cases.push((vec!["diagnose", "memory://", "--timeout", v], "--timeout"));
+    }
+    for v in ["-1", "0", "1e16", "99999999999999999999999", "10001"] {
+        cases.push((
+            vec![
+                "migrate",
+                "--from",
+                "memory://",
+                "--to",
+                "memory://",
+                "--batch-size",
+                v,
+            ],
+            "--batch-size",
+        ));
+    }
+    for (args, flag) in cases {
+        let out = bin().args(&args).output().expect("run aiecs-storage");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?} does not name {flag}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

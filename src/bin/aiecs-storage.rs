@@ -54,8 +54,8 @@ enum Command {
     Diagnose {
         #[command(flatten)]
         target: Target,
-        /// Seconds to wait for the connection.
-        #[arg(long, default_value_t = 5.0)]
+        /// Seconds to wait for the connection (0..=86400).
+        #[arg(long, default_value_t = 5.0, value_parser = parse_timeout, allow_hyphen_values = true)]
         timeout: f64,
     },
     /// Copy everything from one backend to another; rerunning is safe, an interrupted
@@ -74,7 +74,7 @@ enum Command {
         #[arg(long, value_name = "FILE", conflicts_with = "to")]
         to_config: Option<std::path::PathBuf>,
         /// Records per batch (1..=10000).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = parse_batch_size, allow_hyphen_values = true)]
         batch_size: usize,
         /// Compare counts and per-session and per-thread checksums afterwards.
         #[arg(long)]
@@ -112,10 +112,50 @@ enum Command {
     Cleanup {
         #[command(flatten)]
         target: Target,
-        /// Sessions idle longer than this many hours are removed.
-        #[arg(long, value_name = "H")]
+        /// Sessions idle longer than this many hours are removed (0..=876000).
+        #[arg(long, value_name = "H", value_parser = parse_max_idle_hours, allow_hyphen_values = true)]
         max_idle_hours: f64,
     },
+}
+
+// Numeric flags are checked while parsing, so every bad value is a usage error (exit 2)
+// naming the flag, and no out-of-range figure reaches a `Duration` or `Instant`
+// conversion that would panic.
+
+/// Longest connection wait: a day is already far beyond any useful diagnosis, and
+/// `Instant + timeout` must not overflow.
+const MAX_TIMEOUT_SECS: f64 = 86_400.0;
+/// A century: older than any stored session, and `now - max_idle` must stay a date.
+const MAX_IDLE_HOURS: f64 = 876_000.0;
+const MAX_BATCH_SIZE: usize = 10_000;
+
+fn parse_bounded_f64(text: &str, max: f64, unit: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of {unit}"))?;
+    if value.is_finite() && (0.0..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("`{text}` is out of range: give 0 to {max} {unit}"))
+    }
+}
+
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    parse_bounded_f64(text, MAX_TIMEOUT_SECS, "seconds")
+}
+
+fn parse_max_idle_hours(text: &str) -> Result<f64, String> {
+    parse_bounded_f64(text, MAX_IDLE_HOURS, "hours")
+}
+
+fn parse_batch_size(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_BATCH_SIZE).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is out of range: give a whole number from 1 to {MAX_BATCH_SIZE}"
+        )),
+    }
 }
 
 /// What a command prints and whether it succeeded.
