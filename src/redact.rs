@@ -9,21 +9,21 @@ pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return redact_query(url);
     };
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    let (head, tail) = rest.split_at(end);
-    let redacted = match head.rfind('@') {
+    // A raw `?`, `#` or `/` may be part of the password, so the userinfo is taken up to
+    // the last `@` of the whole text, not of the part before the first `?` or `#`.
+    // Where an `@` in a query makes that ambiguous, more is hidden, never less.
+    match rest.rfind('@') {
         Some(at) => {
-            let (userinfo, hosts) = head.split_at(at);
+            let (userinfo, hosts) = rest.split_at(at);
             match userinfo.split_once(':') {
                 Some((user, password)) if !password.is_empty() => {
-                    format!("{scheme}://{user}:***{hosts}")
+                    format!("{scheme}://{user}:***{}", redact_query(hosts))
                 }
-                _ => format!("{scheme}://{head}"),
+                _ => format!("{scheme}://{}", redact_query(rest)),
             }
         }
-        None => format!("{scheme}://{head}"),
-    };
-    redacted + &redact_query(tail)
+        None => format!("{scheme}://{}", redact_query(rest)),
+    }
 }
 
 /// Masks the values of `password`, `pass`, `pwd` and `secret` query parameters.
@@ -53,12 +53,12 @@ fn redact_query(text: &str) -> String {
 pub(crate) fn url_secrets(url: &str) -> Vec<String> {
     let mut secrets = Vec::new();
     if let Some((_, rest)) = url.split_once("://") {
-        let end = rest.find(['?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..end].rfind('@') {
-            if let Some((_, password)) = rest[..at].split_once(':') {
-                if !password.is_empty() {
-                    secrets.push(password.to_owned());
-                }
+        // The password may run to any `@` (raw `@`, `?`, `#` and `/` included), so
+        // every reading is a secret: the longest is replaced first.
+        if let Some((user, _)) = rest.split_once(':') {
+            let start = user.len() + 1;
+            for (at, _) in rest.match_indices('@').filter(|(at, _)| *at > start) {
+                secrets.push(rest[start..at].to_owned());
             }
         }
     }
@@ -143,6 +143,19 @@ mod tests {
             ("memory://", "memory://"),
             // A raw '/' in the password still does not show it.
             ("redis://:pa/ss@h", "redis://:***@h"),
+            // Nor a raw '#' or '?', which a URL parser takes for a fragment or query.
+            ("redis://:hunter#2@h:6379/0", "redis://:***@h:6379/0"),
+            ("redis://:hunter?2@h:6379/0", "redis://:***@h:6379/0"),
+            ("rediss://:pa#ss@h", "rediss://:***@h"),
+            ("postgres://app:s3cr#t@db/x", "postgres://app:***@db/x"),
+            (
+                "postgres://app:s3?cr#t@db/x?password=pw",
+                "postgres://app:***@db/x?password=***",
+            ),
+            (
+                "redis+cluster://:a#b?c@x:1,y:2/0",
+                "redis+cluster://:***@x:1,y:2/0",
+            ),
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }
@@ -156,5 +169,12 @@ mod tests {
             "auth failed for *** and ***"
         );
         assert_eq!(scrub("nothing here", "memory://"), "nothing here");
+        assert_eq!(
+            scrub(
+                "cannot parse redis://:hunter#2@h/0",
+                "redis://:hunter#2@h/0"
+            ),
+            "cannot parse redis://:***@h/0"
+        );
     }
 }

@@ -319,3 +319,140 @@ fn export_and_import_round_trip_through_a_file() {
     let lines = String::from_utf8_lossy(&out.stdout).lines().count();
     assert_eq!(lines, 4, "header, session, messages, context");
 }
+
+/// Every numeric flag, given a negative, NaN, infinite or huge value, is refused as
+/// bad input naming the flag: never a panic (exit 101) and never a run.
+#[test]
+fn out_of_range_numeric_flags_are_input_errors_naming_the_flag() {
+    let bad = ["-1", "NaN", "inf", "-inf", "1e16", "1e300"];
+    let mut cases: Vec<(Vec<&str>, &str)> = Vec::new();
+    for v in bad {
+        cases.push((
+            vec!["cleanup", "memory://", "--max-idle-hours", v],
+            "--max-idle-hours",
+        ));
+        cases.push((vec!["diagnose", "memory://", "--timeout", v], "--timeout"));
+    }
+    for v in ["-1", "0", "1e16", "99999999999999999999999", "10001"] {
+        cases.push((
+            vec![
+                "migrate",
+                "--from",
+                "memory://",
+                "--to",
+                "memory://",
+                "--batch-size",
+                v,
+            ],
+            "--batch-size",
+        ));
+    }
+    for (args, flag) in cases {
+        let out = bin().args(&args).output().expect("run aiecs-storage");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?} does not name {flag}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// An `AIECS_STORAGE_URL` set for an application must not redirect either side of a
+/// migration: with it naming the source, both sides used to resolve to the source, and
+/// the run copied the store onto itself and reported success.
+#[test]
+fn migrate_ignores_the_url_override_and_refuses_the_same_store_on_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_db = dir.path().join("old.db");
+    let old = format!("sqlite://{}", old_db.display());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = aiecs_storage::open(&old).unwrap();
+        for s in ["s1", "s2", "s3"] {
+            a.create_session(s, "u", &Metadata::new()).await.unwrap();
+        }
+        a.close().await.unwrap();
+    });
+    let config = |name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        let db = dir.path().join(format!("{name}.db"));
+        std::fs::write(&path, format!("url = \"sqlite://{}\"\n", db.display())).unwrap();
+        (path.to_str().unwrap().to_owned(), db)
+    };
+    let (old_toml, _) = config("old");
+    let (new_toml, new_db) = config("new");
+    let (other_toml, other_db) = config("other");
+    let migrate = |args: &[&str]| {
+        let out = bin()
+            .arg("migrate")
+            .args(args)
+            .env("AIECS_STORAGE_URL", &old)
+            .output()
+            .expect("run aiecs-storage");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
+    };
+    for (args, db) in [
+        (
+            vec![
+                "--from-config",
+                &old_toml,
+                "--to-config",
+                &new_toml,
+                "--verify",
+            ],
+            &new_db,
+        ),
+        (
+            vec!["--from", &old, "--to-config", &other_toml, "--verify"],
+            &other_db,
+        ),
+    ] {
+        let (status, text) = migrate(&args);
+        assert!(status.success(), "{args:?}: {text}");
+        assert!(db.exists(), "{args:?} never created the target: {text}");
+        let target = format!("sqlite://{}", db.display());
+        assert_eq!(stats(&target)["sessions"], 3, "{args:?}: {text}");
+    }
+
+    // The same store on both sides, however it is spelt, is refused before any copy.
+    let dotted = format!("sqlite://{}/./old.db", dir.path().display());
+    for (from, to) in [
+        (old.as_str(), dotted.as_str()),
+        ("redis://:pw@127.0.0.1:1/0", "redis://127.0.0.1:1"),
+        (
+            "redis://127.0.0.1:1/2?prefix=app:",
+            "redis://u:pw@127.0.0.1:1/2?prefix=app%3A",
+        ),
+        (
+            "redis+cluster://:p/w@127.0.0.1:2,127.0.0.1:1/?prefix=x:",
+            "rediss+cluster://127.0.0.1:1,127.0.0.1:2?prefix=x:",
+        ),
+        (
+            "postgres://a:pw@127.0.0.1:1/db",
+            "postgresql://b@127.0.0.1:1/db?sslmode=disable",
+        ),
+    ] {
+        let (status, text) = migrate(&["--from", from, "--to", to]);
+        assert_eq!(status.code(), Some(1), "{from} -> {to}: {text}");
+        assert!(text.contains("same store"), "{from} -> {to}: {text}");
+        assert!(!text.contains("pw") && !text.contains("p/w"), "{text}");
+    }
+    let (status, text) = migrate(&["--from-config", &old_toml, "--to", &old]);
+    assert!(!status.success() && text.contains("same store"), "{text}");
+    // Different databases, prefixes or schemas are different stores.
+    for (from, to) in [
+        ("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/1"),
+        ("redis://127.0.0.1:1/0?prefix=a:", "redis://127.0.0.1:1/0"),
+        (
+            "postgres://127.0.0.1:1/db?schema=a",
+            "postgres://127.0.0.1:1/db?schema=b",
+        ),
+    ] {
+        let (_, text) = migrate(&["--from", from, "--to", to]);
+        assert!(!text.contains("same store"), "{from} -> {to}: {text}");
+    }
+}

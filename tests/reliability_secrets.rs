@@ -80,6 +80,25 @@ fn malformed_urls() -> Vec<String> {
         "redis://:s3cr@t-P4ss@127.0.0.1:1/".to_owned(),
         format!("postgres://postgres:{DECODED}@127.0.0.1:1/test"),
     ]
+    .into_iter()
+    .chain(raw_delimiter_urls())
+    .collect()
+}
+
+/// Passwords with a raw `#` or `?`: a URL parser reads the rest as a fragment or query,
+/// so redaction that trusts it shows them.
+fn raw_delimiter_urls() -> Vec<String> {
+    vec![
+        "redis://:s3cr#t-P4ss@127.0.0.1:1/".to_owned(),
+        "redis://:s3cr?t-P4ss@127.0.0.1:1/0".to_owned(),
+        "redis://user:s3?cr#t-P4ss@127.0.0.1:1/".to_owned(),
+        "rediss://:P4ss#word@127.0.0.1:1/".to_owned(),
+        "redis+cluster://:s3cr#t-P4ss@127.0.0.1:1,127.0.0.1:2/".to_owned(),
+        "postgres://app:s3cr#t-P4ss@127.0.0.1:1/test".to_owned(),
+        "postgres://app:s3cr?t-P4ss@127.0.0.1:1/test".to_owned(),
+        // Parses, with `1234?x-P4ss@127.0.0.1:1/test` read as port and query.
+        "postgres://app:1234?x-P4ss@127.0.0.1:1/test".to_owned(),
+    ]
 }
 
 /// Counts what a test scanned and fails on the first text showing a password form.
@@ -357,6 +376,16 @@ async fn constructors_and_open_never_show_the_password() {
         let broken = format!("url = \"{url}\n[[layers]]\n");
         let e = StorageConfig::from_toml_str(&broken).unwrap_err();
         scan.error("StorageConfig::from_toml_str (syntax)", &e);
+    }
+    // The CLI's health and diagnose paths on the same URLs, whether or not they open.
+    for url in raw_delimiter_urls() {
+        let diagnosis = diagnose_connection(&url, Duration::from_millis(500)).await;
+        scan.json(&format!("diagnose_connection({url})"), &diagnosis);
+        assert!(diagnosis.target.contains("***"), "{}", diagnosis.target);
+        if let Ok(storage) = aiecs_storage::open(&url) {
+            let checker = HealthChecker::new(stack(storage)).with_timeout(Duration::from_secs(3));
+            scan.json(&format!("HealthChecker of {url}"), &checker.check().await);
+        }
     }
     println!("open(): {opened} URLs opened, {refused} refused");
     assert!(opened >= unreachable_urls().len() && refused >= 8);
@@ -913,6 +942,7 @@ mod cli {
         let mut targets: Vec<Vec<String>> = unreachable_urls()
             .into_iter()
             .chain(malformed_urls().into_iter().take(4))
+            .chain(raw_delimiter_urls())
             .map(|u| vec![u])
             .collect();
         targets.extend(configs);

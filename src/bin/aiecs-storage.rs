@@ -54,12 +54,13 @@ enum Command {
     Diagnose {
         #[command(flatten)]
         target: Target,
-        /// Seconds to wait for the connection.
-        #[arg(long, default_value_t = 5.0)]
+        /// Seconds to wait for the connection (0..=86400).
+        #[arg(long, default_value_t = 5.0, value_parser = parse_timeout, allow_hyphen_values = true)]
         timeout: f64,
     },
     /// Copy everything from one backend to another; rerunning is safe, an interrupted
-    /// run resumes where it stopped.
+    /// run resumes where it stopped. The `AIECS_STORAGE_*` variables do not apply to
+    /// either side, and the same store on both sides is refused.
     Migrate {
         /// Source URL.
         #[arg(long, required_unless_present = "from_config")]
@@ -74,7 +75,7 @@ enum Command {
         #[arg(long, value_name = "FILE", conflicts_with = "to")]
         to_config: Option<std::path::PathBuf>,
         /// Records per batch (1..=10000).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = parse_batch_size, allow_hyphen_values = true)]
         batch_size: usize,
         /// Compare counts and per-session and per-thread checksums afterwards.
         #[arg(long)]
@@ -112,10 +113,50 @@ enum Command {
     Cleanup {
         #[command(flatten)]
         target: Target,
-        /// Sessions idle longer than this many hours are removed.
-        #[arg(long, value_name = "H")]
+        /// Sessions idle longer than this many hours are removed (0..=876000).
+        #[arg(long, value_name = "H", value_parser = parse_max_idle_hours, allow_hyphen_values = true)]
         max_idle_hours: f64,
     },
+}
+
+// Numeric flags are checked while parsing, so every bad value is a usage error (exit 2)
+// naming the flag, and no out-of-range figure reaches a `Duration` or `Instant`
+// conversion that would panic.
+
+/// Longest connection wait: a day is already far beyond any useful diagnosis, and
+/// `Instant + timeout` must not overflow.
+const MAX_TIMEOUT_SECS: f64 = 86_400.0;
+/// A century: older than any stored session, and `now - max_idle` must stay a date.
+const MAX_IDLE_HOURS: f64 = 876_000.0;
+const MAX_BATCH_SIZE: usize = 10_000;
+
+fn parse_bounded_f64(text: &str, max: f64, unit: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of {unit}"))?;
+    if value.is_finite() && (0.0..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("`{text}` is out of range: give 0 to {max} {unit}"))
+    }
+}
+
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    parse_bounded_f64(text, MAX_TIMEOUT_SECS, "seconds")
+}
+
+fn parse_max_idle_hours(text: &str) -> Result<f64, String> {
+    parse_bounded_f64(text, MAX_IDLE_HOURS, "hours")
+}
+
+fn parse_batch_size(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_BATCH_SIZE).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{text}` is out of range: give a whole number from 1 to {MAX_BATCH_SIZE}"
+        )),
+    }
 }
 
 /// What a command prints and whether it succeeded.
@@ -126,23 +167,138 @@ struct Outcome {
 }
 
 fn open(target: &Target) -> aiecs_storage::Result<Arc<dyn StorageBackend>> {
-    open_either(&target.url, &target.config)
+    open_either(&target.url, &target.config, true)
 }
 
+/// Opens a URL or a configuration file. `env_overrides` applies the `AIECS_STORAGE_*`
+/// variables to a file: they configure an application's one store, and must not
+/// redirect a side of a two-sided command such as `migrate`.
 fn open_either(
     url: &Option<String>,
     config: &Option<std::path::PathBuf>,
+    env_overrides: bool,
 ) -> aiecs_storage::Result<Arc<dyn StorageBackend>> {
     match (url, config) {
         (Some(url), None) => aiecs_storage::open(url),
-        (None, Some(path)) => aiecs_storage::config::StorageConfig::from_file(path)?
-            .with_env_overrides()?
-            .build(),
+        (None, Some(path)) => {
+            let config = aiecs_storage::config::StorageConfig::from_file(path)?;
+            if env_overrides {
+                config.with_env_overrides()?.build()
+            } else {
+                config.build()
+            }
+        }
         _ => Err(aiecs_storage::StorageError::invalid_input(
             "url",
             "give a backend URL or --config FILE",
         )),
     }
+}
+
+/// The backend URL a side of a migration names, from `--from`/`--to` or from its file
+/// as written (no environment overrides).
+fn side_url(
+    url: &Option<String>,
+    config: &Option<std::path::PathBuf>,
+) -> aiecs_storage::Result<Option<String>> {
+    Ok(match (url, config) {
+        (Some(url), _) => Some(url.clone()),
+        (None, Some(path)) => Some(aiecs_storage::config::StorageConfig::from_file(path)?.url),
+        (None, None) => None,
+    })
+}
+
+/// What makes two URLs the same store: the SQLite file after canonicalization; the
+/// Redis server, database and key prefix; the PostgreSQL server, database and schema.
+/// Credentials, TLS and client options do not matter. `None` for stores that are never
+/// shared (`memory://`, `sqlite::memory:`) or URLs that do not parse (opening them
+/// reports why).
+fn store_identity(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once(':')?;
+    match scheme {
+        "sqlite" => {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.is_empty() || path == ":memory:" {
+                return None;
+            }
+            let path = std::path::Path::new(path);
+            // The file may not exist yet (a target): canonicalize its directory.
+            let canonical = std::fs::canonicalize(path).ok().or_else(|| {
+                let parent = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => std::path::Path::new("."),
+                };
+                Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
+            })?;
+            Some(format!("sqlite:{}", canonical.display()))
+        }
+        "redis" | "rediss" => {
+            let u = url::Url::parse(url).ok()?;
+            let db = u.path().trim_matches('/');
+            let db: u64 = if db.is_empty() { 0 } else { db.parse().ok()? };
+            Some(format!(
+                "redis:{}:{}/{db}/{}",
+                u.host_str()?.to_ascii_lowercase(),
+                u.port().unwrap_or(6379),
+                redis_prefix(&u)
+            ))
+        }
+        "redis+cluster" | "rediss+cluster" => {
+            let rest = rest.strip_prefix("//")?;
+            // After the last `@`, as redaction reads it: a password may hold `/` or `?`.
+            let rest = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
+            let (body, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let hosts = body.split('/').next().unwrap_or("");
+            let mut nodes: Vec<String> = hosts
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(|n| {
+                    let n = n.to_ascii_lowercase();
+                    if n.rsplit_once(':')
+                        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                    {
+                        n
+                    } else {
+                        format!("{n}:6379")
+                    }
+                })
+                .collect();
+            nodes.sort();
+            let u = url::Url::parse(&format!("redis://h/?{query}")).ok()?;
+            Some(format!("cluster:{}/{}", nodes.join(","), redis_prefix(&u)))
+        }
+        "postgres" | "postgresql" => {
+            let u = url::Url::parse(url).ok()?;
+            let param = |key: &str| {
+                u.query_pairs()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v.into_owned())
+            };
+            let host = param("host").or_else(|| u.host_str().map(str::to_ascii_lowercase))?;
+            let user = if u.username().is_empty() {
+                "postgres"
+            } else {
+                u.username()
+            };
+            // As the driver does: no database name means the user's.
+            let db = match u.path().trim_start_matches('/') {
+                "" => user.to_owned(),
+                db => db.to_owned(),
+            };
+            let schema = param("schema").unwrap_or_else(|| "aiecs".to_owned());
+            Some(format!(
+                "postgres:{host}:{}/{db}/{schema}",
+                u.port().unwrap_or(5432)
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn redis_prefix(u: &url::Url) -> String {
+    u.query_pairs()
+        .find(|(k, _)| k == "prefix")
+        .map_or_else(|| "aiecs:".to_owned(), |(_, v)| v.into_owned())
 }
 
 /// The figures of the backend itself: a stack nests them under its layers' reports.
@@ -249,8 +405,24 @@ async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
             verify,
             state_file,
         } => {
-            let source = open_either(&from, &from_config)?;
-            let target = open_either(&to, &to_config)?;
+            let from_url = side_url(&from, &from_config)?;
+            let to_url = side_url(&to, &to_config)?;
+            if let (Some(a), Some(b)) = (&from_url, &to_url) {
+                if let (Some(ia), Some(ib)) = (store_identity(a), store_identity(b)) {
+                    if ia == ib {
+                        return Err(aiecs_storage::StorageError::invalid_input(
+                            "to",
+                            // Not the identity itself: a password with a raw `?` can be
+                            // misread as a port, and would show in it.
+                            "names the same store as the source (same file, server, \
+                             database and prefix or schema); a migration needs two \
+                             different stores",
+                        ));
+                    }
+                }
+            }
+            let source = open_either(&from, &from_config, false)?;
+            let target = open_either(&to, &to_config, false)?;
             source.initialize().await?;
             target.initialize().await?;
             let state = state_file

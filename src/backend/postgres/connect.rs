@@ -98,6 +98,21 @@ fn decoded_text(what: &str, raw: &str) -> Result<String> {
 /// live, as [`PostgresBackend::with_schema`](super::PostgresBackend::with_schema)). Any other parameter is refused, so
 /// a typo is not silently ignored. No error message contains the password.
 pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
+    // A raw `?`, `#` or `/` in the password makes the URL parser split it into host,
+    // port, query or fragment: the connection would go elsewhere and a piece of the
+    // password could show up in a message about that piece.
+    if let Some((_, rest)) = input.split_once("://") {
+        if let Some(at) = rest.rfind('@') {
+            if let Some((_, password)) = rest[..at].split_once(':') {
+                if password.contains(['?', '#', '/']) {
+                    return Err(bad_url(
+                        "has a raw `?`, `#` or `/` in its password; percent-encode it \
+                         (%3F, %23, %2F)",
+                    ));
+                }
+            }
+        }
+    }
     // url's parse errors describe the problem without echoing the input.
     let url = url::Url::parse(input).map_err(|e| bad_url(format!("is not a valid URL: {e}")))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
@@ -106,12 +121,9 @@ pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
             url.scheme()
         )));
     }
-    let mut redacted = url.clone();
-    if url.password().is_some() {
-        // Cannot fail: a URL with a password has a host.
-        let _ = redacted.set_password(Some("***"));
-    }
-    let redacted = redacted.to_string();
+    // From the raw text, not the parsed URL: a raw `?` or `#` in the password makes the
+    // parser see a query or fragment, and it would keep the password visible there.
+    let redacted = crate::redact::redact_url(input);
 
     let mut config = tokio_postgres::Config::new();
     let user = decoded_text("user name", url.username())?;
@@ -470,6 +482,9 @@ mod tests {
             "postgres://u:s3cr3t@h:99999/db",
             "postgres://u:s3cr3t@h/a/b",
             "not a url s3cr3t",
+            "postgres://u:s3cr3t?x@h/db",
+            "postgres://u:1234?s3cr3t@h/db",
+            "postgres://u:x#s3cr3t@h/db",
         ] {
             let e = parse_url(bad).err().expect(bad);
             assert!(!format!("{e}{e:?}").contains("s3cr3t"), "{bad}: {e}");
