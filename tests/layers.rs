@@ -127,6 +127,54 @@ async fn counter_increments_are_not_retried_after_ambiguous_failures() {
 }
 
 #[tokio::test]
+async fn retry_non_idempotent_retries_an_ambiguous_increment() {
+    let (inner, faults) = Faults::wrap(MemoryBackend::new());
+    let retry = fast_retry().with_retry_non_idempotent(true);
+    let storage = retry.layer(inner);
+    storage
+        .create_session("s", "u", &Metadata::new())
+        .await
+        .unwrap();
+    faults.fail_next(Target::Op(Operation::UpdateSession), 1, ErrorKind::Timeout);
+    let inc = SessionUpdate::new().increment_requests();
+    assert!(storage.update_session("s", &inc).await.unwrap());
+    assert_eq!(faults.injected(), 1);
+    assert_eq!(
+        retry.retries(),
+        1,
+        "at-least-once: the increment was sent again"
+    );
+}
+
+#[tokio::test]
+async fn retry_starts_no_attempt_after_max_elapsed() {
+    let (inner, faults) = Faults::wrap(MemoryBackend::new());
+    // Attempts to spare, but no time: the first failure is the answer.
+    let retry = fast_retry().with_max_elapsed(Duration::ZERO);
+    let storage = retry.layer(inner);
+    faults.set_down(true);
+    assert_eq!(
+        storage.get_session("s").await.unwrap_err().kind(),
+        ErrorKind::Connection
+    );
+    assert_eq!(faults.injected(), 1);
+    assert_eq!(retry.retries(), 0);
+    // (Whether the bound is `<` or `<=` cannot be observed: an elapsed time exactly
+    // equal to the bound is never measured.)
+}
+
+#[tokio::test]
+async fn retry_makes_exactly_max_attempts() {
+    let (inner, faults) = Faults::wrap(MemoryBackend::new());
+    let retry = fast_retry().with_max_attempts(3);
+    let storage = retry.layer(inner);
+    faults.set_down(true);
+    storage.get_session("s").await.unwrap_err();
+    assert_eq!(faults.injected(), 3);
+    assert_eq!(retry.retries(), 2);
+}
+
+#[tokio::test]
 async fn timeout_returns_within_its_deadline() {
     let (inner, faults) = Faults::wrap(MemoryBackend::new());
     let timeout = TimeoutLayer::new(Duration::from_millis(50));
