@@ -857,3 +857,111 @@ async fn migrate_through_postgres() {
     drop(client);
     let _ = driver.await;
 }
+
+/// A source `failover(primary -> fallback)` whose fallback holds only `fallback_sessions`
+/// of the sessions (no messages), so an answer served by the fallback is visibly short.
+async fn failover_source(
+    sessions: usize,
+    messages: usize,
+    fallback_sessions: usize,
+) -> (Arc<dyn StorageBackend>, Faults) {
+    use aiecs_storage::layer::FailoverLayer;
+    use tower::Layer;
+    let primary = MemoryBackend::new();
+    let fallback = MemoryBackend::new();
+    for i in 0..sessions {
+        let id = format!("s{i:03}");
+        primary
+            .create_session(&id, "u", &Metadata::new())
+            .await
+            .unwrap();
+        if i < fallback_sessions {
+            fallback
+                .create_session(&id, "u", &Metadata::new())
+                .await
+                .unwrap();
+        }
+        for m in 0..messages {
+            primary
+                .add_conversation_message(&id, &NewMessage::new("user", format!("m{m}")))
+                .await
+                .unwrap();
+        }
+    }
+    let (p, faults) = Faults::wrap(primary);
+    let source: Arc<dyn StorageBackend> = Arc::new(FailoverLayer::new(Arc::new(fallback)).layer(p));
+    (source, faults)
+}
+
+/// Runs a migration that makes the primary fail one `op` after the first batch, and
+/// checks that it either fails or copies everything, never "succeeds" short.
+async fn migrate_with_one_failed_read(
+    source: &dyn StorageBackend,
+    faults: &Faults,
+    op: Operation,
+) -> (
+    aiecs_storage::Result<aiecs_storage::ops::migrate::MigrationReport>,
+    MemoryBackend,
+) {
+    let target = MemoryBackend::new();
+    let mut armed = false;
+    let faults = faults.clone();
+    let result = Migrator::new(source, &target)
+        .batch_size(100)
+        .on_progress(move |_| {
+            if !armed {
+                armed = true;
+                faults.fail_next(Target::Op(op), 1, ErrorKind::Connection);
+            }
+        })
+        .run()
+        .await;
+    (result, target)
+}
+
+#[tokio::test]
+async fn one_failed_history_read_under_failover_does_not_end_the_history() {
+    let (source, faults) = failover_source(1, 300, 1).await;
+    let (result, target) =
+        migrate_with_one_failed_read(&*source, &faults, Operation::GetConversationRange).await;
+    assert_eq!(faults.injected(), 1, "the fault must have been hit");
+    let copied = target
+        .get_conversation_range("s000", 0, 1000)
+        .await
+        .unwrap();
+    // One transient failure is recovered from by reading on, not reported.
+    let report = result.expect("one failed read is read past");
+    assert_eq!(
+        copied.len(),
+        300,
+        "run Ok but {} of 300 messages copied: {report:?}",
+        copied.len()
+    );
+    let history = source
+        .get_conversation_range("s000", 0, 1000)
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 300);
+}
+
+#[tokio::test]
+async fn one_failed_session_listing_under_failover_does_not_end_the_listing() {
+    let (source, faults) = failover_source(250, 0, 100).await;
+    let (result, target) =
+        migrate_with_one_failed_read(&*source, &faults, Operation::ListSessions).await;
+    assert_eq!(faults.injected(), 1, "the fault must have been hit");
+    let page = target
+        .list_sessions(&SessionQuery {
+            limit: 1000,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    let report = result.expect("one failed read is read past");
+    assert_eq!(
+        page.sessions.len(),
+        250,
+        "run Ok but {} of 250 sessions copied: {report:?}",
+        page.sessions.len()
+    );
+}

@@ -356,6 +356,13 @@ pub fn check_batch_size(batch_size: usize) -> Result<()> {
     validate::limit("batch_size", batch_size)
 }
 
+/// Reads of a history's end that may disagree with its latest message before the walk
+/// gives up on the source.
+const END_CHECKS: u32 = 3;
+
+/// What the walk reads next. A listing page whose cursor says "last page" is confirmed by
+/// one more read after it: a failover layer may serve a page from a fallback holding
+/// less, and its "last page" would end the walk early.
 enum Work {
     SessionPage {
         after: Option<String>,
@@ -366,6 +373,10 @@ enum Work {
     Messages {
         session_id: String,
         offset: u64,
+        /// The id of the last message read so far, to check the end against.
+        last_id: Option<String>,
+        /// Empty reads in a row that disagreed with the latest message.
+        misses: u32,
     },
     Context {
         session_id: String,
@@ -553,18 +564,34 @@ impl<'a> Source<'a> {
         let b = self.backend;
         match work {
             Work::SessionPage { after } => {
-                let page = b
+                let mut page = b
                     .list_sessions(&SessionQuery {
-                        after,
+                        after: after.clone(),
                         limit: space,
                         ..SessionQuery::default()
                     })
                     .await?;
+                if page.next_cursor.is_none() {
+                    let last = page.sessions.last().map(|s| s.session_id.clone());
+                    let end = last.or(after);
+                    let probe = b
+                        .list_sessions(&SessionQuery {
+                            after: end.clone(),
+                            limit: 1,
+                            ..SessionQuery::default()
+                        })
+                        .await?;
+                    if !probe.sessions.is_empty() {
+                        page.next_cursor = end;
+                    }
+                }
                 let mut next = Vec::with_capacity(page.sessions.len() * 2 + 2);
                 for s in page.sessions {
                     next.push(Work::Messages {
                         session_id: s.session_id.clone(),
                         offset: 0,
+                        last_id: None,
+                        misses: 0,
                     });
                     next.push(Work::Mark {
                         position: Position::at(Phase::Sessions, s.session_id.clone()),
@@ -596,6 +623,8 @@ impl<'a> Source<'a> {
                         Work::Messages {
                             session_id: session_id.clone(),
                             offset: 0,
+                            last_id: None,
+                            misses: 0,
                         },
                         Work::Context { session_id },
                     ]);
@@ -605,13 +634,44 @@ impl<'a> Source<'a> {
                 }
                 None => return Err(StorageError::not_found("session", session_id)),
             },
-            Work::Messages { session_id, offset } => {
+            Work::Messages {
+                session_id,
+                offset,
+                mut last_id,
+                misses,
+            } => {
                 let messages = b.get_conversation_range(&session_id, offset, space).await?;
                 let n = messages.len();
-                if n == space {
+                if let Some(m) = messages.last() {
+                    last_id = Some(m.message_id.clone());
+                }
+                // A short page is not proof of the end: a failover layer may have served
+                // it from a fallback that holds less. The end is where the latest message
+                // of the history is the last one read.
+                let more = n == space || {
+                    let latest = b.get_conversation_history(&session_id, 1).await?;
+                    latest.last().map(|m| &m.message_id) != last_id.as_ref()
+                };
+                if more {
+                    let misses = if n == 0 { misses + 1 } else { 0 };
+                    if misses > END_CHECKS {
+                        return Err(StorageError::Backend {
+                            message: format!(
+                                "the history of session `{session_id}` reads as ending at \
+                                 position {offset} {misses} times, but its latest message is \
+                                 not the last one read there: the source answers \
+                                 inconsistently (a failover serving from its fallback?) or \
+                                 the session changed during the copy; run again",
+                            ),
+                            transient: true,
+                            source: None,
+                        });
+                    }
                     self.work.push_front(Work::Messages {
                         session_id: session_id.clone(),
                         offset: offset + n as u64,
+                        last_id,
+                        misses,
                     });
                 }
                 if n > 0 {
@@ -631,7 +691,14 @@ impl<'a> Source<'a> {
                 }
             }
             Work::ContextPage { after } => {
-                let page = b.list_task_contexts(after.as_deref(), space).await?;
+                let mut page = b.list_task_contexts(after.as_deref(), space).await?;
+                if page.next_cursor.is_none() {
+                    let end = page.ids.last().cloned().or(after);
+                    let probe = b.list_task_contexts(end.as_deref(), 1).await?;
+                    if !probe.ids.is_empty() {
+                        page.next_cursor = end;
+                    }
+                }
                 let mut next = Vec::with_capacity(page.ids.len() * 2 + 2);
                 for id in page.ids {
                     next.push(Work::Context {
@@ -660,7 +727,14 @@ impl<'a> Source<'a> {
                 self.push_front(next);
             }
             Work::ThreadPage { after } => {
-                let page = b.list_threads(after.as_deref(), self.batch_size).await?;
+                let mut page = b.list_threads(after.as_deref(), self.batch_size).await?;
+                if page.next_cursor.is_none() {
+                    let end = page.ids.last().cloned().or(after);
+                    let probe = b.list_threads(end.as_deref(), 1).await?;
+                    if !probe.ids.is_empty() {
+                        page.next_cursor = end;
+                    }
+                }
                 let mut next = Vec::with_capacity(page.ids.len() * 2 + 1);
                 for id in page.ids {
                     next.push(Work::Thread {
