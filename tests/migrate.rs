@@ -965,3 +965,52 @@ async fn one_failed_session_listing_under_failover_does_not_end_the_listing() {
         page.sessions.len()
     );
 }
+
+#[tokio::test]
+async fn a_task_holding_more_than_one_call_allows_is_copied_in_pieces() {
+    let source = MemoryBackend::new();
+    let big = |c: char| json!(c.to_string().repeat(9 * 1024 * 1024));
+    // A long call then a shorter one: the task ends up holding both large values, more
+    // than one put_writes call may carry.
+    source
+        .put_writes(
+            "t1",
+            "",
+            "c1",
+            "task",
+            &[
+                WriteInput::new("a", json!(1)),
+                WriteInput::new("b", json!(2)),
+                WriteInput::new("c", big('x')),
+            ],
+        )
+        .await
+        .unwrap();
+    source
+        .put_writes("t1", "", "c1", "task", &[WriteInput::new("d", big('y'))])
+        .await
+        .unwrap();
+    for t in ["t1", "t2"] {
+        source
+            .store_checkpoint(&NewCheckpoint::new(t, "c1", json!({})))
+            .await
+            .unwrap();
+    }
+    source
+        .put_writes("t2", "", "c1", "task", &[WriteInput::new("e", json!(3))])
+        .await
+        .unwrap();
+
+    let target = SqliteBackend::in_memory();
+    let report = Migrator::new(&source, &target).run().await;
+    let report = report.expect("what the source accepted is copied");
+    assert_eq!(report.copied.writes, 4);
+    for t in ["t1", "t2"] {
+        assert_eq!(
+            target.get_writes(t, "", "c1").await.unwrap(),
+            source.get_writes(t, "", "c1").await.unwrap(),
+            "writes of {t}"
+        );
+    }
+    assert!(verify(&source, &target).await.unwrap().is_clean());
+}

@@ -58,7 +58,7 @@ use crate::model::{
     WriteInput,
 };
 use crate::storage::StorageBackend;
-use crate::validate::{self, MAX_LIMIT};
+use crate::validate::{self, MAX_LIMIT, MAX_VALUE_BYTES};
 
 /// The `format` of an export's header line.
 pub const FORMAT: &str = "aiecs-storage";
@@ -1033,15 +1033,74 @@ fn task_writes(
                 push(w, list)?;
             }
         }
-        out.push(TaskWrites {
+        out.extend(pieces(TaskWrites {
             thread_id: thread_id.to_owned(),
             checkpoint_ns: checkpoint_ns.to_owned(),
             checkpoint_id: checkpoint_id.to_owned(),
             task_id,
             writes: list.clone(),
-        });
+        })?);
     }
     Ok(out)
+}
+
+/// Splits a `put_writes` call larger than one call may carry ([`MAX_VALUE_BYTES`]) into
+/// calls that are not, with the same end state. A task's writes can outgrow one call
+/// (a long call, then a shorter one rewriting its first writes), yet `put_writes` keys
+/// a write by its index in the call, so no call can write index `i` without indexes
+/// `0..i`. The first piece therefore writes the last segment of writes behind small
+/// placeholders, creating every key in index order as the original call did; each next
+/// piece rewrites the segment before in place, behind placeholders of its own, and the
+/// last piece leaves no placeholder.
+fn pieces(call: TaskWrites) -> Result<Vec<TaskWrites>> {
+    let sizes = call
+        .writes
+        .iter()
+        .map(|w| validate::serialized_len(&w.value))
+        .collect::<Result<Vec<usize>>>()?;
+    if sizes.iter().sum::<usize>() <= MAX_VALUE_BYTES {
+        return Ok(vec![call]);
+    }
+    let placeholder = Value::from(0);
+    let placeholder_bytes = validate::serialized_len(&placeholder)?;
+    let mut segments = Vec::new();
+    let mut start = 0;
+    while start < sizes.len() {
+        let mut total = start * placeholder_bytes;
+        let mut end = start;
+        while end < sizes.len() && total + sizes[end] <= MAX_VALUE_BYTES {
+            total += sizes[end];
+            end += 1;
+        }
+        if end == start {
+            return Err(StorageError::invalid_input(
+                "writes",
+                format!(
+                    "write {start} of task `{}` at checkpoint `{}` serializes to {} bytes, \
+                     too many to write behind the {start} writes before it in one \
+                     put_writes call (at most {MAX_VALUE_BYTES} bytes)",
+                    call.task_id, call.checkpoint_id, sizes[start]
+                ),
+            ));
+        }
+        segments.push(start..end);
+        start = end;
+    }
+    Ok(segments
+        .into_iter()
+        .rev()
+        .map(|segment| {
+            let writes = call.writes[..segment.start]
+                .iter()
+                .map(|w| WriteInput::new(w.channel.clone(), placeholder.clone()))
+                .chain(call.writes[segment].iter().cloned())
+                .collect();
+            TaskWrites {
+                writes,
+                ..call.clone()
+            }
+        })
+        .collect())
 }
 
 fn io_error(what: String, e: std::io::Error) -> StorageError {
