@@ -1014,3 +1014,37 @@ async fn a_task_holding_more_than_one_call_allows_is_copied_in_pieces() {
     }
     assert!(verify(&source, &target).await.unwrap().is_clean());
 }
+
+#[tokio::test]
+async fn one_failed_checkpoint_listing_under_failover_does_not_end_the_thread() {
+    use aiecs_storage::layer::FailoverLayer;
+    use tower::Layer;
+    let primary = MemoryBackend::new();
+    let fallback = MemoryBackend::new();
+    for c in 1..=5 {
+        let checkpoint = NewCheckpoint::new("t1", format!("c{c}"), json!({"c": c}));
+        primary.store_checkpoint(&checkpoint).await.unwrap();
+        // The fallback holds only the newest two, so its answer is a short page.
+        if c > 3 {
+            fallback.store_checkpoint(&checkpoint).await.unwrap();
+        }
+    }
+    let (p, faults) = Faults::wrap(primary);
+    let source = FailoverLayer::new(Arc::new(fallback)).layer(p);
+    faults.fail_next(
+        Target::Op(Operation::ListCheckpoints),
+        1,
+        ErrorKind::Connection,
+    );
+    let target = MemoryBackend::new();
+    Migrator::new(&source, &target)
+        .run()
+        .await
+        .expect("one failed read is read past");
+    assert_eq!(faults.injected(), 1, "the fault must have been hit");
+    let copied = target
+        .list_checkpoints("t1", "", &CheckpointFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(copied.len(), 5, "checkpoints copied: {copied:?}");
+}

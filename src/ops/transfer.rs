@@ -833,7 +833,7 @@ impl<'a> Source<'a> {
 }
 
 /// Every checkpoint of a thread and namespace, oldest first (store order), read newest
-/// first in pages of 10 000.
+/// first in pages of 10 000, the last page confirmed by one more read.
 async fn all_checkpoints(
     b: &dyn StorageBackend,
     thread_id: &str,
@@ -841,6 +841,7 @@ async fn all_checkpoints(
 ) -> Result<VecDeque<Checkpoint>> {
     let mut newest_first: Vec<Checkpoint> = Vec::new();
     let mut before: Option<String> = None;
+    let mut misses = 0;
     loop {
         let filter = CheckpointFilter {
             limit: MAX_LIMIT,
@@ -849,10 +850,35 @@ async fn all_checkpoints(
         };
         let page = b.list_checkpoints(thread_id, ns, &filter).await?;
         let full = page.len() == MAX_LIMIT;
-        before = page.last().map(|c| c.checkpoint_id.clone());
+        misses = if page.is_empty() { misses + 1 } else { 0 };
+        before = page
+            .last()
+            .map(|c| c.checkpoint_id.clone())
+            .or(filter.before);
         newest_first.extend(page);
+        // A short page may come from a failover's fallback holding less: the end is
+        // where one more read finds nothing older.
         if !full {
-            break;
+            let probe = CheckpointFilter {
+                limit: 1,
+                before: before.clone(),
+                ..CheckpointFilter::default()
+            };
+            if b.list_checkpoints(thread_id, ns, &probe).await?.is_empty() {
+                break;
+            }
+            if misses > END_CHECKS {
+                return Err(StorageError::Backend {
+                    message: format!(
+                        "the checkpoints of thread `{thread_id}` namespace `{ns}` read as \
+                         ending {misses} times while one more read finds older ones: the \
+                         source answers inconsistently (a failover serving from its \
+                         fallback?); run again"
+                    ),
+                    transient: true,
+                    source: None,
+                });
+            }
         }
     }
     Ok(newest_first.into_iter().rev().collect())
