@@ -1048,3 +1048,71 @@ async fn one_failed_checkpoint_listing_under_failover_does_not_end_the_thread() 
         .unwrap();
     assert_eq!(copied.len(), 5, "checkpoints copied: {copied:?}");
 }
+
+#[tokio::test]
+async fn writes_of_a_checkpoint_never_stored_are_copied_and_verified() {
+    let source = MemoryBackend::new();
+    source
+        .store_checkpoint(&NewCheckpoint::new("t1", "c1", json!({})))
+        .await
+        .unwrap();
+    // Writes before their checkpoint: allowed by the contract.
+    for (thread, checkpoint) in [("t1", "c1"), ("t1", "c2"), ("t2", "c1"), ("t2", "c2")] {
+        source
+            .put_writes(
+                thread,
+                "",
+                checkpoint,
+                "task",
+                &[WriteInput::new("ch", json!(1))],
+            )
+            .await
+            .unwrap();
+    }
+    let target = MemoryBackend::new();
+    Migrator::new(&source, &target).run().await.unwrap();
+    let copied = target.list_threads(None, 10).await.unwrap().ids;
+    assert_eq!(copied, ["t1", "t2"], "threads on the target");
+    for (thread, checkpoint) in [("t1", "c1"), ("t1", "c2"), ("t2", "c1"), ("t2", "c2")] {
+        assert_eq!(
+            target
+                .get_writes(thread, "", checkpoint)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "writes of {thread}/{checkpoint}"
+        );
+    }
+    let mut lines = Vec::new();
+    export(
+        &source,
+        &Scope::All,
+        &mut lines,
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap();
+    let imported = MemoryBackend::new();
+    import(&imported, lines.as_slice(), &TransferOptions::default())
+        .await
+        .unwrap();
+    assert!(verify(&source, &imported).await.unwrap().is_clean());
+    for (thread, checkpoint) in [("t1", "c1"), ("t1", "c2"), ("t2", "c1"), ("t2", "c2")] {
+        assert_eq!(
+            imported
+                .get_writes(thread, "", checkpoint)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "imported writes of {thread}/{checkpoint}"
+        );
+    }
+    let partial = MemoryBackend::new();
+    partial
+        .put_writes("t1", "", "c1", "task", &[WriteInput::new("ch", json!(1))])
+        .await
+        .unwrap();
+    assert!(!verify(&source, &partial).await.unwrap().is_clean());
+}

@@ -768,10 +768,9 @@ impl<'a> Source<'a> {
                 let mut next = Vec::new();
                 for ns in namespaces {
                     let oldest_first = all_checkpoints(b, &thread_id, &ns).await?;
-                    let ids: Vec<String> = oldest_first
-                        .iter()
-                        .map(|c| c.checkpoint_id.clone())
-                        .collect();
+                    // Writes may come before their checkpoint (or outlive it), so they are
+                    // found by listing them, not through the stored checkpoints.
+                    let ids = b.list_write_checkpoints(&thread_id, &ns).await?;
                     if !oldest_first.is_empty() {
                         next.push(Work::Checkpoints {
                             thread_id: thread_id.clone(),
