@@ -226,6 +226,16 @@ pub trait CheckpointStorage: Send + Sync {
     /// order (the default namespace is `""`).
     async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>>;
 
+    /// The ids of the checkpoints of a thread and namespace that hold pending writes,
+    /// whether or not the checkpoint itself is stored, in ascending order. For export and
+    /// migration: writes may come before their checkpoint, and walking the stored
+    /// checkpoints would miss them.
+    async fn list_write_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+    ) -> Result<Vec<String>>;
+
     /// Stores each checkpoint exactly as given (`created_at` included), in the order
     /// given: a new id becomes the latest of its thread and namespace, an existing id is
     /// updated in place. For migration and backup restore.
@@ -398,6 +408,9 @@ macro_rules! forward_storage {
             }
             async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
                 let $s = self; $inner.list_checkpoint_namespaces(thread_id).await
+            }
+            async fn list_write_checkpoints(&self, thread_id: &str, checkpoint_ns: &str) -> Result<Vec<String>> {
+                let $s = self; $inner.list_write_checkpoints(thread_id, checkpoint_ns).await
             }
             async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
                 let $s = self; $inner.restore_checkpoints(checkpoints).await

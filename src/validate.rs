@@ -195,7 +195,7 @@ impl AsJson for Metadata {
 }
 
 /// Serialized JSON length without building the string.
-fn serialized_len<T: Serialize>(value: &T) -> Result<usize> {
+pub(crate) fn serialized_len<T: Serialize>(value: &T) -> Result<usize> {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -857,3 +857,262 @@ async fn migrate_through_postgres() {
     drop(client);
     let _ = driver.await;
 }
+
+/// A source `failover(primary -> fallback)` whose fallback holds only `fallback_sessions`
+/// of the sessions (no messages), so an answer served by the fallback is visibly short.
+async fn failover_source(
+    sessions: usize,
+    messages: usize,
+    fallback_sessions: usize,
+) -> (Arc<dyn StorageBackend>, Faults) {
+    use aiecs_storage::layer::FailoverLayer;
+    use tower::Layer;
+    let primary = MemoryBackend::new();
+    let fallback = MemoryBackend::new();
+    for i in 0..sessions {
+        let id = format!("s{i:03}");
+        primary
+            .create_session(&id, "u", &Metadata::new())
+            .await
+            .unwrap();
+        if i < fallback_sessions {
+            fallback
+                .create_session(&id, "u", &Metadata::new())
+                .await
+                .unwrap();
+        }
+        for m in 0..messages {
+            primary
+                .add_conversation_message(&id, &NewMessage::new("user", format!("m{m}")))
+                .await
+                .unwrap();
+        }
+    }
+    let (p, faults) = Faults::wrap(primary);
+    let source: Arc<dyn StorageBackend> = Arc::new(FailoverLayer::new(Arc::new(fallback)).layer(p));
+    (source, faults)
+}
+
+/// Runs a migration that makes the primary fail one `op` after the first batch, and
+/// checks that it either fails or copies everything, never "succeeds" short.
+async fn migrate_with_one_failed_read(
+    source: &dyn StorageBackend,
+    faults: &Faults,
+    op: Operation,
+) -> (
+    aiecs_storage::Result<aiecs_storage::ops::migrate::MigrationReport>,
+    MemoryBackend,
+) {
+    let target = MemoryBackend::new();
+    let mut armed = false;
+    let faults = faults.clone();
+    let result = Migrator::new(source, &target)
+        .batch_size(100)
+        .on_progress(move |_| {
+            if !armed {
+                armed = true;
+                faults.fail_next(Target::Op(op), 1, ErrorKind::Connection);
+            }
+        })
+        .run()
+        .await;
+    (result, target)
+}
+
+#[tokio::test]
+async fn one_failed_history_read_under_failover_does_not_end_the_history() {
+    let (source, faults) = failover_source(1, 300, 1).await;
+    let (result, target) =
+        migrate_with_one_failed_read(&*source, &faults, Operation::GetConversationRange).await;
+    assert_eq!(faults.injected(), 1, "the fault must have been hit");
+    let copied = target
+        .get_conversation_range("s000", 0, 1000)
+        .await
+        .unwrap();
+    // One transient failure is recovered from by reading on, not reported.
+    let report = result.expect("one failed read is read past");
+    assert_eq!(
+        copied.len(),
+        300,
+        "run Ok but {} of 300 messages copied: {report:?}",
+        copied.len()
+    );
+    let history = source
+        .get_conversation_range("s000", 0, 1000)
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 300);
+}
+
+#[tokio::test]
+async fn one_failed_session_listing_under_failover_does_not_end_the_listing() {
+    let (source, faults) = failover_source(250, 0, 100).await;
+    let (result, target) =
+        migrate_with_one_failed_read(&*source, &faults, Operation::ListSessions).await;
+    assert_eq!(faults.injected(), 1, "the fault must have been hit");
+    let page = target
+        .list_sessions(&SessionQuery {
+            limit: 1000,
+            ..SessionQuery::default()
+        })
+        .await
+        .unwrap();
+    let report = result.expect("one failed read is read past");
+    assert_eq!(
+        page.sessions.len(),
+        250,
+        "run Ok but {} of 250 sessions copied: {report:?}",
+        page.sessions.len()
+    );
+}
+
+#[tokio::test]
+async fn a_task_holding_more_than_one_call_allows_is_copied_in_pieces() {
+    let source = MemoryBackend::new();
+    let big = |c: char| json!(c.to_string().repeat(9 * 1024 * 1024));
+    // A long call then a shorter one: the task ends up holding both large values, more
+    // than one put_writes call may carry.
+    source
+        .put_writes(
+            "t1",
+            "",
+            "c1",
+            "task",
+            &[
+                WriteInput::new("a", json!(1)),
+                WriteInput::new("b", json!(2)),
+                WriteInput::new("c", big('x')),
+            ],
+        )
+        .await
+        .unwrap();
+    source
+        .put_writes("t1", "", "c1", "task", &[WriteInput::new("d", big('y'))])
+        .await
+        .unwrap();
+    for t in ["t1", "t2"] {
+        source
+            .store_checkpoint(&NewCheckpoint::new(t, "c1", json!({})))
+            .await
+            .unwrap();
+    }
+    source
+        .put_writes("t2", "", "c1", "task", &[WriteInput::new("e", json!(3))])
+        .await
+        .unwrap();
+
+    let target = SqliteBackend::in_memory();
+    let report = Migrator::new(&source, &target).run().await;
+    let report = report.expect("what the source accepted is copied");
+    assert_eq!(report.copied.writes, 4);
+    for t in ["t1", "t2"] {
+        assert_eq!(
+            target.get_writes(t, "", "c1").await.unwrap(),
+            source.get_writes(t, "", "c1").await.unwrap(),
+            "writes of {t}"
+        );
+    }
+    assert!(verify(&source, &target).await.unwrap().is_clean());
+}
+
+#[tokio::test]
+async fn one_failed_checkpoint_listing_under_failover_does_not_end_the_thread() {
+    use aiecs_storage::layer::FailoverLayer;
+    use tower::Layer;
+    let primary = MemoryBackend::new();
+    let fallback = MemoryBackend::new();
+    for c in 1..=5 {
+        let checkpoint = NewCheckpoint::new("t1", format!("c{c}"), json!({"c": c}));
+        primary.store_checkpoint(&checkpoint).await.unwrap();
+        // The fallback holds only the newest two, so its answer is a short page.
+        if c > 3 {
+            fallback.store_checkpoint(&checkpoint).await.unwrap();
+        }
+    }
+    let (p, faults) = Faults::wrap(primary);
+    let source = FailoverLayer::new(Arc::new(fallback)).layer(p);
+    faults.fail_next(
+        Target::Op(Operation::ListCheckpoints),
+        1,
+        ErrorKind::Connection,
+    );
+    let target = MemoryBackend::new();
+    Migrator::new(&source, &target)
+        .run()
+        .await
+        .expect("one failed read is read past");
+    assert_eq!(faults.injected(), 1, "the fault must have been hit");
+    let copied = target
+        .list_checkpoints("t1", "", &CheckpointFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(copied.len(), 5, "checkpoints copied: {copied:?}");
+}
+
+#[tokio::test]
+async fn writes_of_a_checkpoint_never_stored_are_copied_and_verified() {
+    let source = MemoryBackend::new();
+    source
+        .store_checkpoint(&NewCheckpoint::new("t1", "c1", json!({})))
+        .await
+        .unwrap();
+    // Writes before their checkpoint: allowed by the contract.
+    for (thread, checkpoint) in [("t1", "c1"), ("t1", "c2"), ("t2", "c1"), ("t2", "c2")] {
+        source
+            .put_writes(
+                thread,
+                "",
+                checkpoint,
+                "task",
+                &[WriteInput::new("ch", json!(1))],
+            )
+            .await
+            .unwrap();
+    }
+    let target = MemoryBackend::new();
+    Migrator::new(&source, &target).run().await.unwrap();
+    let copied = target.list_threads(None, 10).await.unwrap().ids;
+    assert_eq!(copied, ["t1", "t2"], "threads on the target");
+    for (thread, checkpoint) in [("t1", "c1"), ("t1", "c2"), ("t2", "c1"), ("t2", "c2")] {
+        assert_eq!(
+            target
+                .get_writes(thread, "", checkpoint)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "writes of {thread}/{checkpoint}"
+        );
+    }
+    let mut lines = Vec::new();
+    export(
+        &source,
+        &Scope::All,
+        &mut lines,
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap();
+    let imported = MemoryBackend::new();
+    import(&imported, lines.as_slice(), &TransferOptions::default())
+        .await
+        .unwrap();
+    assert!(verify(&source, &imported).await.unwrap().is_clean());
+    for (thread, checkpoint) in [("t1", "c1"), ("t1", "c2"), ("t2", "c1"), ("t2", "c2")] {
+        assert_eq!(
+            imported
+                .get_writes(thread, "", checkpoint)
+                .await
+                .unwrap()
+                .len(),
+            1,
+            "imported writes of {thread}/{checkpoint}"
+        );
+    }
+    let partial = MemoryBackend::new();
+    partial
+        .put_writes("t1", "", "c1", "task", &[WriteInput::new("ch", json!(1))])
+        .await
+        .unwrap();
+    assert!(!verify(&source, &partial).await.unwrap().is_clean());
+}

@@ -440,6 +440,30 @@ impl CheckpointStorage for MemoryBackend {
         Ok(namespaces)
     }
 
+    async fn list_write_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+    ) -> Result<Vec<String>> {
+        self.check_open()?;
+        validate::thread(thread_id, checkpoint_ns)?;
+        let mut ids: Vec<String> = self
+            .threads
+            .get(thread_id)
+            .and_then(|t| {
+                t.get(checkpoint_ns).map(|ns| {
+                    ns.writes
+                        .iter()
+                        .filter(|(_, w)| !w.list.is_empty())
+                        .map(|(id, _)| id.clone())
+                        .collect()
+                })
+            })
+            .unwrap_or_default();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         self.check_open()?;
         validate::new_checkpoint(checkpoint)?;

@@ -1116,6 +1116,24 @@ impl CheckpointStorage for SqliteBackend {
         .await
     }
 
+    async fn list_write_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+    ) -> Result<Vec<String>> {
+        validate::thread(thread_id, checkpoint_ns)?;
+        let args = [thread_id.to_owned(), checkpoint_ns.to_owned()];
+        self.read(move |c| {
+            ids(
+                c,
+                "SELECT DISTINCT checkpoint_id FROM checkpoint_writes \
+                 WHERE thread_id = ?1 AND checkpoint_ns = ?2 ORDER BY 1",
+                args,
+            )
+        })
+        .await
+    }
+
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         validate::new_checkpoint(checkpoint)?;
         let cp = checkpoint.clone();

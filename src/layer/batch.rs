@@ -982,6 +982,19 @@ impl<B: StorageBackend + 'static> CheckpointStorage for Batched<B> {
             .await?;
         self.inner.list_checkpoint_namespaces(thread_id).await
     }
+
+    async fn list_write_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+    ) -> Result<Vec<String>> {
+        // Queued writes of the thread must be listed too.
+        self.flush_if(self.writer.pending.threads.contains_key(thread_id))
+            .await?;
+        self.inner
+            .list_write_checkpoints(thread_id, checkpoint_ns)
+            .await
+    }
 }
 
 #[async_trait]

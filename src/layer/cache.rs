@@ -1106,6 +1106,16 @@ impl<B: StorageBackend> CheckpointStorage for Cached<B> {
     async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
         self.inner.list_checkpoint_namespaces(thread_id).await
     }
+
+    async fn list_write_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+    ) -> Result<Vec<String>> {
+        self.inner
+            .list_write_checkpoints(thread_id, checkpoint_ns)
+            .await
+    }
 }
 
 #[async_trait]

@@ -1090,6 +1090,17 @@ impl<B: StorageBackend + 'static> CheckpointStorage for Failover<B> {
         .await
     }
 
+    async fn list_write_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+    ) -> Result<Vec<String>> {
+        self.read(Operation::ListWriteCheckpoints, |b| {
+            b.list_write_checkpoints(thread_id, checkpoint_ns)
+        })
+        .await
+    }
+
     async fn delete_thread(&self, thread_id: &str) -> Result<()> {
         self.write(
             Operation::DeleteThread,

@@ -232,6 +232,19 @@ impl<B: StorageBackend, P: Policy> CheckpointStorage for Layered<B, P> {
             .await
     }
 
+    async fn list_write_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+    ) -> Result<Vec<String>> {
+        let call = Call::new(Operation::ListWriteCheckpoints, Some(thread_id));
+        self.policy
+            .call(call, || {
+                self.inner.list_write_checkpoints(thread_id, checkpoint_ns)
+            })
+            .await
+    }
+
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         let call = Call::new(Operation::StoreCheckpoint, Some(&checkpoint.thread_id));
         self.policy

@@ -270,9 +270,18 @@ fn bucket_value(i: usize) -> f64 {
     low as f64 + width as f64 / 2.0
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Stats {
     ops: [OnceLock<Box<OpStats>>; Operation::COUNT],
+}
+
+// Written out: `Default` is derived for arrays of at most 32 elements.
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            ops: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -112,6 +112,7 @@ operations! {
     DeleteThread => "delete_thread",
     ListThreads => "list_threads",
     ListCheckpointNamespaces => "list_checkpoint_namespaces",
+    ListWriteCheckpoints => "list_write_checkpoints",
     RestoreCheckpoints => "restore_checkpoints",
     GetTaskContext => "get_task_context",
     StoreTaskContext => "store_task_context",
@@ -143,6 +144,7 @@ impl Operation {
                 | Operation::GetConversationRange
                 | Operation::ListThreads
                 | Operation::ListCheckpointNamespaces
+                | Operation::ListWriteCheckpoints
                 | Operation::ListTaskContexts
                 | Operation::GetCheckpoint
                 | Operation::ListCheckpoints

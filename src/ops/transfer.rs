@@ -58,7 +58,7 @@ use crate::model::{
     WriteInput,
 };
 use crate::storage::StorageBackend;
-use crate::validate::{self, MAX_LIMIT};
+use crate::validate::{self, MAX_LIMIT, MAX_VALUE_BYTES};
 
 /// The `format` of an export's header line.
 pub const FORMAT: &str = "aiecs-storage";
@@ -356,6 +356,13 @@ pub fn check_batch_size(batch_size: usize) -> Result<()> {
     validate::limit("batch_size", batch_size)
 }
 
+/// Reads of a history's end that may disagree with its latest message before the walk
+/// gives up on the source.
+const END_CHECKS: u32 = 3;
+
+/// What the walk reads next. A listing page whose cursor says "last page" is confirmed by
+/// one more read after it: a failover layer may serve a page from a fallback holding
+/// less, and its "last page" would end the walk early.
 enum Work {
     SessionPage {
         after: Option<String>,
@@ -366,6 +373,10 @@ enum Work {
     Messages {
         session_id: String,
         offset: u64,
+        /// The id of the last message read so far, to check the end against.
+        last_id: Option<String>,
+        /// Empty reads in a row that disagreed with the latest message.
+        misses: u32,
     },
     Context {
         session_id: String,
@@ -553,18 +564,34 @@ impl<'a> Source<'a> {
         let b = self.backend;
         match work {
             Work::SessionPage { after } => {
-                let page = b
+                let mut page = b
                     .list_sessions(&SessionQuery {
-                        after,
+                        after: after.clone(),
                         limit: space,
                         ..SessionQuery::default()
                     })
                     .await?;
+                if page.next_cursor.is_none() {
+                    let last = page.sessions.last().map(|s| s.session_id.clone());
+                    let end = last.or(after);
+                    let probe = b
+                        .list_sessions(&SessionQuery {
+                            after: end.clone(),
+                            limit: 1,
+                            ..SessionQuery::default()
+                        })
+                        .await?;
+                    if !probe.sessions.is_empty() {
+                        page.next_cursor = end;
+                    }
+                }
                 let mut next = Vec::with_capacity(page.sessions.len() * 2 + 2);
                 for s in page.sessions {
                     next.push(Work::Messages {
                         session_id: s.session_id.clone(),
                         offset: 0,
+                        last_id: None,
+                        misses: 0,
                     });
                     next.push(Work::Mark {
                         position: Position::at(Phase::Sessions, s.session_id.clone()),
@@ -596,6 +623,8 @@ impl<'a> Source<'a> {
                         Work::Messages {
                             session_id: session_id.clone(),
                             offset: 0,
+                            last_id: None,
+                            misses: 0,
                         },
                         Work::Context { session_id },
                     ]);
@@ -605,13 +634,44 @@ impl<'a> Source<'a> {
                 }
                 None => return Err(StorageError::not_found("session", session_id)),
             },
-            Work::Messages { session_id, offset } => {
+            Work::Messages {
+                session_id,
+                offset,
+                mut last_id,
+                misses,
+            } => {
                 let messages = b.get_conversation_range(&session_id, offset, space).await?;
                 let n = messages.len();
-                if n == space {
+                if let Some(m) = messages.last() {
+                    last_id = Some(m.message_id.clone());
+                }
+                // A short page is not proof of the end: a failover layer may have served
+                // it from a fallback that holds less. The end is where the latest message
+                // of the history is the last one read.
+                let more = n == space || {
+                    let latest = b.get_conversation_history(&session_id, 1).await?;
+                    latest.last().map(|m| &m.message_id) != last_id.as_ref()
+                };
+                if more {
+                    let misses = if n == 0 { misses + 1 } else { 0 };
+                    if misses > END_CHECKS {
+                        return Err(StorageError::Backend {
+                            message: format!(
+                                "the history of session `{session_id}` reads as ending at \
+                                 position {offset} {misses} times, but its latest message is \
+                                 not the last one read there: the source answers \
+                                 inconsistently (a failover serving from its fallback?) or \
+                                 the session changed during the copy; run again",
+                            ),
+                            transient: true,
+                            source: None,
+                        });
+                    }
                     self.work.push_front(Work::Messages {
                         session_id: session_id.clone(),
                         offset: offset + n as u64,
+                        last_id,
+                        misses,
                     });
                 }
                 if n > 0 {
@@ -631,7 +691,14 @@ impl<'a> Source<'a> {
                 }
             }
             Work::ContextPage { after } => {
-                let page = b.list_task_contexts(after.as_deref(), space).await?;
+                let mut page = b.list_task_contexts(after.as_deref(), space).await?;
+                if page.next_cursor.is_none() {
+                    let end = page.ids.last().cloned().or(after);
+                    let probe = b.list_task_contexts(end.as_deref(), 1).await?;
+                    if !probe.ids.is_empty() {
+                        page.next_cursor = end;
+                    }
+                }
                 let mut next = Vec::with_capacity(page.ids.len() * 2 + 2);
                 for id in page.ids {
                     next.push(Work::Context {
@@ -660,7 +727,14 @@ impl<'a> Source<'a> {
                 self.push_front(next);
             }
             Work::ThreadPage { after } => {
-                let page = b.list_threads(after.as_deref(), self.batch_size).await?;
+                let mut page = b.list_threads(after.as_deref(), self.batch_size).await?;
+                if page.next_cursor.is_none() {
+                    let end = page.ids.last().cloned().or(after);
+                    let probe = b.list_threads(end.as_deref(), 1).await?;
+                    if !probe.ids.is_empty() {
+                        page.next_cursor = end;
+                    }
+                }
                 let mut next = Vec::with_capacity(page.ids.len() * 2 + 1);
                 for id in page.ids {
                     next.push(Work::Thread {
@@ -694,10 +768,9 @@ impl<'a> Source<'a> {
                 let mut next = Vec::new();
                 for ns in namespaces {
                     let oldest_first = all_checkpoints(b, &thread_id, &ns).await?;
-                    let ids: Vec<String> = oldest_first
-                        .iter()
-                        .map(|c| c.checkpoint_id.clone())
-                        .collect();
+                    // Writes may come before their checkpoint (or outlive it), so they are
+                    // found by listing them, not through the stored checkpoints.
+                    let ids = b.list_write_checkpoints(&thread_id, &ns).await?;
                     if !oldest_first.is_empty() {
                         next.push(Work::Checkpoints {
                             thread_id: thread_id.clone(),
@@ -759,7 +832,7 @@ impl<'a> Source<'a> {
 }
 
 /// Every checkpoint of a thread and namespace, oldest first (store order), read newest
-/// first in pages of 10 000.
+/// first in pages of 10 000, the last page confirmed by one more read.
 async fn all_checkpoints(
     b: &dyn StorageBackend,
     thread_id: &str,
@@ -767,6 +840,7 @@ async fn all_checkpoints(
 ) -> Result<VecDeque<Checkpoint>> {
     let mut newest_first: Vec<Checkpoint> = Vec::new();
     let mut before: Option<String> = None;
+    let mut misses = 0;
     loop {
         let filter = CheckpointFilter {
             limit: MAX_LIMIT,
@@ -775,10 +849,35 @@ async fn all_checkpoints(
         };
         let page = b.list_checkpoints(thread_id, ns, &filter).await?;
         let full = page.len() == MAX_LIMIT;
-        before = page.last().map(|c| c.checkpoint_id.clone());
+        misses = if page.is_empty() { misses + 1 } else { 0 };
+        before = page
+            .last()
+            .map(|c| c.checkpoint_id.clone())
+            .or(filter.before);
         newest_first.extend(page);
+        // A short page may come from a failover's fallback holding less: the end is
+        // where one more read finds nothing older.
         if !full {
-            break;
+            let probe = CheckpointFilter {
+                limit: 1,
+                before: before.clone(),
+                ..CheckpointFilter::default()
+            };
+            if b.list_checkpoints(thread_id, ns, &probe).await?.is_empty() {
+                break;
+            }
+            if misses > END_CHECKS {
+                return Err(StorageError::Backend {
+                    message: format!(
+                        "the checkpoints of thread `{thread_id}` namespace `{ns}` read as \
+                         ending {misses} times while one more read finds older ones: the \
+                         source answers inconsistently (a failover serving from its \
+                         fallback?); run again"
+                    ),
+                    transient: true,
+                    source: None,
+                });
+            }
         }
     }
     Ok(newest_first.into_iter().rev().collect())
@@ -959,15 +1058,74 @@ fn task_writes(
                 push(w, list)?;
             }
         }
-        out.push(TaskWrites {
+        out.extend(pieces(TaskWrites {
             thread_id: thread_id.to_owned(),
             checkpoint_ns: checkpoint_ns.to_owned(),
             checkpoint_id: checkpoint_id.to_owned(),
             task_id,
             writes: list.clone(),
-        });
+        })?);
     }
     Ok(out)
+}
+
+/// Splits a `put_writes` call larger than one call may carry ([`MAX_VALUE_BYTES`]) into
+/// calls that are not, with the same end state. A task's writes can outgrow one call
+/// (a long call, then a shorter one rewriting its first writes), yet `put_writes` keys
+/// a write by its index in the call, so no call can write index `i` without indexes
+/// `0..i`. The first piece therefore writes the last segment of writes behind small
+/// placeholders, creating every key in index order as the original call did; each next
+/// piece rewrites the segment before in place, behind placeholders of its own, and the
+/// last piece leaves no placeholder.
+fn pieces(call: TaskWrites) -> Result<Vec<TaskWrites>> {
+    let sizes = call
+        .writes
+        .iter()
+        .map(|w| validate::serialized_len(&w.value))
+        .collect::<Result<Vec<usize>>>()?;
+    if sizes.iter().sum::<usize>() <= MAX_VALUE_BYTES {
+        return Ok(vec![call]);
+    }
+    let placeholder = Value::from(0);
+    let placeholder_bytes = validate::serialized_len(&placeholder)?;
+    let mut segments = Vec::new();
+    let mut start = 0;
+    while start < sizes.len() {
+        let mut total = start * placeholder_bytes;
+        let mut end = start;
+        while end < sizes.len() && total + sizes[end] <= MAX_VALUE_BYTES {
+            total += sizes[end];
+            end += 1;
+        }
+        if end == start {
+            return Err(StorageError::invalid_input(
+                "writes",
+                format!(
+                    "write {start} of task `{}` at checkpoint `{}` serializes to {} bytes, \
+                     too many to write behind the {start} writes before it in one \
+                     put_writes call (at most {MAX_VALUE_BYTES} bytes)",
+                    call.task_id, call.checkpoint_id, sizes[start]
+                ),
+            ));
+        }
+        segments.push(start..end);
+        start = end;
+    }
+    Ok(segments
+        .into_iter()
+        .rev()
+        .map(|segment| {
+            let writes = call.writes[..segment.start]
+                .iter()
+                .map(|w| WriteInput::new(w.channel.clone(), placeholder.clone()))
+                .chain(call.writes[segment].iter().cloned())
+                .collect();
+            TaskWrites {
+                writes,
+                ..call.clone()
+            }
+        })
+        .collect())
 }
 
 fn io_error(what: String, e: std::io::Error) -> StorageError {

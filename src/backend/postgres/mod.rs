@@ -147,6 +147,7 @@ struct Queries {
     restore_checkpoints: String,
     list_threads: String,
     list_namespaces: String,
+    list_write_checkpoints: String,
     list_task_contexts: String,
     store_checkpoint: String,
     get_checkpoint: String,
@@ -322,6 +323,10 @@ impl Queries {
                 "SELECT checkpoint_ns FROM {s}.checkpoints WHERE thread_id = $1 \
                  UNION SELECT checkpoint_ns FROM {s}.checkpoint_writes WHERE thread_id = $1 \
                  ORDER BY 1"
+            ),
+            list_write_checkpoints: format!(
+                "SELECT DISTINCT checkpoint_id FROM {s}.checkpoint_writes \
+                 WHERE thread_id = $1 AND checkpoint_ns = $2 ORDER BY 1"
             ),
             list_task_contexts: format!(
                 "SELECT session_id FROM {s}.task_contexts WHERE session_id > $1 \
@@ -1193,6 +1198,19 @@ impl CheckpointStorage for PostgresBackend {
         validate::id("thread_id", thread_id)?;
         let c = self.conn().await?;
         let rows = c.query(&c.sql.list_namespaces, &[&thread_id]).await?;
+        ids_from_rows(&rows)
+    }
+
+    async fn list_write_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+    ) -> Result<Vec<String>> {
+        validate::thread(thread_id, checkpoint_ns)?;
+        let c = self.conn().await?;
+        let rows = c
+            .query(&c.sql.list_write_checkpoints, &[&thread_id, &checkpoint_ns])
+            .await?;
         ids_from_rows(&rows)
     }
 

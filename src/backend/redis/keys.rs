@@ -162,6 +162,16 @@ impl ThreadKeys {
         Some(unescape(escaped))
     }
 
+    /// The checkpoint whose pending writes a key of this thread's registry orders, if
+    /// it is one in this namespace.
+    pub fn writes_checkpoint_of(&self, key: &str) -> Option<String> {
+        let escaped = key
+            .strip_prefix(&self.ns)?
+            .strip_prefix(":writes:")?
+            .strip_suffix(":order")?;
+        Some(unescape(escaped))
+    }
+
     /// The per-thread sequence.
     pub fn seq(&self) -> String {
         format!("{}:seq", self.base)

@@ -1429,6 +1429,25 @@ impl CheckpointStorage for RedisBackend {
         Ok(namespaces)
     }
 
+    async fn list_write_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+    ) -> Result<Vec<String>> {
+        validate::thread(thread_id, checkpoint_ns)?;
+        let keys = ThreadKeys::new(&self.prefix, thread_id, checkpoint_ns);
+        let mut c = redis::cmd("SMEMBERS");
+        c.arg(keys.registry());
+        let members: Vec<String> = self.run(&c).await?;
+        let mut ids: Vec<String> = members
+            .iter()
+            .filter_map(|k| keys.writes_checkpoint_of(k))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
     async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
         validate::new_checkpoint(checkpoint)?;
         let record = CheckpointRecord {

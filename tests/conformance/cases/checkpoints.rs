@@ -679,6 +679,59 @@ pub async fn list_checkpoint_namespaces_names_each_once(b: Arc<dyn StorageBacken
         .is_empty());
 }
 
+pub async fn list_write_checkpoints_names_checkpoints_with_writes_stored_or_not(
+    b: Arc<dyn StorageBackend>,
+) {
+    b.store_checkpoint(&cp("t1", "stored-no-writes", json!(0)))
+        .await
+        .unwrap();
+    b.store_checkpoint(&cp("t1", "c:2", json!(0)))
+        .await
+        .unwrap();
+    for (ns, checkpoint) in [
+        ("", "c:2"),
+        ("", "b-never-stored"),
+        ("", "a%7B{x}"),
+        ("other", "z"),
+    ] {
+        b.put_writes(
+            "t1",
+            ns,
+            checkpoint,
+            "task",
+            &[WriteInput::new("x", json!(0))],
+        )
+        .await
+        .unwrap();
+    }
+    b.put_writes(
+        "t2",
+        "",
+        "elsewhere",
+        "task",
+        &[WriteInput::new("x", json!(0))],
+    )
+    .await
+    .unwrap();
+    // Storing no writes stores nothing to list.
+    b.put_writes("t1", "", "empty", "task", &[]).await.unwrap();
+    assert_eq!(
+        b.list_write_checkpoints("t1", "").await.unwrap(),
+        ["a%7B{x}", "b-never-stored", "c:2"]
+    );
+    assert_eq!(
+        b.list_write_checkpoints("t1", "other").await.unwrap(),
+        ["z"]
+    );
+    assert!(b
+        .list_write_checkpoints("none", "")
+        .await
+        .unwrap()
+        .is_empty());
+    b.delete_thread("t1").await.unwrap();
+    assert!(b.list_write_checkpoints("t1", "").await.unwrap().is_empty());
+}
+
 pub async fn restore_checkpoints_keeps_store_order_and_created_at(b: Arc<dyn StorageBackend>) {
     let at = |s: &str| {
         chrono::DateTime::parse_from_rfc3339(s)

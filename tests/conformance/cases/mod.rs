@@ -77,6 +77,7 @@ macro_rules! all_cases {
             checkpoints::batch_put_writes_matches_sequential_puts,
             checkpoints::list_threads_pages_every_thread_once_in_order,
             checkpoints::list_checkpoint_namespaces_names_each_once,
+            checkpoints::list_write_checkpoints_names_checkpoints_with_writes_stored_or_not,
             checkpoints::restore_checkpoints_keeps_store_order_and_created_at,
             checkpoints::delete_thread_removes_everything_of_that_thread,
 
