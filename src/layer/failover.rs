@@ -382,7 +382,6 @@ impl<B> std::fmt::Debug for Failover<B> {
 }
 
 /// A write acknowledged from the fallback, kept to replay on the primary.
-#[derive(Clone)]
 enum Hint {
     CreateSession(NewSession),
     UpdateSession(String, SessionUpdate),
