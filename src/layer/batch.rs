@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::names::{self, LazyGauge, LazyHistogram};
 use crate::error::{Result, StorageError};
@@ -333,7 +333,7 @@ enum WriterState {
     Idle,
     /// A task is receiving. `done` reports its end (its sender is dropped).
     Running {
-        tx: mpsc::Sender<Envelope>,
+        tx: QueueTx,
         done: watch::Receiver<()>,
     },
     /// `close()` was called; `done` is the drained task, if one ran.
@@ -409,6 +409,23 @@ impl Drop for Ticket {
     }
 }
 
+/// The writer's queue: an unbounded channel whose room is a semaphore of `max_queue`
+/// permits. The channel's own bound would free a slot inside `recv`, before the writer
+/// could count the entry out, so a sender on the other thread could count its entry in
+/// first and the depth would read one over the bound. A permit travels in the envelope
+/// and is released only after the entry is counted out.
+#[derive(Clone)]
+struct QueueTx {
+    tx: mpsc::UnboundedSender<Envelope>,
+    room: Arc<Semaphore>,
+}
+
+impl QueueTx {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
 /// Counts an entry as queued until the writer takes it out of the channel.
 struct QueueSlot(Arc<Counters>);
 
@@ -434,7 +451,9 @@ impl Drop for QueueSlot {
 
 struct Envelope {
     item: Item,
+    // Fields drop in order: the entry is counted out before its room is given back.
     _slot: QueueSlot,
+    _room: OwnedSemaphorePermit,
 }
 
 enum Item {
@@ -578,7 +597,7 @@ fn answer<T>(result: Result<Vec<Result<T>>>, mut waiters: Vec<Waiter<T>>, counte
 /// sender is gone and the queue is empty; `_done` dropping tells `close()`.
 async fn run<B: StorageBackend + ?Sized>(
     inner: Arc<B>,
-    mut rx: mpsc::Receiver<Envelope>,
+    mut rx: mpsc::UnboundedReceiver<Envelope>,
     pending: Arc<Pending>,
     config: BatchConfig,
     _done: watch::Sender<()>,
@@ -612,7 +631,7 @@ const MAX_YIELDS: usize = 2;
 /// next item; a writer that did not yield would race ahead of them and write batches of
 /// one or two. A lone caller costs two empty yields.
 async fn gather(
-    rx: &mut mpsc::Receiver<Envelope>,
+    rx: &mut mpsc::UnboundedReceiver<Envelope>,
     batch: &mut Batch,
     config: BatchConfig,
 ) -> Option<oneshot::Sender<()>> {
@@ -715,7 +734,7 @@ impl<B: StorageBackend + 'static> Batched<B> {
 
     /// A sender to the writer task, starting the task if none runs (or the last one
     /// died). `Closed` after `close()`.
-    fn sender(&self) -> Result<mpsc::Sender<Envelope>> {
+    fn sender(&self) -> Result<QueueTx> {
         let mut state = self.writer.lock();
         match &*state {
             WriterState::Running { tx, .. } if !tx.is_closed() => return Ok(tx.clone()),
@@ -727,7 +746,11 @@ impl<B: StorageBackend + 'static> Batched<B> {
             transient: false,
             source: Some(Box::new(e)),
         })?;
-        let (tx, rx) = mpsc::channel(self.config.max_queue);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let tx = QueueTx {
+            tx,
+            room: Arc::new(Semaphore::new(self.config.max_queue)),
+        };
         let (done_tx, done_rx) = watch::channel(());
         runtime.spawn(run(
             self.inner.clone(),
@@ -745,18 +768,24 @@ impl<B: StorageBackend + 'static> Batched<B> {
 
     /// Waits for room in the queue, then queues the item `make` builds (its ticket is
     /// taken only now, right before it becomes visible to the writer).
-    async fn send(
-        &self,
-        tx: mpsc::Sender<Envelope>,
-        make: impl FnOnce(&Arc<Pending>) -> Item,
-    ) -> Result<()> {
-        let permit = tx.reserve().await.map_err(|_| writer_stopped())?;
+    async fn send(&self, tx: QueueTx, make: impl FnOnce(&Arc<Pending>) -> Item) -> Result<()> {
+        let room = tx
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| writer_stopped())?;
+        if tx.is_closed() {
+            return Err(writer_stopped());
+        }
         let item = make(&self.writer.pending);
-        permit.send(Envelope {
-            item,
-            _slot: QueueSlot::new(&self.writer.pending.counters),
-        });
-        Ok(())
+        tx.tx
+            .send(Envelope {
+                item,
+                _slot: QueueSlot::new(&self.writer.pending.counters),
+                _room: room,
+            })
+            .map_err(|_| writer_stopped())
     }
 
     async fn flush_if(&self, pending: bool) -> Result<()> {
