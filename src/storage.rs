@@ -271,6 +271,19 @@ pub trait StorageBackend:
     /// return the kind of the backend they wrap.
     fn kind(&self) -> &'static str;
 
+    /// Where the data lives, without credentials: equal for two handles on one store
+    /// (the same SQLite file; the same Redis server or cluster, database and key
+    /// prefix; the same PostgreSQL server, database and schema), different for
+    /// different stores. A store that lives only in this process (memory, in-memory
+    /// SQLite) names its instance. `None` when the backend cannot tell. Layers return
+    /// their inner backend's (a failover stack its primary's).
+    ///
+    /// Binds a migration's state file to its pair of stores, and lets `migrate` refuse
+    /// a store copied onto itself.
+    fn store_id(&self) -> Option<String> {
+        None
+    }
+
     /// Opens connections and creates or migrates the schema. Idempotent.
     async fn initialize(&self) -> Result<()>;
 
@@ -434,6 +447,9 @@ macro_rules! forward_storage {
         impl<$($gen)*> StorageBackend for $ty {
             fn kind(&self) -> &'static str {
                 let $s = self; $inner.kind()
+            }
+            fn store_id(&self) -> Option<String> {
+                let $s = self; $inner.store_id()
             }
             async fn initialize(&self) -> Result<()> {
                 let $s = self; $inner.initialize().await

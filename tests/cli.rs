@@ -428,7 +428,7 @@ fn migrate_ignores_the_url_override_and_refuses_the_same_store_on_both_sides() {
             "redis://u:pw@127.0.0.1:1/2?prefix=app%3A",
         ),
         (
-            "redis+cluster://:p/w@127.0.0.1:2,127.0.0.1:1/?prefix=x:",
+            "redis+cluster://:p%2Fw@127.0.0.1:2,127.0.0.1:1/?prefix=x:",
             "rediss+cluster://127.0.0.1:1,127.0.0.1:2?prefix=x:",
         ),
         (
@@ -439,7 +439,7 @@ fn migrate_ignores_the_url_override_and_refuses_the_same_store_on_both_sides() {
         let (status, text) = migrate(&["--from", from, "--to", to]);
         assert_eq!(status.code(), Some(1), "{from} -> {to}: {text}");
         assert!(text.contains("same store"), "{from} -> {to}: {text}");
-        assert!(!text.contains("pw") && !text.contains("p/w"), "{text}");
+        assert!(!text.contains("pw") && !text.contains("p%2Fw"), "{text}");
     }
     let (status, text) = migrate(&["--from-config", &old_toml, "--to", &old]);
     assert!(!status.success() && text.contains("same store"), "{text}");
@@ -455,4 +455,84 @@ fn migrate_ignores_the_url_override_and_refuses_the_same_store_on_both_sides() {
         let (_, text) = migrate(&["--from", from, "--to", to]);
         assert!(!text.contains("same store"), "{from} -> {to}: {text}");
     }
+}
+
+#[cfg(unix)]
+#[test]
+fn migrate_keeps_its_default_state_file_in_a_private_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let from = format!("sqlite://{}", dir.path().join("a.db").display());
+    let to = format!("sqlite://{}", dir.path().join("b.db").display());
+    let migrate = |envs: &[(&str, &Path)]| {
+        let mut cmd = bin();
+        cmd.args(["migrate", "--from", &from, "--to", &to])
+            .env_remove("HOME")
+            .env_remove("XDG_STATE_HOME")
+            .env("TMPDIR", dir.path().join("tmp"));
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run aiecs-storage");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, text)
+    };
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    std::fs::create_dir(dir.path().join("tmp")).unwrap();
+
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let (status, text) = migrate(&[("HOME", &home)]);
+    assert!(status.success(), "{text}");
+    let state_dir = home.join(".local/state/aiecs-storage");
+    assert_eq!(mode(&state_dir), 0o700);
+    assert_eq!(
+        std::fs::read_dir(&state_dir).unwrap().count(),
+        0,
+        "removed when done"
+    );
+
+    // Without HOME: a per-user directory in the temp directory.
+    let (status, text) = migrate(&[]);
+    assert!(status.success(), "{text}");
+    let tmp: Vec<_> = std::fs::read_dir(dir.path().join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(tmp.len(), 1, "{tmp:?}");
+    assert!(tmp[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("aiecs-storage-"));
+    assert_eq!(mode(&tmp[0]), 0o700);
+
+    // A directory others can write to (made by someone else in a shared place) is
+    // refused rather than used.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(shared.join("aiecs-storage")).unwrap();
+    std::fs::set_permissions(
+        shared.join("aiecs-storage"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let (status, text) = migrate(&[("XDG_STATE_HOME", &shared)]);
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("writable by other users") && text.contains("--state-file"),
+        "{text}"
+    );
+    let link = dir.path().join("linked");
+    std::fs::create_dir(&link).unwrap();
+    std::os::unix::fs::symlink(&shared, link.join("aiecs-storage")).unwrap();
+    let (status, text) = migrate(&[("XDG_STATE_HOME", &link)]);
+    assert!(
+        !status.success() && text.contains("not a directory"),
+        "{text}"
+    );
 }

@@ -1116,3 +1116,178 @@ async fn writes_of_a_checkpoint_never_stored_are_copied_and_verified() {
         .unwrap();
     assert!(!verify(&source, &partial).await.unwrap().is_clean());
 }
+
+/// Runs a migration that fails after `batches` batches, leaving its state file behind.
+async fn fail_midway(
+    source: &dyn StorageBackend,
+    target: Arc<dyn StorageBackend>,
+    state: &std::path::Path,
+) {
+    let (target, faults) = Faults::wrap(target);
+    let batches = Arc::new(AtomicU64::new(0));
+    let (count, steer) = (batches.clone(), faults.clone());
+    Migrator::new(source, &target)
+        .batch_size(50)
+        .state_file(state)
+        .on_progress(move |_| {
+            if count.fetch_add(1, Ordering::SeqCst) + 1 == 5 {
+                steer.fail_next(
+                    Target::Op(Operation::RestoreMessages),
+                    1,
+                    ErrorKind::Connection,
+                );
+            }
+        })
+        .run()
+        .await
+        .unwrap_err();
+    assert!(read_state(state).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_state_file_of_another_pair_of_stores_is_refused() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let state = dir.path().join("state.json");
+    let (a, b) = (MemoryBackend::new(), Arc::new(MemoryBackend::new()));
+    populate(&a).await;
+    fail_midway(&a, b.clone(), &state).await;
+    let saved = std::fs::read(&state).unwrap();
+
+    // Another kind of source (the review's case: SQLite -> memory resumed a memory ->
+    // memory run and skipped the sessions before its position).
+    let sqlite = SqliteBackend::in_memory();
+    populate(&sqlite).await;
+    let err = Migrator::new(&sqlite, &b)
+        .state_file(&state)
+        .run()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("state_file"), "{err}");
+    // The same kinds, other stores: a fresh target, a fresh source.
+    let other = MemoryBackend::new();
+    for (source, target) in [(&a, &other), (&other, &*b)] {
+        let err = Migrator::new(source, target)
+            .state_file(&state)
+            .run()
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    }
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        saved,
+        "a refused file is left alone"
+    );
+    assert_eq!(
+        other
+            .list_sessions(&SessionQuery::new())
+            .await
+            .unwrap()
+            .sessions
+            .len(),
+        0
+    );
+
+    // Its own pair resumes it and copies everything.
+    let resumed = Migrator::new(&a, &b)
+        .state_file(&state)
+        .run()
+        .await
+        .unwrap();
+    assert!(resumed.resumed_from.is_some());
+    assert!(verify(&a, &b).await.unwrap().is_clean());
+
+    // A file from before the binding (version 1) cannot say which pair it belongs to.
+    let mut old: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    old["version"] = json!(1);
+    old.as_object_mut().unwrap().remove("source_store");
+    old.as_object_mut().unwrap().remove("target_store");
+    std::fs::write(&state, serde_json::to_vec(&old).unwrap()).unwrap();
+    let err = Migrator::new(&a, &*b)
+        .state_file(&state)
+        .run()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn the_state_file_is_private_and_never_written_through_a_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::TempDir::new().unwrap();
+    let state = dir.path().join("state.json");
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.path().join("state.json.tmp")).unwrap();
+    let a = MemoryBackend::new();
+    populate(&a).await;
+    fail_midway(&a, Arc::new(MemoryBackend::new()), &state).await;
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "state file mode {mode:o}");
+}
+
+#[tokio::test]
+async fn store_ids_name_the_store_not_the_handle() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let file = dir.path().join("a.db");
+    let one = SqliteBackend::new(&file);
+    let two = SqliteBackend::new(dir.path().join("x/../a.db"));
+    std::fs::create_dir(dir.path().join("x")).unwrap();
+    assert!(one.store_id().is_some());
+    assert_eq!(one.store_id(), two.store_id());
+    assert_ne!(
+        one.store_id(),
+        SqliteBackend::new(dir.path().join("b.db")).store_id()
+    );
+    assert_ne!(
+        SqliteBackend::in_memory().store_id(),
+        SqliteBackend::in_memory().store_id()
+    );
+    assert_ne!(
+        MemoryBackend::new().store_id(),
+        MemoryBackend::new().store_id()
+    );
+    // Layers report their backend's.
+    use aiecs_storage::layer::{
+        BatchLayer, CacheLayer, FailoverLayer, MetricsLayer, RetryLayer, StackBuilder,
+    };
+    let stack = StackBuilder::new()
+        .layer(MetricsLayer::new())
+        .layer(CacheLayer::new())
+        .layer(RetryLayer::new())
+        .layer(BatchLayer::new())
+        .layer(FailoverLayer::new(Arc::new(MemoryBackend::new())))
+        .build(Arc::new(SqliteBackend::new(&file)));
+    assert_eq!(stack.store_id(), one.store_id());
+
+    #[cfg(feature = "redis")]
+    {
+        let redis = |url: &str| aiecs_storage::open(url).unwrap().store_id();
+        let plain = redis("redis://127.0.0.1:6379/2");
+        assert!(plain.is_some());
+        assert_eq!(plain, redis("redis://:hunter2@127.0.0.1:6379/2"));
+        assert_ne!(plain, redis("redis://127.0.0.1:6379/3"));
+        assert_ne!(plain, redis("redis://127.0.0.1:6379/2?prefix=other:"));
+        assert!(!redis("redis://:hunter2@127.0.0.1:6379/2")
+            .unwrap()
+            .contains("hunter2"));
+        assert_eq!(
+            redis("redis+cluster://127.0.0.1:7001,127.0.0.1:7000"),
+            redis("redis+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001")
+        );
+    }
+    #[cfg(feature = "postgres")]
+    {
+        let pg = |url: &str| aiecs_storage::open(url).unwrap().store_id();
+        let plain = pg("postgres://postgres@127.0.0.1:5432/test");
+        assert_eq!(plain, pg("postgres://postgres:secret@127.0.0.1/test"));
+        assert_ne!(
+            plain,
+            pg("postgres://postgres@127.0.0.1:5432/test?schema=other")
+        );
+        assert_ne!(plain, pg("postgres://postgres@127.0.0.1:5432/prod"));
+    }
+}

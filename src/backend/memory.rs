@@ -37,8 +37,10 @@ use crate::validate;
 /// assert_eq!(session.metrics.request_count, 1);
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryBackend {
+    /// Names this store in [`StorageBackend::store_id`]: it lives in this instance only.
+    instance: uuid::Uuid,
     sessions: DashMap<String, SessionEntry>,
     threads: DashMap<String, HashMap<String, Namespace>>,
     task_contexts: DashMap<String, Value>,
@@ -64,6 +66,18 @@ struct Namespace {
 struct Writes {
     list: Vec<PendingWrite>,
     positions: HashMap<(String, u32), usize>,
+}
+
+impl Default for MemoryBackend {
+    fn default() -> Self {
+        MemoryBackend {
+            instance: uuid::Uuid::now_v7(),
+            sessions: DashMap::new(),
+            threads: DashMap::new(),
+            task_contexts: DashMap::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
 }
 
 impl MemoryBackend {
@@ -636,6 +650,10 @@ impl TaskContextStorage for MemoryBackend {
 impl StorageBackend for MemoryBackend {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn store_id(&self) -> Option<String> {
+        Some(format!("memory:{}", self.instance))
     }
 
     async fn initialize(&self) -> Result<()> {

@@ -136,6 +136,8 @@ const CHECKPOINT_COLUMNS: &str =
 #[derive(Debug)]
 pub struct SqliteBackend {
     path: Option<PathBuf>,
+    /// Names an in-memory database in [`StorageBackend::store_id`].
+    instance: uuid::Uuid,
     readers: usize,
     busy_timeout: Duration,
     state: OnceCell<Connections>,
@@ -493,6 +495,7 @@ impl SqliteBackend {
         let path = path.as_ref();
         SqliteBackend {
             path: (path != Path::new(":memory:")).then(|| path.to_owned()),
+            instance: uuid::Uuid::now_v7(),
             readers: 4,
             busy_timeout: Duration::from_secs(5),
             state: OnceCell::new(),
@@ -1384,6 +1387,22 @@ impl TaskContextStorage for SqliteBackend {
 impl StorageBackend for SqliteBackend {
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn store_id(&self) -> Option<String> {
+        let Some(path) = &self.path else {
+            return Some(format!("sqlite::memory:{}", self.instance));
+        };
+        // A target may not exist yet: then its directory is canonicalized. Symlinks and
+        // `..` resolve, so two spellings of one file compare equal.
+        let canonical = std::fs::canonicalize(path).ok().or_else(|| {
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
+        })?;
+        Some(format!("sqlite:{}", canonical.display()))
     }
 
     async fn initialize(&self) -> Result<()> {

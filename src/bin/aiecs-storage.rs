@@ -80,8 +80,9 @@ enum Command {
         /// Compare counts and per-session and per-thread checksums afterwards.
         #[arg(long)]
         verify: bool,
-        /// Where progress is kept for resuming (default: a file in the temp directory
-        /// named after the two URLs).
+        /// Where progress is kept for resuming; a file written for another pair of
+        /// stores is refused (default: one file per pair of stores in
+        /// `$XDG_STATE_HOME/aiecs-storage` or `~/.local/state/aiecs-storage`).
         #[arg(long, value_name = "FILE")]
         state_file: Option<std::path::PathBuf>,
     },
@@ -195,112 +196,6 @@ fn open_either(
     }
 }
 
-/// The backend URL a side of a migration names, from `--from`/`--to` or from its file
-/// as written (no environment overrides).
-fn side_url(
-    url: &Option<String>,
-    config: &Option<std::path::PathBuf>,
-) -> aiecs_storage::Result<Option<String>> {
-    Ok(match (url, config) {
-        (Some(url), _) => Some(url.clone()),
-        (None, Some(path)) => Some(aiecs_storage::config::StorageConfig::from_file(path)?.url),
-        (None, None) => None,
-    })
-}
-
-/// What makes two URLs the same store: the SQLite file after canonicalization; the
-/// Redis server, database and key prefix; the PostgreSQL server, database and schema.
-/// Credentials, TLS and client options do not matter. `None` for stores that are never
-/// shared (`memory://`, `sqlite::memory:`) or URLs that do not parse (opening them
-/// reports why).
-fn store_identity(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once(':')?;
-    match scheme {
-        "sqlite" => {
-            let path = rest.strip_prefix("//").unwrap_or(rest);
-            if path.is_empty() || path == ":memory:" {
-                return None;
-            }
-            let path = std::path::Path::new(path);
-            // The file may not exist yet (a target): canonicalize its directory.
-            let canonical = std::fs::canonicalize(path).ok().or_else(|| {
-                let parent = match path.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p,
-                    _ => std::path::Path::new("."),
-                };
-                Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
-            })?;
-            Some(format!("sqlite:{}", canonical.display()))
-        }
-        "redis" | "rediss" => {
-            let u = url::Url::parse(url).ok()?;
-            let db = u.path().trim_matches('/');
-            let db: u64 = if db.is_empty() { 0 } else { db.parse().ok()? };
-            Some(format!(
-                "redis:{}:{}/{db}/{}",
-                u.host_str()?.to_ascii_lowercase(),
-                u.port().unwrap_or(6379),
-                redis_prefix(&u)
-            ))
-        }
-        "redis+cluster" | "rediss+cluster" => {
-            let rest = rest.strip_prefix("//")?;
-            // After the last `@`, as redaction reads it: a password may hold `/` or `?`.
-            let rest = rest.rsplit_once('@').map_or(rest, |(_, hosts)| hosts);
-            let (body, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let hosts = body.split('/').next().unwrap_or("");
-            let mut nodes: Vec<String> = hosts
-                .split(',')
-                .filter(|n| !n.is_empty())
-                .map(|n| {
-                    let n = n.to_ascii_lowercase();
-                    if n.rsplit_once(':')
-                        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-                    {
-                        n
-                    } else {
-                        format!("{n}:6379")
-                    }
-                })
-                .collect();
-            nodes.sort();
-            let u = url::Url::parse(&format!("redis://h/?{query}")).ok()?;
-            Some(format!("cluster:{}/{}", nodes.join(","), redis_prefix(&u)))
-        }
-        "postgres" | "postgresql" => {
-            let u = url::Url::parse(url).ok()?;
-            let param = |key: &str| {
-                u.query_pairs()
-                    .find(|(k, _)| k == key)
-                    .map(|(_, v)| v.into_owned())
-            };
-            let host = param("host").or_else(|| u.host_str().map(str::to_ascii_lowercase))?;
-            let user = if u.username().is_empty() {
-                "postgres"
-            } else {
-                u.username()
-            };
-            // As the driver does: no database name means the user's.
-            let db = match u.path().trim_start_matches('/') {
-                "" => user.to_owned(),
-                db => db.to_owned(),
-            };
-            let schema = param("schema").unwrap_or_else(|| "aiecs".to_owned());
-            Some(format!(
-                "postgres:{host}:{}/{db}/{schema}",
-                u.port().unwrap_or(5432)
-            ))
-        }
-        _ => None,
-    }
-}
-
-fn redis_prefix(u: &url::Url) -> String {
-    u.query_pairs()
-        .find(|(k, _)| k == "prefix")
-        .map_or_else(|| "aiecs:".to_owned(), |(_, v)| v.into_owned())
-}
-
 /// The figures of the backend itself: a stack nests them under its layers' reports.
 fn backend_values(report: &MetricsReport) -> &aiecs_storage::Metadata {
     let mut r = report;
@@ -405,28 +300,26 @@ async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
             verify,
             state_file,
         } => {
-            let from_url = side_url(&from, &from_config)?;
-            let to_url = side_url(&to, &to_config)?;
-            if let (Some(a), Some(b)) = (&from_url, &to_url) {
-                if let (Some(ia), Some(ib)) = (store_identity(a), store_identity(b)) {
-                    if ia == ib {
-                        return Err(aiecs_storage::StorageError::invalid_input(
-                            "to",
-                            // Not the identity itself: a password with a raw `?` can be
-                            // misread as a port, and would show in it.
-                            "names the same store as the source (same file, server, \
-                             database and prefix or schema); a migration needs two \
-                             different stores",
-                        ));
-                    }
-                }
-            }
             let source = open_either(&from, &from_config, false)?;
             let target = open_either(&to, &to_config, false)?;
+            // Compared before either is opened, so a mistake touches nothing.
+            if let (Some(a), Some(b)) = (source.store_id(), target.store_id()) {
+                if a == b {
+                    return Err(aiecs_storage::StorageError::invalid_input(
+                        "to",
+                        // Not the id: a URL the parser misreads (a password with a raw
+                        // `?`) could put part of a password in it.
+                        "names the same store as the source (same file, server, database \
+                         and prefix or schema); a migration needs two different stores",
+                    ));
+                }
+            }
             source.initialize().await?;
             target.initialize().await?;
-            let state = state_file
-                .unwrap_or_else(|| default_state_file(&from, &to, &from_config, &to_config));
+            let state = match state_file {
+                Some(path) => path,
+                None => default_state_file(source.as_ref(), target.as_ref())?,
+            };
             let bar = progress::Bar::new();
             let report = aiecs_storage::Migrator::new(source.as_ref(), target.as_ref())
                 .batch_size(batch_size)
@@ -556,20 +449,91 @@ async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
     }
 }
 
-/// A state file per pair of stores, so rerunning the same migration resumes it.
+/// A state file per pair of stores, so rerunning the same migration resumes it, in a
+/// directory private to the user: `$XDG_STATE_HOME/aiecs-storage`, else
+/// `~/.local/state/aiecs-storage`, else `aiecs-storage-<uid>` in the temp directory.
 fn default_state_file(
-    from: &Option<String>,
-    to: &Option<String>,
-    from_config: &Option<std::path::PathBuf>,
-    to_config: &Option<std::path::PathBuf>,
-) -> std::path::PathBuf {
-    let key = format!("{from:?}|{to:?}|{from_config:?}|{to_config:?}");
+    source: &dyn StorageBackend,
+    target: &dyn StorageBackend,
+) -> aiecs_storage::Result<std::path::PathBuf> {
+    let key = format!(
+        "{}|{:?}|{}|{:?}",
+        source.kind(),
+        source.store_id(),
+        target.kind(),
+        target.store_id()
+    );
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for b in key.bytes() {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    std::env::temp_dir().join(format!("aiecs-migrate-{hash:016x}.json"))
+    Ok(private_state_dir()?.join(format!("migrate-{hash:016x}.json")))
+}
+
+fn private_state_dir() -> aiecs_storage::Result<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let env_dir = |name: &str| {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    let dir = match (env_dir("XDG_STATE_HOME"), env_dir("HOME")) {
+        (Some(state), _) => state.join("aiecs-storage"),
+        (None, Some(home)) => home.join(".local/state/aiecs-storage"),
+        (None, None) => std::env::temp_dir().join(format!("aiecs-storage-{}", user_tag())),
+    };
+    let refuse = |why: String| {
+        aiecs_storage::StorageError::invalid_input(
+            "state_file",
+            format!("{why}; give a state file with --state-file"),
+        )
+    };
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(&dir)
+        .map_err(|e| refuse(format!("cannot create {}: {e}", dir.display())))?;
+    // A directory someone else made (or a symlink planted in a shared temp directory)
+    // could hand us their state file or take our writes.
+    let meta = std::fs::symlink_metadata(&dir)
+        .map_err(|e| refuse(format!("cannot read {}: {e}", dir.display())))?;
+    if !meta.is_dir() {
+        return Err(refuse(format!("{} is not a directory", dir.display())));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if meta.mode() & 0o022 != 0 {
+            return Err(refuse(format!(
+                "{} is writable by other users (mode {:o})",
+                dir.display(),
+                meta.mode() & 0o777
+            )));
+        }
+        if our_uid().is_some_and(|uid| uid != meta.uid()) {
+            return Err(refuse(format!("{} belongs to another user", dir.display())));
+        }
+    }
+    Ok(dir)
+}
+
+/// This process's user id, as Linux shows it (`None` elsewhere).
+#[cfg(unix)]
+fn our_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Tells users apart in a shared temp directory.
+fn user_tag() -> String {
+    #[cfg(unix)]
+    if let Some(uid) = our_uid() {
+        return uid.to_string();
+    }
+    std::env::var("USER").unwrap_or_else(|_| "user".to_owned())
 }
 
 mod progress {

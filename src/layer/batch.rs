@@ -1047,6 +1047,10 @@ impl<B: StorageBackend + 'static> StorageBackend for Batched<B> {
         self.inner.kind()
     }
 
+    fn store_id(&self) -> Option<String> {
+        self.inner.store_id()
+    }
+
     async fn initialize(&self) -> Result<()> {
         self.inner.initialize().await
     }

@@ -1147,6 +1147,10 @@ impl<B: StorageBackend> StorageBackend for Cached<B> {
         self.inner.kind()
     }
 
+    fn store_id(&self) -> Option<String> {
+        self.inner.store_id()
+    }
+
     async fn initialize(&self) -> Result<()> {
         // A schema migration may rewrite records.
         let w = self.shared.write_all();

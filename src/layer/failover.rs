@@ -1144,6 +1144,10 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
         self.primary.kind()
     }
 
+    fn store_id(&self) -> Option<String> {
+        self.primary.store_id()
+    }
+
     async fn initialize(&self) -> Result<()> {
         // A primary that is down at start is what failover is for; the fallback must work.
         if let Err(e) = self.primary.initialize().await {

@@ -359,6 +359,10 @@ impl<B: StorageBackend, P: Policy> StorageBackend for Layered<B, P> {
         self.inner.kind()
     }
 
+    fn store_id(&self) -> Option<String> {
+        self.inner.store_id()
+    }
+
     async fn initialize(&self) -> Result<()> {
         let call = Call::new(Operation::Initialize, None);
         self.policy.call(call, || self.inner.initialize()).await

@@ -27,8 +27,9 @@ use super::transfer::{
 /// The `format` of a migration state file.
 pub const STATE_FORMAT: &str = "aiecs-storage-migration";
 
-/// The version of the migration state file.
-pub const STATE_VERSION: u32 = 1;
+/// The version of the migration state file. Version 2 binds the file to its pair of
+/// stores; a version 1 file is refused, since the pair it belongs to is unknown.
+pub const STATE_VERSION: u32 = 2;
 
 /// How a [`Migrator`] runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +38,10 @@ pub struct MigrateOptions {
     /// and one group of writes (1..=10 000; default 100).
     pub batch_size: usize,
     /// Where to record progress. When the file exists at the start, the run continues
-    /// after the position it records; it is rewritten after every batch that completes
+    /// after the position it records, provided it was written by a run between the same
+    /// two stores (compared by [`store_id`](StorageBackend::store_id)) and of the same
+    /// scope; any other file is refused. It is rewritten (owner-only, through a fresh
+    /// temp file and a rename) after every batch that completes
     /// a session, task context or thread, and removed when the run completes. `None`:
     /// no resume; a rerun copies everything again (harmlessly: every write is
     /// idempotent).
@@ -133,6 +137,13 @@ pub struct MigrationState {
     pub source: String,
     /// The target's kind, for people reading the file.
     pub target: String,
+    /// A fingerprint of the source's [`store_id`](StorageBackend::store_id) (a hash:
+    /// the file never holds a URL); a run between other stores refuses the file.
+    #[serde(default)]
+    pub source_store: Option<String>,
+    /// A fingerprint of the target's `store_id`.
+    #[serde(default)]
+    pub target_store: Option<String>,
     /// Everything before this position is copied.
     pub position: Position,
     /// Items copied by all runs so far.
@@ -165,6 +176,17 @@ pub fn read_state(path: &Path) -> Result<Option<MigrationState>> {
             e,
         )
     })?;
+    if state.format == STATE_FORMAT && state.version < STATE_VERSION {
+        return Err(StorageError::invalid_input(
+            "state_file",
+            format!(
+                "{} is a version {} state file, which does not record the stores it \
+                 belongs to; remove it to start the migration over",
+                path.display(),
+                state.version
+            ),
+        ));
+    }
     if state.format != STATE_FORMAT || state.version > STATE_VERSION {
         return Err(StorageError::Serialization {
             message: format!(
@@ -194,8 +216,35 @@ fn write_state(path: &Path, state: &MigrationState) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).map_err(io)?;
+    // A leftover temp file (a crash) or a planted symlink is removed, not written
+    // through: `create_new` refuses any existing path, symlinks included, and the new
+    // file is readable by its owner only. The rename replaces `path` itself, never
+    // what a symlink there points to.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp).map_err(io)?;
+    std::io::Write::write_all(&mut file, &bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// A fingerprint of a store's id (FNV-1a, 64 bits): enough to tell two stores apart in
+/// a state file without writing down where they are.
+fn store_fingerprint(backend: &dyn StorageBackend) -> Option<String> {
+    let id = backend.store_id()?;
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    Some(format!("fnv1a64:{hash:016x}"))
 }
 
 fn remove_state(path: &Path) -> Result<()> {
@@ -325,7 +374,31 @@ impl<'a> Migrator<'a> {
             Some(path) => read_state(path)?,
             None => None,
         };
+        let (source_store, target_store) = (
+            store_fingerprint(self.source),
+            store_fingerprint(self.target),
+        );
         if let (Some(s), Some(path)) = (&state, &state_path) {
+            // Resuming another pair's position would skip everything before it.
+            if s.source != self.source.kind()
+                || s.target != self.target.kind()
+                || s.source_store != source_store
+                || s.target_store != target_store
+            {
+                return Err(StorageError::invalid_input(
+                    "state_file",
+                    format!(
+                        "{} records a migration from {} to {} between other stores than \
+                         this {} to {} one; give another state file, or remove it to \
+                         start over",
+                        path.display(),
+                        s.source,
+                        s.target,
+                        self.source.kind(),
+                        self.target.kind()
+                    ),
+                ));
+            }
             if s.scope != scope {
                 return Err(StorageError::invalid_input(
                     "state_file",
@@ -346,6 +419,8 @@ impl<'a> Migrator<'a> {
                 scope: scope.clone(),
                 source: self.source.kind().to_owned(),
                 target: self.target.kind().to_owned(),
+                source_store,
+                target_store,
                 position: Position::start(),
                 records: 0,
                 started_at: now(),

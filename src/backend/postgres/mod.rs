@@ -1494,6 +1494,20 @@ impl StorageBackend for PostgresBackend {
         "postgres"
     }
 
+    fn store_id(&self) -> Option<String> {
+        let config = &self.options.config;
+        // As the driver connects: the first host and port, a Unix socket's directory.
+        let host = match config.get_hosts().first()? {
+            tokio_postgres::config::Host::Tcp(h) => h.to_ascii_lowercase(),
+            tokio_postgres::config::Host::Unix(dir) => dir.display().to_string(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        Some(format!(
+            "postgres:{host}:{port}/{}/{}",
+            self.options.dbname, self.schema
+        ))
+    }
+
     async fn initialize(&self) -> Result<()> {
         self.state().await.map(|_| ())
     }

@@ -1726,6 +1726,31 @@ impl StorageBackend for RedisBackend {
         }
     }
 
+    fn store_id(&self) -> Option<String> {
+        let address = |url: &str| {
+            let client = redis::Client::open(url).ok()?;
+            let info = client.get_connection_info();
+            Some((info.addr().to_string(), info.redis_settings().db()))
+        };
+        match &self.target {
+            Target::Node(url) => {
+                let (addr, db) = address(url)?;
+                Some(format!("redis:{addr}/{db}/{}", self.prefix))
+            }
+            // Any seed reaches the same cluster only if the seed lists match; a cluster
+            // named by two different seed lists is taken for two stores.
+            Target::Cluster(nodes) => {
+                let mut addrs = nodes
+                    .iter()
+                    .map(|n| address(n).map(|(addr, _)| addr))
+                    .collect::<Option<Vec<_>>>()?;
+                addrs.sort();
+                addrs.dedup();
+                Some(format!("redis_cluster:{}/{}", addrs.join(","), self.prefix))
+            }
+        }
+    }
+
     async fn initialize(&self) -> Result<()> {
         self.conn().await.map(|_| ())
     }

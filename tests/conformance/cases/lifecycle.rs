@@ -120,6 +120,20 @@ pub async fn close_twice_is_ok(b: Arc<dyn StorageBackend>) {
     assert_closed(b.get_session("s1").await, "get_session");
 }
 
+/// Every backend names its store, the same way on every call and after use, and never
+/// with a password (the harness' URLs carry none, so a `@` would be one's place).
+pub async fn store_id_names_the_store_steadily(b: Arc<dyn StorageBackend>) {
+    let id = b
+        .store_id()
+        .expect("every backend of this crate names its store");
+    assert!(id.starts_with(b.kind().split('_').next().unwrap()), "{id}");
+    assert!(!id.contains('@'), "{id}");
+    b.create_session("store-id", "u", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(b.store_id().as_deref(), Some(id.as_str()));
+}
+
 pub async fn health_check_reports_healthy(b: Arc<dyn StorageBackend>) {
     let report = b.health_check().await.unwrap();
     assert_eq!(report.status, HealthStatus::Healthy);

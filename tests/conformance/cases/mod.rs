@@ -91,6 +91,7 @@ macro_rules! all_cases {
             lifecycle::initialize_twice_is_ok,
             lifecycle::calls_after_close_fail_with_closed,
             lifecycle::close_twice_is_ok,
+            lifecycle::store_id_names_the_store_steadily,
             lifecycle::health_check_reports_healthy,
             lifecycle::metrics_count_records,
             lifecycle::cleanup_removes_only_idle_sessions,
