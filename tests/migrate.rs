@@ -893,6 +893,12 @@ async fn failover_source(
     (source, faults)
 }
 
+/// A run during which the source's fallback answered a read reports that, not success.
+fn assert_fallback_error<T: std::fmt::Debug>(result: aiecs_storage::Result<T>) {
+    let err = result.expect_err("a copy read partly from the fallback reported as complete");
+    assert!(err.to_string().contains("failover fallback"), "{err}");
+}
+
 /// Runs a migration that makes the primary fail one `op` after the first batch, and
 /// checks that it either fails or copies everything, never "succeeds" short.
 async fn migrate_with_one_failed_read(
@@ -929,14 +935,10 @@ async fn one_failed_history_read_under_failover_does_not_end_the_history() {
         .get_conversation_range("s000", 0, 1000)
         .await
         .unwrap();
-    // One transient failure is recovered from by reading on, not reported.
-    let report = result.expect("one failed read is read past");
-    assert_eq!(
-        copied.len(),
-        300,
-        "run Ok but {} of 300 messages copied: {report:?}",
-        copied.len()
-    );
+    // The walk reads on past the short page, and still does not call the copy
+    // complete: the fallback answered a read.
+    assert_fallback_error(result);
+    assert_eq!(copied.len(), 300, "{} of 300 messages copied", copied.len());
     let history = source
         .get_conversation_range("s000", 0, 1000)
         .await
@@ -957,11 +959,11 @@ async fn one_failed_session_listing_under_failover_does_not_end_the_listing() {
         })
         .await
         .unwrap();
-    let report = result.expect("one failed read is read past");
+    assert_fallback_error(result);
     assert_eq!(
         page.sessions.len(),
         250,
-        "run Ok but {} of 250 sessions copied: {report:?}",
+        "{} of 250 sessions copied",
         page.sessions.len()
     );
 }
@@ -1037,10 +1039,7 @@ async fn one_failed_checkpoint_listing_under_failover_does_not_end_the_thread() 
         ErrorKind::Connection,
     );
     let target = MemoryBackend::new();
-    Migrator::new(&source, &target)
-        .run()
-        .await
-        .expect("one failed read is read past");
+    assert_fallback_error(Migrator::new(&source, &target).run().await);
     assert_eq!(faults.injected(), 1, "the fault must have been hit");
     let copied = target
         .list_checkpoints("t1", "", &CheckpointFilter::default())
@@ -1289,5 +1288,58 @@ async fn store_ids_name_the_store_not_the_handle() {
             pg("postgres://postgres@127.0.0.1:5432/test?schema=other")
         );
         assert_ne!(plain, pg("postgres://postgres@127.0.0.1:5432/prod"));
+    }
+}
+
+/// Reads that return everything at once (no cursor, so no short page to see) answered by
+/// a failover's fallback once each: the run must not call an incomplete copy complete.
+#[tokio::test]
+async fn a_read_answered_by_the_fallback_fails_the_copy_instead_of_shortening_it() {
+    use aiecs_storage::layer::FailoverLayer;
+    use tower::Layer;
+    for op in [
+        Operation::GetWrites,
+        Operation::ListCheckpointNamespaces,
+        Operation::ListWriteCheckpoints,
+        Operation::GetTaskContext,
+        Operation::GetConversationHistory,
+    ] {
+        let primary = MemoryBackend::new();
+        primary
+            .create_session("s1", "u", &Metadata::new())
+            .await
+            .unwrap();
+        primary
+            .add_conversation_message("s1", &NewMessage::new("user", "hi"))
+            .await
+            .unwrap();
+        primary
+            .store_task_context("s1", &json!({"step": 1}))
+            .await
+            .unwrap();
+        for ns in ["", "sub"] {
+            let checkpoint = NewCheckpoint::new("t1", "c1", json!({})).with_namespace(ns);
+            primary.store_checkpoint(&checkpoint).await.unwrap();
+            primary
+                .put_writes("t1", ns, "c1", "task", &[WriteInput::new("ch", json!(1))])
+                .await
+                .unwrap();
+        }
+        let (p, faults) = Faults::wrap(primary);
+        // The fallback holds nothing: whatever it answers is short.
+        let source = FailoverLayer::new(Arc::new(MemoryBackend::new())).layer(p);
+        faults.fail_next(Target::Op(op), 1, ErrorKind::Connection);
+        let target = MemoryBackend::new();
+        let result = Migrator::new(&source, &target).run().await;
+        assert_eq!(faults.injected(), 1, "{op:?}: the fault must have been hit");
+        let err = result.expect_err(&format!("{op:?}: a short copy reported as complete"));
+        assert!(err.to_string().contains("fallback"), "{op:?}: {err}");
+        // Run again: the copy completes and verifies clean.
+        Migrator::new(&source, &target).run().await.unwrap();
+        assert!(verify(&source, &target).await.unwrap().is_clean(), "{op:?}");
+        // Nor may verify call two stores equal from a read the fallback answered.
+        faults.fail_next(Target::Op(op), 1, ErrorKind::Connection);
+        let err = verify(&source, &target).await.unwrap_err();
+        assert!(err.to_string().contains("comparison"), "{op:?}: {err}");
     }
 }

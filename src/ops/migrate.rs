@@ -279,6 +279,10 @@ type ProgressFn<'a> = Box<dyn FnMut(&Progress) + Send + 'a>;
 ///   crash, Ctrl-C) continues where it stopped: the next run with the same file skips
 ///   the sessions, task contexts and threads already copied.
 /// - [`Migrator::verify`] then compares the two stores.
+/// - A short page is never taken for the end of a listing, and a run during which a
+///   source behind a [`FailoverLayer`](crate::layer::FailoverLayer) answered any read
+///   from its fallback (which may hold less than the primary) fails instead of
+///   reporting a copy that may be short; `verify` does the same.
 ///
 /// What the target already holds and the source does not is left alone.
 ///
@@ -443,6 +447,7 @@ impl<'a> Migrator<'a> {
             totals,
             resumed: resumed_from.is_some(),
         };
+        let fallback_before = fallback_reads(self.source).await?;
         let mut source =
             Source::resume(self.source, scope.clone(), self.options.batch_size, start)?;
         let sink = Sink::new(self.target);
@@ -463,6 +468,15 @@ impl<'a> Migrator<'a> {
                 f(&progress);
             }
         }
+        let answered = fallback_reads(self.source).await? - fallback_before;
+        if answered > 0 {
+            // Which read it was is unknown, so no position can be trusted: the rerun
+            // starts over (every write is idempotent).
+            if let Some(path) = &state_path {
+                remove_state(path)?;
+            }
+            return Err(incomplete_read(answered, "copy"));
+        }
         if let Some(path) = &state_path {
             remove_state(path)?;
         }
@@ -481,6 +495,36 @@ impl<'a> Migrator<'a> {
     /// Compares source and target within the migrator's scope; see [`verify`].
     pub async fn verify(&self) -> Result<VerifyReport> {
         verify_scope(self.source, self.target, &self.options.scope).await
+    }
+}
+
+/// Reads a source stack answered from a failover's fallback so far (`fallback_reads`,
+/// summed over its layers; 0 without failover). A read that returns everything at once
+/// (a task's writes, a thread's namespaces, a task context) shows nothing when the
+/// fallback answers it with less, so a walk compares this figure before and after.
+pub(crate) async fn fallback_reads(b: &dyn StorageBackend) -> Result<u64> {
+    fn sum(report: &crate::model::MetricsReport) -> u64 {
+        let own = report
+            .values
+            .get("fallback_reads")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        own + report.components.iter().map(sum).sum::<u64>()
+    }
+    Ok(sum(&b.get_metrics().await?))
+}
+
+/// The error of a walk during which a store answered reads from its fallback; `walk`
+/// names it ("copy", "comparison").
+pub(crate) fn incomplete_read(answered: u64, walk: &str) -> StorageError {
+    StorageError::Backend {
+        message: format!(
+            "{answered} read(s) of the {walk} were answered by a failover fallback, which \
+             may hold less than its primary: the {walk} is not complete; run it again once \
+             the primary is healthy (nothing is stored twice)"
+        ),
+        transient: true,
+        source: None,
     }
 }
 
@@ -672,10 +716,17 @@ pub async fn verify_scope(
     target: &dyn StorageBackend,
     scope: &Scope,
 ) -> Result<VerifyReport> {
+    let before = (fallback_reads(source).await?, fallback_reads(target).await?);
     let (src, dst) = tokio::try_join!(
         Digest::of(source, scope, false),
         Digest::of(target, scope, true)
     )?;
+    // A side read partly from its fallback can agree with a copy short in the same way.
+    let answered = fallback_reads(source).await? - before.0 + fallback_reads(target).await?
+        - before.1;
+    if answered > 0 {
+        return Err(incomplete_read(answered, "comparison"));
+    }
     let mut differences = Vec::new();
 
     let mut ids: Vec<&String> = src.sessions.keys().chain(dst.sessions.keys()).collect();
