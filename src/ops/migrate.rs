@@ -722,8 +722,8 @@ pub async fn verify_scope(
         Digest::of(target, scope, true)
     )?;
     // A side read partly from its fallback can agree with a copy short in the same way.
-    let answered = fallback_reads(source).await? - before.0 + fallback_reads(target).await?
-        - before.1;
+    let answered =
+        fallback_reads(source).await? - before.0 + fallback_reads(target).await? - before.1;
     if answered > 0 {
         return Err(incomplete_read(answered, "comparison"));
     }
