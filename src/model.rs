@@ -642,7 +642,8 @@ pub(crate) mod utc_time {
     }
 }
 
-mod duration_ms {
+/// A `Duration` as milliseconds (a float), the form every report of this crate uses.
+pub(crate) mod duration_ms {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};

@@ -79,7 +79,7 @@ pub struct HealthCheckReport {
     /// When the check started (RFC 3339, UTC).
     pub checked_at: DateTime<Utc>,
     /// How long the whole check took, serialized as milliseconds.
-    #[serde(rename = "latency_ms", with = "duration_ms")]
+    #[serde(rename = "latency_ms", with = "crate::model::duration_ms")]
     pub latency: Duration,
     /// The individual checks.
     pub checks: HealthChecks,
@@ -108,7 +108,7 @@ pub struct CheckResult {
     /// (failed).
     pub status: HealthStatus,
     /// How long the check took, serialized as milliseconds.
-    #[serde(rename = "latency_ms", with = "duration_ms")]
+    #[serde(rename = "latency_ms", with = "crate::model::duration_ms")]
     pub latency: Duration,
     /// The error, when the check failed. Backends keep credentials out of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -345,20 +345,5 @@ fn log(report: &HealthCheckReport) {
             issues = %report.issues.join("; "),
             "storage health check: {status}"
         ),
-    }
-}
-
-mod duration_ms {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64() * 1000.0)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let ms = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(ms / 1000.0).map_err(serde::de::Error::custom)
     }
 }

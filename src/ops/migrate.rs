@@ -120,7 +120,7 @@ pub struct MigrationReport {
     /// Where the run started, when it continued an interrupted one.
     pub resumed_from: Option<Position>,
     /// How long the run took, serialized as milliseconds.
-    #[serde(rename = "elapsed_ms", with = "duration_ms")]
+    #[serde(rename = "elapsed_ms", with = "crate::model::duration_ms")]
     pub elapsed: Duration,
 }
 
@@ -1076,21 +1076,6 @@ impl Fnv {
                 }
             }
         }
-    }
-}
-
-mod duration_ms {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64() * 1000.0)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let ms = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(ms / 1000.0).map_err(serde::de::Error::custom)
     }
 }
 
