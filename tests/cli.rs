@@ -320,6 +320,59 @@ fn export_and_import_round_trip_through_a_file() {
     assert_eq!(lines, 4, "header, session, messages, context");
 }
 
+/// `export -o FILE` replaces FILE only once the export has succeeded: an export that
+/// fails (a missing session, an unreachable server) leaves an existing FILE
+/// byte-identical and no temporary file behind.
+#[test]
+fn a_failed_export_leaves_an_existing_output_file_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!("sqlite://{}", dir.path().join("a.db").display());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = aiecs_storage::open(&src).unwrap();
+        a.create_session("s1", "u", &Metadata::new()).await.unwrap();
+        a.close().await.unwrap();
+    });
+    // The output sits apart from the database, whose journal files come and go.
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let file = out_dir.join("backup.jsonl");
+    let precious = b"{\"an\":\"earlier backup\"}\n".repeat(100);
+    let listing = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let failing: [Vec<&str>; 2] = [
+        vec!["export", &src, "--session", "nope"],
+        vec!["export", "postgres://postgres@127.0.0.1:1/x"],
+    ];
+    for args in failing {
+        std::fs::write(&file, &precious).unwrap();
+        let before = listing(&out_dir);
+        let mut args = args.clone();
+        args.extend(["--output", file.to_str().unwrap()]);
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let after = std::fs::read(&file).unwrap();
+        assert!(
+            after == precious,
+            "{args:?} changed the existing file to: {}",
+            String::from_utf8_lossy(&after)
+        );
+        assert_eq!(listing(&out_dir), before, "{args:?} left a file behind");
+    }
+    // A successful export does replace it.
+    let out = run(&["export", &src, "--output", file.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("\"session_id\":\"s1\""), "{text}");
+    assert!(!text.contains("earlier backup"), "{text}");
+}
+
 /// Every numeric flag, given a negative, NaN, infinite or huge value, is refused as
 /// bad input naming the flag: never a panic (exit 101) and never a run.
 #[test]
