@@ -747,6 +747,157 @@ async fn a_malformed_line_is_a_serialization_error_naming_the_line() {
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
 }
 
+/// An export of a small store as one JSON value per line: session `s1` with two
+/// messages and a task context, thread `t1` with checkpoint `c1` and two writes of
+/// task `a`.
+async fn small_export() -> Vec<serde_json::Value> {
+    let source = MemoryBackend::new();
+    source
+        .create_session("s1", "u", &Metadata::new())
+        .await
+        .unwrap();
+    for text in ["hello", "world"] {
+        source
+            .add_conversation_message("s1", &NewMessage::new("user", text))
+            .await
+            .unwrap();
+    }
+    source
+        .store_task_context("s1", &json!({"step": 1}))
+        .await
+        .unwrap();
+    source
+        .store_checkpoint(&NewCheckpoint::new("t1", "c1", json!({"v": 1})))
+        .await
+        .unwrap();
+    source
+        .put_writes(
+            "t1",
+            "",
+            "c1",
+            "a",
+            &[
+                WriteInput::new("x", json!(1)),
+                WriteInput::new("y", json!(2)),
+            ],
+        )
+        .await
+        .unwrap();
+    let mut lines = Vec::new();
+    export(
+        &source,
+        &Scope::All,
+        &mut lines,
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8(lines)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        &kinds[..6],
+        [
+            "header",
+            "session",
+            "messages",
+            "task_context",
+            "checkpoints",
+            "writes"
+        ]
+    );
+    lines
+}
+
+/// The lines as an export file, as a hand edit leaves it.
+fn sealed(lines: &[serde_json::Value]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// Asserts that `target` holds nothing at all.
+async fn assert_empty(target: &dyn StorageBackend, why: &str) {
+    let all = SessionQuery::new().limit(100);
+    assert!(
+        target
+            .list_sessions(&all)
+            .await
+            .unwrap()
+            .sessions
+            .is_empty(),
+        "{why}: sessions were written"
+    );
+    assert!(
+        target
+            .list_task_contexts(None, 100)
+            .await
+            .unwrap()
+            .ids
+            .is_empty(),
+        "{why}: task contexts were written"
+    );
+    assert!(
+        target.list_threads(None, 100).await.unwrap().ids.is_empty(),
+        "{why}: threads were written"
+    );
+}
+
+/// A record that parses but breaks an input rule (an over-long id, an empty role, a
+/// negative counter, a checkpoint of another thread, a gap in write indexes) is
+/// `InvalidInput` naming the field and the line, and nothing is written.
+#[tokio::test]
+async fn validation_errors_of_an_import_name_the_line() {
+    let lines = small_export().await;
+    let long = "x".repeat(300);
+    let cases: Vec<(usize, &str, serde_json::Value, &str)> = vec![
+        (2, "/session_id", json!(long), "session_id"),
+        (2, "/status", json!(""), "status"),
+        (
+            2,
+            "/metrics/total_processing_time",
+            json!(-1.0),
+            "total_processing_time",
+        ),
+        (3, "/messages/1/role", json!(""), "role"),
+        (3, "/messages/0/content", json!("nul \u{0} byte"), "content"),
+        (4, "/session_id", json!(""), "session_id"),
+        (5, "/checkpoints/0/thread_id", json!("t2"), "checkpoints"),
+        (
+            5,
+            "/checkpoints/0/checkpoint_id",
+            json!(long),
+            "checkpoint_id",
+        ),
+        (6, "/writes/0/idx", json!(5), "writes"),
+        (6, "/writes/1/channel", json!("bad\nchannel"), "channel"),
+    ];
+    for (line, pointer, value, field) in cases {
+        let mut edited = lines.clone();
+        *edited[line - 1].pointer_mut(pointer).unwrap() = value;
+        let target = MemoryBackend::new();
+        let err = import(
+            &target,
+            std::io::Cursor::new(sealed(&edited).into_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .expect_err(&format!("line {line} {pointer} was imported"));
+        match &err {
+            StorageError::InvalidInput { field: f, .. } => {
+                assert_eq!(*f, field, "line {line} {pointer}: {err}")
+            }
+            other => panic!("line {line} {pointer}: expected InvalidInput, got {other}"),
+        }
+        assert!(
+            err.to_string().contains(&format!("line {line}:")),
+            "line {line} {pointer}: {err}"
+        );
+        assert_empty(&target, &format!("line {line} {pointer}")).await;
+    }
+}
+
 #[tokio::test]
 async fn source_batches_hold_at_most_batch_size_items_and_mark_positions() {
     let source = MemoryBackend::new();

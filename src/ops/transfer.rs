@@ -954,19 +954,7 @@ impl<'a> Sink<'a> {
                     checkpoint_ns,
                     checkpoints: list,
                 } => {
-                    if let Some(c) = list
-                        .iter()
-                        .find(|c| c.thread_id != thread_id || c.checkpoint_ns != checkpoint_ns)
-                    {
-                        return Err(StorageError::invalid_input(
-                            "checkpoints",
-                            format!(
-                                "checkpoint `{}` names thread `{}` namespace `{}` in a record \
-                                 of thread `{thread_id}` namespace `{checkpoint_ns}`",
-                                c.checkpoint_id, c.thread_id, c.checkpoint_ns
-                            ),
-                        ));
-                    }
+                    same_thread(&thread_id, &checkpoint_ns, &list)?;
                     checkpoints.extend(list);
                 }
                 Record::Writes {
@@ -1128,6 +1116,94 @@ fn pieces(call: TaskWrites) -> Result<Vec<TaskWrites>> {
         .collect())
 }
 
+/// Checks an imported record against the input rules its `restore_*` call applies, and
+/// the shape rules [`Sink::apply`] enforces, so a bad value is refused with its line
+/// number rather than by a backend call that cannot tell which line it came from.
+fn prepare(record: &mut Record) -> Result<()> {
+    match record {
+        Record::Header(_) => {}
+        Record::Session(s) => {
+            validate::restored_sessions(std::slice::from_ref(s))?;
+        }
+        Record::Messages {
+            session_id,
+            messages,
+            ..
+        } => {
+            for chunk in messages.chunks(MAX_LIMIT) {
+                validate::restored_messages(session_id, chunk)?;
+            }
+        }
+        Record::TaskContext {
+            session_id,
+            context,
+        } => validate::task_context(session_id, context)?,
+        Record::Checkpoints {
+            thread_id,
+            checkpoint_ns,
+            checkpoints,
+        } => {
+            validate::thread(thread_id, checkpoint_ns)?;
+            same_thread(thread_id, checkpoint_ns, checkpoints)?;
+            for chunk in checkpoints.chunks(MAX_LIMIT) {
+                validate::restored_checkpoints(chunk)?;
+            }
+        }
+        Record::Writes {
+            thread_id,
+            checkpoint_ns,
+            checkpoint_id,
+            writes,
+        } => {
+            validate::checkpoint_ref(thread_id, checkpoint_ns, Some(checkpoint_id))?;
+            // The calls the sink will make, checked as the backend will check them.
+            for call in task_writes(thread_id, checkpoint_ns, checkpoint_id, writes.clone())? {
+                validate::writes(
+                    &call.thread_id,
+                    &call.checkpoint_ns,
+                    &call.checkpoint_id,
+                    &call.task_id,
+                    &call.writes,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every checkpoint of a [`Record::Checkpoints`] names the record's thread and namespace.
+fn same_thread(thread_id: &str, checkpoint_ns: &str, checkpoints: &[Checkpoint]) -> Result<()> {
+    match checkpoints
+        .iter()
+        .find(|c| c.thread_id != thread_id || c.checkpoint_ns != checkpoint_ns)
+    {
+        Some(c) => Err(StorageError::invalid_input(
+            "checkpoints",
+            format!(
+                "checkpoint `{}` names thread `{}` namespace `{}` in a record of thread \
+                 `{thread_id}` namespace `{checkpoint_ns}`",
+                c.checkpoint_id, c.thread_id, c.checkpoint_ns
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `err` with `line N: ` before its reason, keeping its kind and field.
+fn at_line(line: u64, err: StorageError) -> StorageError {
+    match err {
+        StorageError::InvalidInput { field, reason } => StorageError::InvalidInput {
+            field,
+            reason: format!("line {line}: {reason}"),
+        },
+        StorageError::Serialization { message, source } => StorageError::Serialization {
+            message: format!("line {line}: {message}"),
+            source,
+        },
+        other => other,
+    }
+}
+
 fn io_error(what: String, e: std::io::Error) -> StorageError {
     StorageError::Backend {
         message: format!("{what}: {e}"),
@@ -1229,7 +1305,10 @@ fn write_line<W: Write>(out: &mut W, record: &Record, line: u64) -> Result<()> {
 /// what was applied.
 ///
 /// A line that is not a record is [`StorageError::Serialization`] naming its line number,
-/// and so is a header of another format or of a newer version. Records before the bad
+/// and so is a header of another format or of a newer version. A record that breaks an
+/// input rule (an over-long id, an empty role, a negative counter, a checkpoint of another
+/// thread, a gap in a task's write indexes) is [`StorageError::InvalidInput`] naming the
+/// field and the line, found as the line is read. Records before the bad
 /// line may already be applied; importing again after fixing the file is safe (every
 /// write is idempotent).
 pub async fn import<R: BufRead>(
@@ -1296,6 +1375,8 @@ pub async fn import_with_progress<R: BufRead>(
             }
             continue;
         }
+        let mut record = record;
+        prepare(&mut record).map_err(|e| at_line(line, e))?;
         pending_items += record.items();
         pending.push(record);
         if pending_items >= options.batch_size as u64 {
