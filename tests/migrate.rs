@@ -898,6 +898,103 @@ async fn validation_errors_of_an_import_name_the_line() {
     }
 }
 
+/// Timestamps finer than a microsecond, and leap seconds (`23:59:60`), are stored as the
+/// microsecond the SQL backends keep, so every backend holds the same value.
+#[tokio::test]
+async fn imported_timestamps_are_kept_to_the_microsecond_on_every_backend() {
+    let mut lines = small_export().await;
+    let set = |lines: &mut Vec<serde_json::Value>, line: usize, pointer: &str, v: &str| {
+        *lines[line - 1].pointer_mut(pointer).unwrap() = json!(v);
+    };
+    set(
+        &mut lines,
+        2,
+        "/created_at",
+        "2026-01-01T00:00:00.123456789Z",
+    );
+    set(&mut lines, 2, "/updated_at", "2026-12-31T23:59:60Z");
+    set(
+        &mut lines,
+        3,
+        "/messages/0/timestamp",
+        "2026-06-30T23:59:60.5Z",
+    );
+    set(
+        &mut lines,
+        3,
+        "/messages/1/timestamp",
+        "2026-07-01T00:00:00.000000999Z",
+    );
+    set(
+        &mut lines,
+        5,
+        "/checkpoints/0/created_at",
+        "2026-03-01T12:00:00.999999999Z",
+    );
+    let file = sealed(&lines);
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let expected = (
+        at("2026-01-01T00:00:00.123456Z"),
+        at("2027-01-01T00:00:00Z"),
+        vec![at("2026-07-01T00:00:00.5Z"), at("2026-07-01T00:00:00Z")],
+        at("2026-03-01T12:00:00.999999Z"),
+    );
+
+    let mut backends: Vec<(&str, Box<dyn StorageBackend>)> = vec![
+        ("memory", Box::new(MemoryBackend::new())),
+        ("sqlite", Box::new(SqliteBackend::in_memory())),
+    ];
+    #[cfg(feature = "postgres")]
+    let mut schema = None;
+    #[cfg(feature = "postgres")]
+    if let Some(url) = common::server_url("AIECS_TEST_POSTGRES_URL", "postgres") {
+        let name = common::unique_name("timestamps");
+        let pg = aiecs_storage::PostgresBackend::new(&url)
+            .unwrap()
+            .with_schema(name.as_str())
+            .unwrap();
+        backends.push(("postgres", Box::new(pg)));
+        schema = Some((url, name));
+    }
+    for (kind, backend) in &mut backends {
+        import(
+            backend.as_ref(),
+            std::io::Cursor::new(file.as_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        let s = backend.get_session("s1").await.unwrap().unwrap();
+        let history = backend.get_conversation_range("s1", 0, 10).await.unwrap();
+        let c = backend.get_checkpoint("t1", "", Some("c1")).await.unwrap();
+        let got = (
+            s.created_at,
+            s.updated_at,
+            history.iter().map(|m| m.timestamp).collect::<Vec<_>>(),
+            c.unwrap().created_at,
+        );
+        assert_eq!(got, expected, "{kind}");
+        backend.close().await.unwrap();
+    }
+    #[cfg(feature = "postgres")]
+    if let Some((url, name)) = schema {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(connection);
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+            .await
+            .unwrap();
+        drop(client);
+        let _ = driver.await;
+    }
+}
+
 #[tokio::test]
 async fn source_batches_hold_at_most_batch_size_items_and_mark_positions() {
     let source = MemoryBackend::new();

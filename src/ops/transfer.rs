@@ -1118,12 +1118,22 @@ fn pieces(call: TaskWrites) -> Result<Vec<TaskWrites>> {
 
 /// Checks an imported record against the input rules its `restore_*` call applies, and
 /// the shape rules [`Sink::apply`] enforces, so a bad value is refused with its line
-/// number rather than by a backend call that cannot tell which line it came from.
+/// number rather than by a backend call that cannot tell which line it came from; and
+/// brings its timestamps to whole microseconds.
+///
+/// Why microseconds: SQLite and PostgreSQL keep no finer, and [`now`] stamps nothing
+/// finer, so a hand-edited or foreign export with nanoseconds or a leap second
+/// (`23:59:60`, which chrono keeps as a 61st second) would otherwise be stored as given
+/// by the memory and Redis backends and differently by the SQL ones. Truncating (as
+/// `timestamp_micros` does) rolls a leap second into the next minute, as PostgreSQL
+/// itself reads `23:59:60`.
 fn prepare(record: &mut Record) -> Result<()> {
     match record {
         Record::Header(_) => {}
         Record::Session(s) => {
             validate::restored_sessions(std::slice::from_ref(s))?;
+            s.created_at = to_micros(s.created_at);
+            s.updated_at = to_micros(s.updated_at);
         }
         Record::Messages {
             session_id,
@@ -1132,6 +1142,9 @@ fn prepare(record: &mut Record) -> Result<()> {
         } => {
             for chunk in messages.chunks(MAX_LIMIT) {
                 validate::restored_messages(session_id, chunk)?;
+            }
+            for m in messages.iter_mut() {
+                m.timestamp = to_micros(m.timestamp);
             }
         }
         Record::TaskContext {
@@ -1147,6 +1160,9 @@ fn prepare(record: &mut Record) -> Result<()> {
             same_thread(thread_id, checkpoint_ns, checkpoints)?;
             for chunk in checkpoints.chunks(MAX_LIMIT) {
                 validate::restored_checkpoints(chunk)?;
+            }
+            for c in checkpoints.iter_mut() {
+                c.created_at = to_micros(c.created_at);
             }
         }
         Record::Writes {
@@ -1169,6 +1185,11 @@ fn prepare(record: &mut Record) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `t` truncated to whole microseconds (see [`prepare`]).
+fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
 }
 
 /// Every checkpoint of a [`Record::Checkpoints`] names the record's thread and namespace.
@@ -1308,7 +1329,9 @@ fn write_line<W: Write>(out: &mut W, record: &Record, line: u64) -> Result<()> {
 /// and so is a header of another format or of a newer version. A record that breaks an
 /// input rule (an over-long id, an empty role, a negative counter, a checkpoint of another
 /// thread, a gap in a task's write indexes) is [`StorageError::InvalidInput`] naming the
-/// field and the line, found as the line is read. Records before the bad
+/// field and the line, found as the line is read. Timestamps are stored truncated to
+/// whole microseconds, the precision every backend keeps (a leap second, `23:59:60`,
+/// becomes the first microseconds of the next minute). Records before the bad
 /// line may already be applied; importing again after fixing the file is safe (every
 /// write is idempotent).
 pub async fn import<R: BufRead>(
