@@ -100,7 +100,8 @@ enum Command {
         output: Option<std::path::PathBuf>,
     },
     /// Read JSON lines written by export into a backend: `import URL FILE`, or
-    /// `import --config CFG FILE`.
+    /// `import --config CFG FILE`. The whole file is checked (header, order, counts and
+    /// checksum in its trailer) before anything is written.
     Import {
         /// The backend URL (omitted with --config), then the export file.
         #[arg(num_args = 1..=2, value_names = ["URL", "FILE"], required = true)]
@@ -108,6 +109,10 @@ enum Command {
         /// A TOML stack configuration instead of a URL.
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
+        /// Accept a version 1 export (written before exports had a trailer), which
+        /// cannot be checked for truncation.
+        #[arg(long)]
+        accept_v1: bool,
     },
     /// Remove sessions idle longer than the given hours, with their messages and context.
     Cleanup {
@@ -501,8 +506,13 @@ async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
                 json: Value::Null,
             })
         }
-        Command::Import { mut args, config } => {
-            use aiecs_storage::ops::transfer::{import, TransferOptions};
+        Command::Import {
+            mut args,
+            config,
+            accept_v1,
+        } => {
+            use aiecs_storage::ops::transfer::{check_export, import_stream, TransferOptions};
+            use std::io::Seek;
             let file = std::path::PathBuf::from(args.pop().unwrap_or_default());
             let target = Target {
                 url: args.pop(),
@@ -511,17 +521,35 @@ async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
             let storage = open(&target)?;
             let input = std::fs::File::open(&file)
                 .map_err(|e| aiecs_storage::StorageError::invalid_input("file", e.to_string()))?;
-            let counts = import(
-                storage.as_ref(),
-                std::io::BufReader::new(input),
-                &TransferOptions::default(),
-            )
-            .await?;
+            let options = TransferOptions {
+                accept_v1,
+                ..TransferOptions::default()
+            };
+            // Two passes, as `import` makes them, with the header of the first at hand
+            // for the version 1 warning: nothing is written unless the whole file passes.
+            let mut input = std::io::BufReader::new(input);
+            let summary = check_export(&mut input, &options)?;
+            input
+                .rewind()
+                .map_err(|e| aiecs_storage::StorageError::invalid_input("file", e.to_string()))?;
+            let counts = import_stream(storage.as_ref(), input, &options).await?;
             storage.close().await?;
+            let mut text = format!("imported {}\n", serde_json::to_string(&counts)?);
+            let mut json = serde_json::to_value(counts)?;
+            if summary.header.version < 2 {
+                let warning = format!(
+                    "{} is a version {} export, without a trailer: it could not be checked \
+                     for truncation",
+                    file.display(),
+                    summary.header.version
+                );
+                text.push_str(&format!("warning: {warning}\n"));
+                json["warning"] = json!(warning);
+            }
             Ok(Outcome {
                 ok: true,
-                text: format!("imported {}\n", serde_json::to_string(&counts)?),
-                json: serde_json::to_value(counts)?,
+                text,
+                json,
             })
         }
         Command::Cleanup {
