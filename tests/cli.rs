@@ -317,7 +317,146 @@ fn export_and_import_round_trip_through_a_file() {
     assert_eq!(stats(&dst), stats(&src));
     let out = run(&["export", &src, "--session", "s1"]);
     let lines = String::from_utf8_lossy(&out.stdout).lines().count();
-    assert_eq!(lines, 4, "header, session, messages, context");
+    assert_eq!(lines, 5, "header, session, messages, context, trailer");
+}
+
+/// `export -o FILE` replaces FILE only once the export has succeeded: an export that
+/// fails (a missing session, an unreachable server) leaves an existing FILE
+/// byte-identical and no temporary file behind.
+#[test]
+fn a_failed_export_leaves_an_existing_output_file_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!("sqlite://{}", dir.path().join("a.db").display());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = aiecs_storage::open(&src).unwrap();
+        a.create_session("s1", "u", &Metadata::new()).await.unwrap();
+        a.close().await.unwrap();
+    });
+    // The output sits apart from the database, whose journal files come and go.
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let file = out_dir.join("backup.jsonl");
+    let precious = b"{\"an\":\"earlier backup\"}\n".repeat(100);
+    let listing = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let failing: [Vec<&str>; 2] = [
+        vec!["export", &src, "--session", "nope"],
+        vec!["export", "postgres://postgres@127.0.0.1:1/x"],
+    ];
+    for args in failing {
+        std::fs::write(&file, &precious).unwrap();
+        let before = listing(&out_dir);
+        let mut args = args.clone();
+        args.extend(["--output", file.to_str().unwrap()]);
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let after = std::fs::read(&file).unwrap();
+        assert!(
+            after == precious,
+            "{args:?} changed the existing file to: {}",
+            String::from_utf8_lossy(&after)
+        );
+        assert_eq!(listing(&out_dir), before, "{args:?} left a file behind");
+    }
+    // A successful export does replace it.
+    let out = run(&["export", &src, "--output", file.to_str().unwrap()]);
+    assert!(out.status.success());
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("\"session_id\":\"s1\""), "{text}");
+    assert!(!text.contains("earlier backup"), "{text}");
+}
+
+/// `import` of an export that lost its last lines (a killed export, a short copy)
+/// fails naming the last line read, and writes nothing.
+#[test]
+fn import_refuses_a_truncated_export_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!("sqlite://{}", dir.path().join("a.db").display());
+    let dst = format!("sqlite://{}", dir.path().join("b.db").display());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = aiecs_storage::open(&src).unwrap();
+        for s in ["s1", "s2", "s3"] {
+            a.create_session(s, "u", &Metadata::new()).await.unwrap();
+            a.add_conversation_message(s, &aiecs_storage::NewMessage::new("user", "hi"))
+                .await
+                .unwrap();
+        }
+        a.close().await.unwrap();
+    });
+    let file = dir.path().join("dump.jsonl");
+    assert!(run(&["export", &src, "--output", file.to_str().unwrap()])
+        .status
+        .success());
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let keep = lines.len() - 1;
+    let cut: String = lines[..keep].iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, cut).unwrap();
+    let out = run(&["import", &dst, file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a truncated export was imported: {err}"
+    );
+    assert!(err.contains(&format!("line {keep}")), "{err}");
+    assert!(err.contains("truncated"), "{err}");
+    let after = stats(&dst);
+    for key in ["sessions", "messages"] {
+        assert_eq!(after[key], 0, "{key} were written: {after}");
+    }
+}
+
+/// A version 1 export (no trailer) is refused unless `--accept-v1` vouches for it, and
+/// then imported with a warning.
+#[test]
+fn import_takes_a_version_1_export_only_with_accept_v1() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = format!("sqlite://{}", dir.path().join("a.db").display());
+    let dst = format!("sqlite://{}", dir.path().join("b.db").display());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = aiecs_storage::open(&src).unwrap();
+        a.create_session("s1", "u", &Metadata::new()).await.unwrap();
+        a.close().await.unwrap();
+    });
+    let file = dir.path().join("dump.jsonl");
+    assert!(run(&["export", &src, "--output", file.to_str().unwrap()])
+        .status
+        .success());
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.pop().unwrap()["type"], "trailer");
+    lines[0]["version"] = json!(1);
+    let v1: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&file, v1).unwrap();
+    let out = run(&["import", &dst, file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--accept-v1"), "{err}");
+    assert_eq!(stats(&dst)["sessions"], 0);
+    let imported = json_of(&run(&[
+        "import",
+        "--json",
+        "--accept-v1",
+        &dst,
+        file.to_str().unwrap(),
+    ]));
+    assert_eq!(imported["sessions"], 1);
+    assert!(
+        imported["warning"].as_str().unwrap().contains("truncation"),
+        "{imported}"
+    );
 }
 
 /// Every numeric flag, given a negative, NaN, infinite or huge value, is refused as

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::BufReader;
+use std::io::{BufReader, Cursor};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +12,8 @@ use aiecs_storage::ops::migrate::{
     read_state, verify, verify_scope, DifferenceKind, Entity, MigrateOptions, Migrator, Progress,
 };
 use aiecs_storage::ops::transfer::{
-    export, import, Record, Scope, Source, TransferOptions, FORMAT_VERSION,
+    check_export, export, import, import_stream, Record, Scope, Source, TransferOptions,
+    FORMAT_VERSION,
 };
 use aiecs_storage::{
     prelude::*, CheckpointFilter, ErrorKind, MemoryBackend, Metadata, NewCheckpoint, NewMessage,
@@ -513,8 +514,11 @@ async fn export_import_round_trips_the_whole_store() {
     let target = SqliteBackend::in_memory();
     let imported = import(
         &target,
-        lines.as_slice(),
-        &TransferOptions { batch_size: 250 },
+        Cursor::new(&lines),
+        &TransferOptions {
+            batch_size: 250,
+            ..TransferOptions::default()
+        },
     )
     .await
     .unwrap();
@@ -524,7 +528,7 @@ async fn export_import_round_trips_the_whole_store() {
     assert_same(&source, &target).await;
 
     // Importing the same file again changes nothing.
-    let again = import(&target, lines.as_slice(), &TransferOptions::default())
+    let again = import(&target, Cursor::new(&lines), &TransferOptions::default())
         .await
         .unwrap();
     assert_eq!(again.new_messages, 0);
@@ -538,7 +542,10 @@ async fn export_import_round_trips_the_whole_store() {
         &target,
         &Scope::All,
         file,
-        &TransferOptions { batch_size: 1000 },
+        &TransferOptions {
+            batch_size: 1000,
+            ..TransferOptions::default()
+        },
     )
     .await
     .unwrap();
@@ -570,7 +577,7 @@ async fn export_import_of_one_session_and_one_thread() {
         (1, MESSAGES as u64, 1)
     );
     let target = SqliteBackend::in_memory();
-    import(&target, lines.as_slice(), &TransferOptions::default())
+    import(&target, Cursor::new(&lines), &TransferOptions::default())
         .await
         .unwrap();
     let v = verify_scope(&source, &target, &Scope::session("s06"))
@@ -610,14 +617,17 @@ async fn export_import_of_one_session_and_one_thread() {
         &source,
         &Scope::thread("t7"),
         &mut lines,
-        &TransferOptions { batch_size: 4 },
+        &TransferOptions {
+            batch_size: 4,
+            ..TransferOptions::default()
+        },
     )
     .await
     .unwrap();
     assert_eq!(counts.checkpoints, CHECKPOINTS as u64);
     assert_eq!(counts.sessions, 0);
     let target = MemoryBackend::new();
-    import(&target, lines.as_slice(), &TransferOptions::default())
+    import(&target, Cursor::new(&lines), &TransferOptions::default())
         .await
         .unwrap();
     let v = verify_scope(&source, &target, &Scope::thread("t7"))
@@ -693,12 +703,16 @@ async fn a_malformed_line_is_a_serialization_error_naming_the_line() {
     .await
     .unwrap();
     let good = String::from_utf8(lines).unwrap();
-    assert_eq!(good.lines().count(), 2);
+    assert_eq!(good.lines().count(), 3, "header, session, trailer");
+    let session = good.lines().nth(1).unwrap();
 
     let cases = [
-        (format!("{good}\n{{\"type\":\"session\",\"session_id\":"), "line 4"),
-        (format!("{good}{{\"type\":\"spaceship\"}}\n"), "line 3"),
+        (format!("{good}\n{{\"type\":\"session\",\"session_id\":"), "line 5"),
+        (format!("{good}{{\"type\":\"spaceship\"}}\n"), "line 4"),
         (format!("not json\n{good}"), "line 1"),
+        (format!("{session}\n{good}"), "line 1"),
+        (format!("{good}{session}\n"), "line 4"),
+        (format!("{good}{good}"), "line 4"),
         (
             format!("{{\"type\":\"header\",\"format\":\"aiecs-storage\",\"version\":99,\"scope\":{{\"kind\":\"all\"}},\"source\":\"x\",\"exported_at\":\"2026-01-01T00:00:00Z\"}}\n{good}"),
             "line 1",
@@ -706,45 +720,723 @@ async fn a_malformed_line_is_a_serialization_error_naming_the_line() {
     ];
     for (text, line) in cases {
         let target = MemoryBackend::new();
-        let err = import(&target, text.as_bytes(), &TransferOptions::default())
-            .await
-            .unwrap_err();
+        let err = import(
+            &target,
+            Cursor::new(text.as_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, StorageError::Serialization { .. }), "{err}");
         assert!(err.to_string().contains(line), "{err} should name {line}");
+        assert_empty(&target, line).await;
+    }
+    // No export at all.
+    for text in ["", "\n\n"] {
+        let err = import(
+            &MemoryBackend::new(),
+            Cursor::new(text.as_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Serialization, "{err}");
+        assert!(err.to_string().contains("no header"), "{err}");
     }
     // Invalid UTF-8 too.
     let mut bytes = good.clone().into_bytes();
     bytes.extend_from_slice(b"\xff\xfe\n");
     let err = import(
         &MemoryBackend::new(),
-        bytes.as_slice(),
+        Cursor::new(bytes),
         &TransferOptions::default(),
     )
     .await
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Serialization);
-    assert!(err.to_string().contains("line 3"), "{err}");
+    assert!(err.to_string().contains("line 4"), "{err}");
 
-    // Messages of a session the file never creates: NotFound, not a panic.
-    let orphan = "{\"type\":\"messages\",\"session_id\":\"ghost\",\"offset\":0,\"messages\":[{\"message_id\":\"m\",\"role\":\"user\",\"content\":\"x\",\"timestamp\":\"2026-01-01T00:00:00Z\",\"metadata\":{}}]}\n";
+    // Messages of a session the file never creates: refused by order, not a panic.
+    let header: serde_json::Value = serde_json::from_str(good.lines().next().unwrap()).unwrap();
+    let orphan = json!({"type": "messages", "session_id": "ghost", "offset": 0, "messages": [
+        {"message_id": "m", "role": "user", "content": "x",
+         "timestamp": "2026-01-01T00:00:00Z", "metadata": {}}
+    ]});
     let err = import(
         &MemoryBackend::new(),
-        orphan.as_bytes(),
+        Cursor::new(sealed(&[header, orphan])),
         &TransferOptions::default(),
     )
     .await
     .unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert_eq!(err.kind(), ErrorKind::Serialization, "{err}");
+    assert!(err.to_string().contains("line 2:"), "{err}");
+    assert!(
+        err.to_string().contains("before its session record"),
+        "{err}"
+    );
 
     // A bad batch size is InvalidInput.
     let err = import(
         &MemoryBackend::new(),
-        good.as_bytes(),
-        &TransferOptions { batch_size: 0 },
+        Cursor::new(good.as_bytes()),
+        &TransferOptions {
+            batch_size: 0,
+            ..TransferOptions::default()
+        },
     )
     .await
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
+}
+
+/// An export of a small store as one JSON value per line: session `s1` with two
+/// messages and a task context, thread `t1` with checkpoint `c1` and two writes of
+/// task `a`.
+async fn small_export() -> Vec<serde_json::Value> {
+    let source = MemoryBackend::new();
+    source
+        .create_session("s1", "u", &Metadata::new())
+        .await
+        .unwrap();
+    for text in ["hello", "world"] {
+        source
+            .add_conversation_message("s1", &NewMessage::new("user", text))
+            .await
+            .unwrap();
+    }
+    source
+        .store_task_context("s1", &json!({"step": 1}))
+        .await
+        .unwrap();
+    source
+        .store_checkpoint(&NewCheckpoint::new("t1", "c1", json!({"v": 1})))
+        .await
+        .unwrap();
+    source
+        .put_writes(
+            "t1",
+            "",
+            "c1",
+            "a",
+            &[
+                WriteInput::new("x", json!(1)),
+                WriteInput::new("y", json!(2)),
+            ],
+        )
+        .await
+        .unwrap();
+    let mut lines = Vec::new();
+    export(
+        &source,
+        &Scope::All,
+        &mut lines,
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8(lines)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = lines.iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        &kinds[..6],
+        [
+            "header",
+            "session",
+            "messages",
+            "task_context",
+            "checkpoints",
+            "writes"
+        ]
+    );
+    lines
+}
+
+/// 64-bit FNV-1a, written here from its definition rather than taken from the crate.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The lines as an export file with a trailer that matches them, as a careful hand
+/// edit leaves it (a trailer among `lines` is dropped first).
+fn sealed(lines: &[serde_json::Value]) -> String {
+    let mut text = String::new();
+    let mut trailer = json!({
+        "type": "trailer", "lines": 0, "records": 0, "sessions": 0, "messages": 0,
+        "task_contexts": 0, "checkpoints": 0, "writes": 0,
+        "checksum_algorithm": "fnv1a-64",
+    });
+    let mut bump = |key: &str, n: usize| {
+        let v = trailer[key].as_u64().unwrap() + n as u64;
+        trailer[key] = json!(v);
+    };
+    for l in lines.iter().filter(|l| l["type"] != "trailer") {
+        text.push_str(&format!("{l}\n"));
+        bump("lines", 1);
+        let (key, n) = match l["type"].as_str().unwrap() {
+            "session" => ("sessions", 1),
+            "task_context" => ("task_contexts", 1),
+            "messages" => ("messages", l["messages"].as_array().unwrap().len()),
+            "checkpoints" => ("checkpoints", l["checkpoints"].as_array().unwrap().len()),
+            "writes" => ("writes", l["writes"].as_array().unwrap().len()),
+            _ => continue,
+        };
+        bump(key, n);
+        bump("records", n);
+    }
+    trailer["checksum"] = json!(format!("{:016x}", fnv1a(text.as_bytes())));
+    format!("{text}{trailer}\n")
+}
+
+/// Asserts that `target` holds nothing at all.
+async fn assert_empty(target: &dyn StorageBackend, why: &str) {
+    let all = SessionQuery::new().limit(100);
+    assert!(
+        target
+            .list_sessions(&all)
+            .await
+            .unwrap()
+            .sessions
+            .is_empty(),
+        "{why}: sessions were written"
+    );
+    assert!(
+        target
+            .list_task_contexts(None, 100)
+            .await
+            .unwrap()
+            .ids
+            .is_empty(),
+        "{why}: task contexts were written"
+    );
+    assert!(
+        target.list_threads(None, 100).await.unwrap().ids.is_empty(),
+        "{why}: threads were written"
+    );
+}
+
+/// An export cut at any line boundary (a killed export, a short copy) is refused as
+/// truncated, naming the last line read, and nothing of it is written.
+#[tokio::test]
+async fn a_truncated_export_is_refused_naming_the_last_line_and_writes_nothing() {
+    let source = MemoryBackend::new();
+    source
+        .create_session("s1", "u", &Metadata::new())
+        .await
+        .unwrap();
+    for i in 0..250 {
+        source
+            .add_conversation_message("s1", &NewMessage::new("user", format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    source
+        .store_task_context("s1", &json!({"k": 1}))
+        .await
+        .unwrap();
+    source
+        .store_checkpoint(&NewCheckpoint::new("t1", "c1", json!(1)))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    export(
+        &source,
+        &Scope::All,
+        &mut out,
+        &TransferOptions {
+            batch_size: 10,
+            ..TransferOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() > 25, "{} lines", lines.len());
+    for keep in 1..lines.len() {
+        let cut: String = lines[..keep].iter().map(|l| format!("{l}\n")).collect();
+        let target = MemoryBackend::new();
+        let err = import(
+            &target,
+            std::io::Cursor::new(cut.as_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .expect_err(&format!("an export cut after line {keep} was imported"));
+        assert_eq!(err.kind(), ErrorKind::Serialization, "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("line {keep}")), "{msg}");
+        assert!(msg.contains("truncated"), "{msg}");
+        assert_empty(&target, &format!("cut after line {keep}")).await;
+    }
+}
+
+/// Two message lines of one session swapped, or one of them removed, put the history
+/// out of order: refused naming the line whose `offset` does not follow, nothing written.
+#[tokio::test]
+async fn reordered_or_missing_message_lines_are_refused_naming_the_line() {
+    let source = MemoryBackend::new();
+    source
+        .create_session("s1", "u", &Metadata::new())
+        .await
+        .unwrap();
+    for i in 0..50 {
+        source
+            .add_conversation_message("s1", &NewMessage::new("user", format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let mut out = Vec::new();
+    export(
+        &source,
+        &Scope::All,
+        &mut out,
+        &TransferOptions {
+            batch_size: 10,
+            ..TransferOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Lines 3 and 4 (1-based) hold the first two pieces of the history (the session
+    // record takes one item of the first batch, so the first piece holds 9).
+    assert!(lines[2].contains("\"offset\":0,"), "{}", lines[2]);
+    assert!(lines[3].contains("\"offset\":9,"), "{}", lines[3]);
+
+    let mut swapped = lines.clone();
+    swapped.swap(2, 3);
+    let mut removed = lines.clone();
+    removed.remove(3);
+    for (what, edited) in [("swapped", swapped), ("removed", removed)] {
+        let file: String = edited.iter().map(|l| format!("{l}\n")).collect();
+        let target = MemoryBackend::new();
+        let err = import(
+            &target,
+            std::io::Cursor::new(file.as_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .expect_err(&format!("{what} lines were imported"));
+        assert_eq!(err.kind(), ErrorKind::Serialization, "{what}: {err}");
+        let msg = err.to_string();
+        let line = if what == "swapped" { 3 } else { 4 };
+        assert!(msg.contains(&format!("line {line}:")), "{what}: {msg}");
+        assert!(msg.contains("offset"), "{what}: {msg}");
+        assert_empty(&target, what).await;
+    }
+}
+
+/// A line changed after export (here one message's content) no longer matches the
+/// checksum in the trailer: refused, nothing written.
+#[tokio::test]
+async fn an_export_changed_after_writing_is_refused_by_its_checksum() {
+    let lines = small_export().await;
+    let mut file = sealed(&lines);
+    assert!(file.contains("\"hello\""));
+    file = file.replacen("\"hello\"", "\"jello\"", 1);
+    let target = MemoryBackend::new();
+    let err = import(
+        &target,
+        std::io::Cursor::new(file.as_bytes()),
+        &TransferOptions::default(),
+    )
+    .await
+    .expect_err("an edited export was imported");
+    assert_eq!(err.kind(), ErrorKind::Serialization, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("checksum"), "{msg}");
+    assert!(msg.contains(&format!("line {}:", lines.len())), "{msg}");
+    assert_empty(&target, "edited").await;
+}
+
+/// A record that parses but breaks an input rule (an over-long id, an empty role, a
+/// negative counter, a checkpoint of another thread, a gap in write indexes) is
+/// `InvalidInput` naming the field and the line, and nothing is written.
+#[tokio::test]
+async fn validation_errors_of_an_import_name_the_line() {
+    let lines = small_export().await;
+    let long = "x".repeat(300);
+    let cases: Vec<(usize, &str, serde_json::Value, &str)> = vec![
+        (2, "/session_id", json!(long), "session_id"),
+        (2, "/status", json!(""), "status"),
+        (
+            2,
+            "/metrics/total_processing_time",
+            json!(-1.0),
+            "total_processing_time",
+        ),
+        (3, "/messages/1/role", json!(""), "role"),
+        (3, "/messages/0/content", json!("nul \u{0} byte"), "content"),
+        (4, "/session_id", json!(""), "session_id"),
+        (5, "/checkpoints/0/thread_id", json!("t2"), "checkpoints"),
+        (
+            5,
+            "/checkpoints/0/checkpoint_id",
+            json!(long),
+            "checkpoint_id",
+        ),
+        (6, "/writes/0/idx", json!(5), "writes"),
+        (6, "/writes/1/channel", json!("bad\nchannel"), "channel"),
+    ];
+    for (line, pointer, value, field) in cases {
+        let mut edited = lines.clone();
+        *edited[line - 1].pointer_mut(pointer).unwrap() = value;
+        let target = MemoryBackend::new();
+        let err = import(
+            &target,
+            std::io::Cursor::new(sealed(&edited).into_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .expect_err(&format!("line {line} {pointer} was imported"));
+        match &err {
+            StorageError::InvalidInput { field: f, .. } => {
+                assert_eq!(*f, field, "line {line} {pointer}: {err}")
+            }
+            other => panic!("line {line} {pointer}: expected InvalidInput, got {other}"),
+        }
+        assert!(
+            err.to_string().contains(&format!("line {line}:")),
+            "line {line} {pointer}: {err}"
+        );
+        assert_empty(&target, &format!("line {line} {pointer}")).await;
+    }
+}
+
+/// Timestamps finer than a microsecond, and leap seconds (`23:59:60`), are stored as the
+/// microsecond the SQL backends keep, so every backend holds the same value.
+#[tokio::test]
+async fn imported_timestamps_are_kept_to_the_microsecond_on_every_backend() {
+    let mut lines = small_export().await;
+    let set = |lines: &mut Vec<serde_json::Value>, line: usize, pointer: &str, v: &str| {
+        *lines[line - 1].pointer_mut(pointer).unwrap() = json!(v);
+    };
+    set(
+        &mut lines,
+        2,
+        "/created_at",
+        "2026-01-01T00:00:00.123456789Z",
+    );
+    set(&mut lines, 2, "/updated_at", "2026-12-31T23:59:60Z");
+    set(
+        &mut lines,
+        3,
+        "/messages/0/timestamp",
+        "2026-06-30T23:59:60.5Z",
+    );
+    set(
+        &mut lines,
+        3,
+        "/messages/1/timestamp",
+        "2026-07-01T00:00:00.000000999Z",
+    );
+    set(
+        &mut lines,
+        5,
+        "/checkpoints/0/created_at",
+        "2026-03-01T12:00:00.999999999Z",
+    );
+    let file = sealed(&lines);
+    let at = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let expected = (
+        at("2026-01-01T00:00:00.123456Z"),
+        at("2027-01-01T00:00:00Z"),
+        vec![at("2026-07-01T00:00:00.5Z"), at("2026-07-01T00:00:00Z")],
+        at("2026-03-01T12:00:00.999999Z"),
+    );
+
+    let mut backends: Vec<(&str, Box<dyn StorageBackend>)> = vec![
+        ("memory", Box::new(MemoryBackend::new())),
+        ("sqlite", Box::new(SqliteBackend::in_memory())),
+    ];
+    #[cfg(feature = "postgres")]
+    let mut schema = None;
+    #[cfg(feature = "postgres")]
+    if let Some(url) = common::server_url("AIECS_TEST_POSTGRES_URL", "postgres") {
+        let name = common::unique_name("timestamps");
+        let pg = aiecs_storage::PostgresBackend::new(&url)
+            .unwrap()
+            .with_schema(name.as_str())
+            .unwrap();
+        backends.push(("postgres", Box::new(pg)));
+        schema = Some((url, name));
+    }
+    for (kind, backend) in &mut backends {
+        import(
+            backend.as_ref(),
+            std::io::Cursor::new(file.as_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{kind}: {e}"));
+        let s = backend.get_session("s1").await.unwrap().unwrap();
+        let history = backend.get_conversation_range("s1", 0, 10).await.unwrap();
+        let c = backend.get_checkpoint("t1", "", Some("c1")).await.unwrap();
+        let got = (
+            s.created_at,
+            s.updated_at,
+            history.iter().map(|m| m.timestamp).collect::<Vec<_>>(),
+            c.unwrap().created_at,
+        );
+        assert_eq!(got, expected, "{kind}");
+        backend.close().await.unwrap();
+    }
+    #[cfg(feature = "postgres")]
+    if let Some((url, name)) = schema {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(connection);
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+            .await
+            .unwrap();
+        drop(client);
+        let _ = driver.await;
+    }
+}
+
+/// An export ends with a trailer holding its counts and the FNV-1a 64 of the lines
+/// before it; CRLF line ends, blank lines and a missing last newline do not matter.
+#[tokio::test]
+async fn an_export_ends_with_a_trailer_of_its_counts_and_checksum() {
+    let lines = small_export().await;
+    // Re-encoding may reorder keys, so the file is sealed again as it now reads.
+    let text = sealed(&lines);
+    let trailer = lines.last().unwrap();
+    assert_eq!(trailer["type"], "trailer");
+    assert_eq!(lines[0]["version"], json!(FORMAT_VERSION));
+    assert_eq!(FORMAT_VERSION, 2);
+    let expected = json!({
+        "type": "trailer", "lines": 6, "records": 7, "sessions": 1, "messages": 2,
+        "task_contexts": 1, "checkpoints": 1, "writes": 2,
+        "checksum_algorithm": "fnv1a-64",
+        "checksum": trailer["checksum"],
+    });
+    assert_eq!(trailer, &expected);
+    // The checksum covers the bytes before the trailer, as exported (not re-encoded).
+    let mut raw = Vec::new();
+    let source = MemoryBackend::new();
+    source
+        .create_session("s1", "u", &Metadata::new())
+        .await
+        .unwrap();
+    export(&source, &Scope::All, &mut raw, &TransferOptions::default())
+        .await
+        .unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let cut = raw.trim_end_matches('\n').rfind('\n').unwrap() + 1;
+    let last: serde_json::Value = serde_json::from_str(&raw[cut..]).unwrap();
+    assert_eq!(
+        last["checksum"],
+        json!(format!("{:016x}", fnv1a(&raw.as_bytes()[..cut])))
+    );
+
+    let summary = check_export(Cursor::new(text.as_bytes()), &TransferOptions::default()).unwrap();
+    assert_eq!(summary.header.version, FORMAT_VERSION);
+    assert_eq!(
+        (
+            summary.counts.records,
+            summary.counts.messages,
+            summary.counts.writes
+        ),
+        (7, 2, 2)
+    );
+    let crlf = format!("\r\n{}", text.replace('\n', "\r\n\r\n"));
+    for (what, file) in [
+        ("as written", text.clone()),
+        ("CRLF and blank lines", crlf),
+        ("no last newline", text.trim_end().to_owned()),
+    ] {
+        let target = SqliteBackend::in_memory();
+        let counts = import(
+            &target,
+            Cursor::new(file.as_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(counts.records, 7, "{what}");
+        assert_eq!(target.get_writes("t1", "", "c1").await.unwrap().len(), 2);
+    }
+}
+
+/// A trailer whose counts disagree with the lines before it (its checksum still
+/// right) is refused naming the trailer's line and the count.
+#[tokio::test]
+async fn a_trailer_whose_counts_disagree_is_refused() {
+    let lines = small_export().await;
+    let n = lines.len();
+    let file = sealed(&lines);
+    let (body, last) = file.trim_end().rsplit_once('\n').unwrap();
+    let trailer: serde_json::Value = serde_json::from_str(last).unwrap();
+    let with_trailer = |t: &serde_json::Value| format!("{body}\n{t}\n");
+    import(
+        &MemoryBackend::new(),
+        Cursor::new(with_trailer(&trailer)),
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap();
+    for (key, what) in [
+        ("messages", "messages"),
+        ("lines", "lines"),
+        ("writes", "pending writes"),
+    ] {
+        let mut edited = trailer.clone();
+        let v = edited[key].as_u64().unwrap();
+        edited[key] = json!(v + 1);
+        let file = with_trailer(&edited);
+        let target = MemoryBackend::new();
+        let err = import(
+            &target,
+            Cursor::new(file.as_bytes()),
+            &TransferOptions::default(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Serialization, "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("line {n}:")), "{msg}");
+        assert!(msg.contains(&format!("{} {what}", v + 1)), "{msg}");
+        assert_empty(&target, key).await;
+    }
+    let mut edited = trailer.clone();
+    edited["checksum_algorithm"] = json!("md5");
+    let file = with_trailer(&edited);
+    let err = import(
+        &MemoryBackend::new(),
+        Cursor::new(file.as_bytes()),
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("md5"), "{err}");
+}
+
+/// A version 1 export (no trailer) is refused unless `accept_v1` vouches for it; then
+/// it imports, its order still checked. A version 2 export must keep its trailer even
+/// with `accept_v1`.
+#[tokio::test]
+async fn version_1_exports_are_imported_only_with_accept_v1() {
+    let mut lines = small_export().await;
+    let v2: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    lines.pop();
+    lines[0]["version"] = json!(1);
+    let v1: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let target = MemoryBackend::new();
+    let err = import(
+        &target,
+        Cursor::new(v1.as_bytes()),
+        &TransferOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Serialization, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("line 1:") && msg.contains("version 1"),
+        "{msg}"
+    );
+    assert!(msg.contains("accept_v1"), "{msg}");
+    assert_empty(&target, "v1 refused").await;
+
+    let accept = TransferOptions {
+        accept_v1: true,
+        ..TransferOptions::default()
+    };
+    let counts = import(&target, Cursor::new(v1.as_bytes()), &accept)
+        .await
+        .unwrap();
+    assert_eq!(counts.records, 7);
+    assert_eq!(
+        target
+            .get_conversation_range("s1", 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    // Order is still checked in a version 1 file.
+    let mut swapped = lines.clone();
+    swapped[2]["offset"] = json!(5);
+    let file: String = swapped.iter().map(|l| format!("{l}\n")).collect();
+    let err = import(&MemoryBackend::new(), Cursor::new(file.as_bytes()), &accept)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("line 3:"), "{err}");
+    // A version 2 file cut short is truncated, accept_v1 or not.
+    let cut: String = v2.lines().take(6).map(|l| format!("{l}\n")).collect();
+    let err = import(&MemoryBackend::new(), Cursor::new(cut.as_bytes()), &accept)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+/// `import_stream` reads once and applies as it goes: a file found truncated at its
+/// end is reported as an incomplete import saying how much was applied.
+#[tokio::test]
+async fn a_one_pass_import_of_a_truncated_file_says_it_is_incomplete() {
+    let source = MemoryBackend::new();
+    for s in 0..5 {
+        let id = format!("s{s}");
+        source
+            .create_session(&id, "u", &Metadata::new())
+            .await
+            .unwrap();
+        for i in 0..20 {
+            source
+                .add_conversation_message(&id, &NewMessage::new("user", format!("m{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    let options = TransferOptions {
+        batch_size: 10,
+        ..TransferOptions::default()
+    };
+    let mut out = Vec::new();
+    export(&source, &Scope::All, &mut out, &options)
+        .await
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let keep = lines.len() - 1;
+    let cut: String = lines[..keep].iter().map(|l| format!("{l}\n")).collect();
+
+    let target = MemoryBackend::new();
+    let err = import_stream(&target, cut.as_bytes(), &options)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Serialization, "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("line {keep}:")), "{msg}");
+    assert!(msg.contains("truncated"), "{msg}");
+    assert!(msg.contains("incomplete"), "{msg}");
+    let stored = target
+        .list_sessions(&SessionQuery::new().limit(100))
+        .await
+        .unwrap()
+        .sessions
+        .len();
+    assert!(stored > 0, "nothing was applied before the end");
+    // The whole file, in one pass, imports whole.
+    let counts = import_stream(&target, text.as_bytes(), &options)
+        .await
+        .unwrap();
+    assert_eq!(counts.messages, 100);
+    assert!(verify(&source, &target).await.unwrap().is_clean());
 }
 
 #[tokio::test]
@@ -789,7 +1481,8 @@ fn the_futures_are_send() {
         Vec::new(),
         &TransferOptions::default(),
     ));
-    send(import(&a, &b""[..], &TransferOptions::default()));
+    send(import(&a, Cursor::new(b""), &TransferOptions::default()));
+    send(import_stream(&a, &b""[..], &TransferOptions::default()));
 }
 
 /// memory -> server backend -> SQLite: verify clean at each hop. Skipped without a server
@@ -811,7 +1504,7 @@ async fn round_trip_through(server: &dyn StorageBackend) {
     export(server, &Scope::All, &mut lines, &TransferOptions::default())
         .await
         .unwrap();
-    import(&back, lines.as_slice(), &TransferOptions::default())
+    import(&back, Cursor::new(&lines), &TransferOptions::default())
         .await
         .unwrap();
     assert!(verify(&source, &back).await.unwrap().is_clean());
@@ -1093,7 +1786,7 @@ async fn writes_of_a_checkpoint_never_stored_are_copied_and_verified() {
     .await
     .unwrap();
     let imported = MemoryBackend::new();
-    import(&imported, lines.as_slice(), &TransferOptions::default())
+    import(&imported, Cursor::new(&lines), &TransferOptions::default())
         .await
         .unwrap();
     assert!(verify(&source, &imported).await.unwrap().is_clean());

@@ -101,7 +101,8 @@ enum Command {
         output: Option<std::path::PathBuf>,
     },
     /// Read JSON lines written by export into a backend: `import URL FILE`, or
-    /// `import --config CFG FILE`.
+    /// `import --config CFG FILE`. The whole file is checked (header, order, counts and
+    /// checksum in its trailer) before anything is written.
     Import {
         /// The backend URL (omitted with --config), then the export file.
         #[arg(num_args = 1..=2, value_names = ["URL", "FILE"], required = true)]
@@ -109,6 +110,10 @@ enum Command {
         /// A TOML stack configuration instead of a URL.
         #[arg(long, value_name = "FILE")]
         config: Option<std::path::PathBuf>,
+        /// Accept a version 1 export (written before exports had a trailer), which
+        /// cannot be checked for truncation.
+        #[arg(long)]
+        accept_v1: bool,
     },
     /// Remove sessions idle longer than the given hours, with their messages and context.
     Cleanup {
@@ -376,16 +381,10 @@ async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
             let options = TransferOptions::default();
             let counts = match &output {
                 Some(path) => {
-                    let file = std::fs::File::create(path).map_err(|e| {
-                        aiecs_storage::StorageError::invalid_input("output", e.to_string())
-                    })?;
-                    export(
-                        storage.as_ref(),
-                        &scope,
-                        std::io::BufWriter::new(file),
-                        &options,
-                    )
-                    .await?
+                    let mut file = replace::Replacement::create(path)?;
+                    let counts = export(storage.as_ref(), &scope, file.writer(), &options).await?;
+                    file.commit()?;
+                    counts
                 }
                 None => {
                     export(storage.as_ref(), &scope, std::io::stdout().lock(), &options).await?
@@ -400,8 +399,13 @@ async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
                 json: Value::Null,
             })
         }
-        Command::Import { mut args, config } => {
-            use aiecs_storage::ops::transfer::{import, TransferOptions};
+        Command::Import {
+            mut args,
+            config,
+            accept_v1,
+        } => {
+            use aiecs_storage::ops::transfer::{check_export, import_stream, TransferOptions};
+            use std::io::Seek;
             let file = std::path::PathBuf::from(args.pop().unwrap_or_default());
             let target = Target {
                 url: args.pop(),
@@ -410,17 +414,35 @@ async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
             let storage = open(&target)?;
             let input = std::fs::File::open(&file)
                 .map_err(|e| aiecs_storage::StorageError::invalid_input("file", e.to_string()))?;
-            let counts = import(
-                storage.as_ref(),
-                std::io::BufReader::new(input),
-                &TransferOptions::default(),
-            )
-            .await?;
+            let options = TransferOptions {
+                accept_v1,
+                ..TransferOptions::default()
+            };
+            // Two passes, as `import` makes them, with the header of the first at hand
+            // for the version 1 warning: nothing is written unless the whole file passes.
+            let mut input = std::io::BufReader::new(input);
+            let summary = check_export(&mut input, &options)?;
+            input
+                .rewind()
+                .map_err(|e| aiecs_storage::StorageError::invalid_input("file", e.to_string()))?;
+            let counts = import_stream(storage.as_ref(), input, &options).await?;
             storage.close().await?;
+            let mut text = format!("imported {}\n", serde_json::to_string(&counts)?);
+            let mut json = serde_json::to_value(counts)?;
+            if summary.header.version < 2 {
+                let warning = format!(
+                    "{} is a version {} export, without a trailer: it could not be checked \
+                     for truncation",
+                    file.display(),
+                    summary.header.version
+                );
+                text.push_str(&format!("warning: {warning}\n"));
+                json["warning"] = json!(warning);
+            }
             Ok(Outcome {
                 ok: true,
-                text: format!("imported {}\n", serde_json::to_string(&counts)?),
-                json: serde_json::to_value(counts)?,
+                text,
+                json,
             })
         }
         Command::Cleanup {
@@ -534,6 +556,114 @@ fn user_tag() -> String {
         return uid.to_string();
     }
     std::env::var("USER").unwrap_or_else(|_| "user".to_owned())
+}
+
+mod replace {
+    use std::fs::File;
+    use std::io::BufWriter;
+    use std::path::{Path, PathBuf};
+
+    use aiecs_storage::StorageError;
+
+    /// A file written beside `target` and renamed over it only by
+    /// [`commit`](Replacement::commit), so an export that fails or is interrupted never
+    /// truncates or replaces what `target` held. Dropped without a commit, it removes
+    /// itself (a killed process leaves it behind, as a `.…tmp` file beside the target).
+    pub struct Replacement {
+        // Declared before the guard so the file is closed before the guard removes it.
+        file: BufWriter<File>,
+        guard: TempGuard,
+        target: PathBuf,
+    }
+
+    /// Removes the temporary file unless disarmed by a successful rename.
+    struct TempGuard {
+        path: PathBuf,
+        armed: bool,
+    }
+
+    impl Drop for TempGuard {
+        fn drop(&mut self) {
+            if self.armed {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+
+    fn output_error(what: &str, path: &Path, e: std::io::Error) -> StorageError {
+        StorageError::invalid_input("output", format!("{what} {}: {e}", path.display()))
+    }
+
+    impl Replacement {
+        pub fn create(target: &Path) -> Result<Self, StorageError> {
+            let name = target
+                .file_name()
+                .ok_or_else(|| {
+                    StorageError::invalid_input(
+                        "output",
+                        format!("{} does not name a file", target.display()),
+                    )
+                })?
+                .to_string_lossy()
+                .into_owned();
+            // Same directory, so the rename stays on one file system and is atomic.
+            let dir = match target.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let mut attempt = 0u32;
+            loop {
+                let path = dir.join(format!(
+                    ".{name}.{}.{stamp}.{attempt}.tmp",
+                    std::process::id()
+                ));
+                match File::options().write(true).create_new(true).open(&path) {
+                    Ok(file) => {
+                        let guard = TempGuard { path, armed: true };
+                        // The export replaces the file's content, not who may read it.
+                        if let Ok(meta) = std::fs::metadata(target) {
+                            let _ = std::fs::set_permissions(&guard.path, meta.permissions());
+                        }
+                        return Ok(Replacement {
+                            file: BufWriter::new(file),
+                            guard,
+                            target: target.to_path_buf(),
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                        attempt += 1;
+                    }
+                    Err(e) => return Err(output_error("cannot create a file beside", target, e)),
+                }
+            }
+        }
+
+        pub fn writer(&mut self) -> &mut BufWriter<File> {
+            &mut self.file
+        }
+
+        /// Flushes the file to disk and renames it over the target.
+        pub fn commit(self) -> Result<(), StorageError> {
+            let Replacement {
+                file,
+                mut guard,
+                target,
+            } = self;
+            let file = file
+                .into_inner()
+                .map_err(|e| output_error("cannot write", &guard.path, e.into_error()))?;
+            file.sync_all()
+                .map_err(|e| output_error("cannot write", &guard.path, e))?;
+            drop(file);
+            std::fs::rename(&guard.path, &target)
+                .map_err(|e| output_error("cannot replace", &target, e))?;
+            guard.armed = false;
+            Ok(())
+        }
+    }
 }
 
 mod progress {

@@ -925,7 +925,7 @@ impl Digest {
             v.map_err(|e| StorageError::serialization("could not encode a record to verify", e))
         };
         match record {
-            Record::Header(_) => {}
+            Record::Header(_) | Record::Trailer(_) => {}
             Record::Session(s) => {
                 self.counts.sessions += 1;
                 let v = encode(serde_json::to_value(s))?;
@@ -994,7 +994,7 @@ impl Digest {
 
 /// FNV-1a 64 over a canonical, self-delimiting encoding of JSON values.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl Default for Fnv {
     fn default() -> Self {
@@ -1009,11 +1009,16 @@ impl Fnv {
         h.0
     }
 
-    fn bytes(&mut self, bytes: &[u8]) {
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
         for b in bytes {
             self.0 ^= u64::from(*b);
             self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
         }
+    }
+
+    /// The hash as 16 lowercase hex digits.
+    pub(crate) fn hex(&self) -> String {
+        format!("{:016x}", self.0)
     }
 
     fn u64(&mut self, n: u64) {

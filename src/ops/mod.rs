@@ -23,4 +23,6 @@ pub use health::{CheckResult, HealthCheckReport, HealthChecker, HealthChecks};
 pub use migrate::{
     verify, verify_scope, MigrateOptions, MigrationReport, Migrator, Progress, VerifyReport,
 };
-pub use transfer::{export, import, Record, Scope, TransferCounts, TransferOptions};
+pub use transfer::{
+    check_export, export, import, import_stream, Record, Scope, TransferCounts, TransferOptions,
+};

@@ -5,8 +5,10 @@
 //! keep ids, timestamps, status and counters as they are. The three operations are
 //! compositions of the two:
 //!
-//! - [`export`]: source -> JSON lines (one [`Record`] per line, a [`Record::Header`] first);
-//! - [`import`]: JSON lines -> sink;
+//! - [`export`]: source -> JSON lines (one [`Record`] per line, a [`Record::Header`] first
+//!   and a [`Record::Trailer`] last);
+//! - [`import`]: JSON lines -> sink, once the whole file has been checked
+//!   ([`import_stream`] in one pass, for input that cannot be read twice);
 //! - [`Migrator`](crate::ops::migrate::Migrator): source -> sink, with a resumable state
 //!   file.
 //!
@@ -37,16 +39,21 @@
 //! # JSON lines
 //!
 //! ```text
-//! {"type":"header","format":"aiecs-storage","version":1,"scope":{"kind":"all"},"source":"memory","exported_at":"..."}
+//! {"type":"header","format":"aiecs-storage","version":2,"scope":{"kind":"all"},"source":"memory","exported_at":"..."}
 //! {"type":"session","session_id":"s1","user_id":"alice","created_at":"...","updated_at":"...","status":"active","metadata":{},"metrics":{...}}
 //! {"type":"messages","session_id":"s1","offset":0,"messages":[{"message_id":"...","role":"user",...}]}
 //! {"type":"task_context","session_id":"s1","context":{"step":3}}
 //! {"type":"checkpoints","thread_id":"t1","checkpoint_ns":"","checkpoints":[{...},{...}]}
 //! {"type":"writes","thread_id":"t1","checkpoint_ns":"","checkpoint_id":"c2","writes":[{"task_id":"a","idx":0,...}]}
+//! {"type":"trailer","lines":6,"records":9,"sessions":1,"messages":3,"task_contexts":1,"checkpoints":2,"writes":2,"checksum_algorithm":"fnv1a-64","checksum":"9f1c0c2b5e7a4d13"}
 //! ```
+//!
+//! The trailer ([`ExportTrailer`], since version 2) holds the counts of the lines before
+//! it and their 64-bit FNV-1a, so [`import`] refuses a file that was cut short (at a line
+//! boundary too), reordered or edited. See [`import`] for every check.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Seek, SeekFrom, Write};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -60,12 +67,20 @@ use crate::model::{
 use crate::storage::StorageBackend;
 use crate::validate::{self, MAX_LIMIT, MAX_VALUE_BYTES};
 
+use super::migrate::Fnv;
+
 /// The `format` of an export's header line.
 pub const FORMAT: &str = "aiecs-storage";
 
 /// The version of the JSON lines format written by [`export`]. [`import`] reads this
-/// version and older ones.
-pub const FORMAT_VERSION: u32 = 1;
+/// version, and version 1 (no trailer) only with [`TransferOptions::accept_v1`].
+///
+/// Version 2 added the [`Record::Trailer`] line.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The checksum algorithm of a [`ExportTrailer`]: 64-bit FNV-1a, written as 16
+/// lowercase hex digits. It catches cuts, reorders and edits, not forgery.
+pub const CHECKSUM_ALGORITHM: &str = "fnv1a-64";
 
 /// The default number of items (sessions, messages, checkpoints, ...) per batch.
 pub const DEFAULT_BATCH_SIZE: usize = 100;
@@ -130,15 +145,43 @@ pub struct ExportHeader {
     pub exported_at: DateTime<Utc>,
 }
 
+/// The last line of an export (format version 2 on): what the lines before it hold, so
+/// an import can tell a whole export from a cut, reordered or edited one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportTrailer {
+    /// Lines before the trailer, the header included; blank lines are not counted.
+    pub lines: u64,
+    /// All items: sessions + messages + task contexts + checkpoints + writes.
+    pub records: u64,
+    /// Sessions.
+    pub sessions: u64,
+    /// Messages.
+    pub messages: u64,
+    /// Task contexts.
+    pub task_contexts: u64,
+    /// Checkpoints.
+    pub checkpoints: u64,
+    /// Pending writes.
+    pub writes: u64,
+    /// The checksum algorithm, [`CHECKSUM_ALGORITHM`].
+    pub checksum_algorithm: String,
+    /// The checksum of the lines before the trailer: each line without its surrounding
+    /// whitespace, followed by one `\n`; blank lines left out. For a file as
+    /// [`export`] writes it, that is every byte before the trailer.
+    pub checksum: String,
+}
+
 /// One line of an export, and the unit a [`Source`] yields and a [`Sink`] applies.
 ///
 /// Serialized with a `type` tag (`header`, `session`, `messages`, `task_context`,
-/// `checkpoints`, `writes`); the other fields are those of the variant.
+/// `checkpoints`, `writes`, `trailer`); the other fields are those of the variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Record {
     /// The first line of an export; applying it does nothing.
     Header(ExportHeader),
+    /// The last line of an export; applying it does nothing.
+    Trailer(ExportTrailer),
     /// A session exactly as stored (timestamps, status, metadata, counters).
     Session(Session),
     /// Consecutive messages of a session's history, oldest first.
@@ -184,7 +227,7 @@ impl Record {
     /// How many items (sessions, messages, contexts, checkpoints, writes) it holds.
     pub fn items(&self) -> u64 {
         match self {
-            Record::Header(_) => 0,
+            Record::Header(_) | Record::Trailer(_) => 0,
             Record::Session(_) | Record::TaskContext { .. } => 1,
             Record::Messages { messages, .. } => messages.len() as u64,
             Record::Checkpoints { checkpoints, .. } => checkpoints.len() as u64,
@@ -341,7 +384,7 @@ impl TransferCounts {
         let n = record.items();
         self.records += n;
         match record {
-            Record::Header(_) => {}
+            Record::Header(_) | Record::Trailer(_) => {}
             Record::Session(_) => self.sessions += n,
             Record::Messages { .. } => self.messages += n,
             Record::TaskContext { .. } => self.task_contexts += n,
@@ -929,7 +972,7 @@ impl<'a> Sink<'a> {
                 self.flush_writes(&mut writes).await?;
             }
             match record {
-                Record::Header(_) => {}
+                Record::Header(_) | Record::Trailer(_) => {}
                 Record::Session(s) => sessions.push(s),
                 Record::Messages {
                     session_id,
@@ -954,19 +997,7 @@ impl<'a> Sink<'a> {
                     checkpoint_ns,
                     checkpoints: list,
                 } => {
-                    if let Some(c) = list
-                        .iter()
-                        .find(|c| c.thread_id != thread_id || c.checkpoint_ns != checkpoint_ns)
-                    {
-                        return Err(StorageError::invalid_input(
-                            "checkpoints",
-                            format!(
-                                "checkpoint `{}` names thread `{}` namespace `{}` in a record \
-                                 of thread `{thread_id}` namespace `{checkpoint_ns}`",
-                                c.checkpoint_id, c.thread_id, c.checkpoint_ns
-                            ),
-                        ));
-                    }
+                    same_thread(&thread_id, &checkpoint_ns, &list)?;
                     checkpoints.extend(list);
                 }
                 Record::Writes {
@@ -1128,6 +1159,115 @@ fn pieces(call: TaskWrites) -> Result<Vec<TaskWrites>> {
         .collect())
 }
 
+/// Checks an imported record against the input rules its `restore_*` call applies, and
+/// the shape rules [`Sink::apply`] enforces, so a bad value is refused with its line
+/// number rather than by a backend call that cannot tell which line it came from; and
+/// brings its timestamps to whole microseconds.
+///
+/// Why microseconds: SQLite and PostgreSQL keep no finer, and [`now`] stamps nothing
+/// finer, so a hand-edited or foreign export with nanoseconds or a leap second
+/// (`23:59:60`, which chrono keeps as a 61st second) would otherwise be stored as given
+/// by the memory and Redis backends and differently by the SQL ones. Truncating (as
+/// `timestamp_micros` does) rolls a leap second into the next minute, as PostgreSQL
+/// itself reads `23:59:60`.
+fn prepare(record: &mut Record) -> Result<()> {
+    match record {
+        Record::Header(_) | Record::Trailer(_) => {}
+        Record::Session(s) => {
+            validate::restored_sessions(std::slice::from_ref(s))?;
+            s.created_at = to_micros(s.created_at);
+            s.updated_at = to_micros(s.updated_at);
+        }
+        Record::Messages {
+            session_id,
+            messages,
+            ..
+        } => {
+            for chunk in messages.chunks(MAX_LIMIT) {
+                validate::restored_messages(session_id, chunk)?;
+            }
+            for m in messages.iter_mut() {
+                m.timestamp = to_micros(m.timestamp);
+            }
+        }
+        Record::TaskContext {
+            session_id,
+            context,
+        } => validate::task_context(session_id, context)?,
+        Record::Checkpoints {
+            thread_id,
+            checkpoint_ns,
+            checkpoints,
+        } => {
+            validate::thread(thread_id, checkpoint_ns)?;
+            same_thread(thread_id, checkpoint_ns, checkpoints)?;
+            for chunk in checkpoints.chunks(MAX_LIMIT) {
+                validate::restored_checkpoints(chunk)?;
+            }
+            for c in checkpoints.iter_mut() {
+                c.created_at = to_micros(c.created_at);
+            }
+        }
+        Record::Writes {
+            thread_id,
+            checkpoint_ns,
+            checkpoint_id,
+            writes,
+        } => {
+            validate::checkpoint_ref(thread_id, checkpoint_ns, Some(checkpoint_id))?;
+            // The calls the sink will make, checked as the backend will check them.
+            for call in task_writes(thread_id, checkpoint_ns, checkpoint_id, writes.clone())? {
+                validate::writes(
+                    &call.thread_id,
+                    &call.checkpoint_ns,
+                    &call.checkpoint_id,
+                    &call.task_id,
+                    &call.writes,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `t` truncated to whole microseconds (see [`prepare`]).
+fn to_micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// Every checkpoint of a [`Record::Checkpoints`] names the record's thread and namespace.
+fn same_thread(thread_id: &str, checkpoint_ns: &str, checkpoints: &[Checkpoint]) -> Result<()> {
+    match checkpoints
+        .iter()
+        .find(|c| c.thread_id != thread_id || c.checkpoint_ns != checkpoint_ns)
+    {
+        Some(c) => Err(StorageError::invalid_input(
+            "checkpoints",
+            format!(
+                "checkpoint `{}` names thread `{}` namespace `{}` in a record of thread \
+                 `{thread_id}` namespace `{checkpoint_ns}`",
+                c.checkpoint_id, c.thread_id, c.checkpoint_ns
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// `err` with `line N: ` before its reason, keeping its kind and field.
+fn at_line(line: u64, err: StorageError) -> StorageError {
+    match err {
+        StorageError::InvalidInput { field, reason } => StorageError::InvalidInput {
+            field,
+            reason: format!("line {line}: {reason}"),
+        },
+        StorageError::Serialization { message, source } => StorageError::Serialization {
+            message: format!("line {line}: {message}"),
+            source,
+        },
+        other => other,
+    }
+}
+
 fn io_error(what: String, e: std::io::Error) -> StorageError {
     StorageError::Backend {
         message: format!("{what}: {e}"),
@@ -1142,18 +1282,31 @@ pub struct TransferOptions {
     /// Items per batch: per read page on export, per group of writes on import
     /// (1..=10 000; default 100).
     pub batch_size: usize,
+    /// Import: accept version 1 exports, written before exports ended with a
+    /// [`Record::Trailer`]. Off by default: without a trailer a file cut at a line
+    /// boundary cannot be told from a whole one, so a version 1 file is refused unless
+    /// the caller vouches that it is whole. Header, order and input rules are still
+    /// checked.
+    #[serde(default)]
+    pub accept_v1: bool,
 }
 
 impl Default for TransferOptions {
     fn default() -> Self {
         TransferOptions {
             batch_size: DEFAULT_BATCH_SIZE,
+            accept_v1: false,
         }
     }
 }
 
-/// Writes `scope` of `source` to `out` as JSON lines: a [`Record::Header`], then one
-/// [`Record`] per line. Returns what was written.
+/// Writes `scope` of `source` to `out` as JSON lines: a [`Record::Header`], one
+/// [`Record`] per line, and a [`Record::Trailer`] with the counts and checksum of the
+/// lines before it. Returns what was written.
+///
+/// A failed export leaves `out` without a trailer, so [`import`] refuses it; to keep an
+/// earlier file whole, write to a new file and rename it over the old one on success
+/// (as the `aiecs-storage export -o` command does).
 ///
 /// `out` is written synchronously; wrap a file in a [`std::io::BufWriter`].
 ///
@@ -1168,7 +1321,8 @@ impl Default for TransferOptions {
 /// let mut lines = Vec::new();
 /// export(&source, &Scope::All, &mut lines, &TransferOptions::default()).await?;
 /// let target = MemoryBackend::new();
-/// let counts = import(&target, lines.as_slice(), &TransferOptions::default()).await?;
+/// let input = std::io::Cursor::new(lines);
+/// let counts = import(&target, input, &TransferOptions::default()).await?;
 /// assert_eq!((counts.sessions, counts.messages), (1, 1));
 /// assert_eq!(target.get_conversation_history("s1", 50).await?[0].content, "hi");
 /// # Ok(()) }
@@ -1198,41 +1352,79 @@ pub async fn export_with_progress<W: Write>(
         source: source.kind().to_owned(),
         exported_at: now(),
     });
+    let mut checksum = Fnv::default();
     let mut line = 1u64;
-    write_line(&mut out, &header, line)?;
+    checksum.bytes(&write_line(&mut out, &header, line)?);
     let mut counts = TransferCounts::default();
     while let Some(batch) = walk.next_batch().await? {
         for record in &batch.records {
             line += 1;
-            write_line(&mut out, record, line)?;
+            checksum.bytes(&write_line(&mut out, record, line)?);
             counts.count(record);
         }
         counts.batches += 1;
         progress(&counts);
     }
+    let trailer = Record::Trailer(ExportTrailer {
+        lines: line,
+        records: counts.records,
+        sessions: counts.sessions,
+        messages: counts.messages,
+        task_contexts: counts.task_contexts,
+        checkpoints: counts.checkpoints,
+        writes: counts.writes,
+        checksum_algorithm: CHECKSUM_ALGORITHM.to_owned(),
+        checksum: checksum.hex(),
+    });
+    write_line(&mut out, &trailer, line + 1)?;
     out.flush()
         .map_err(|e| io_error("could not write the export".into(), e))?;
     Ok(counts)
 }
 
-fn write_line<W: Write>(out: &mut W, record: &Record, line: u64) -> Result<()> {
+/// Writes one record and its newline; returns the bytes written, for the checksum.
+fn write_line<W: Write>(out: &mut W, record: &Record, line: u64) -> Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec(record).map_err(|e| {
         StorageError::serialization(format!("line {line}: could not encode the record: {e}"), e)
     })?;
     bytes.push(b'\n');
     out.write_all(&bytes)
-        .map_err(|e| io_error(format!("could not write line {line} of the export"), e))
+        .map_err(|e| io_error(format!("could not write line {line} of the export"), e))?;
+    Ok(bytes)
 }
 
-/// Reads JSON lines written by [`export`] from `input` and applies them to `target`
-/// through a [`Sink`], `batch_size` items at a time. Blank lines are skipped. Returns
-/// what was applied.
+/// Reads an export from `input`, checks all of it, then applies it to `target` through a
+/// [`Sink`], `batch_size` items at a time. Returns what was applied.
 ///
-/// A line that is not a record is [`StorageError::Serialization`] naming its line number,
-/// and so is a header of another format or of a newer version. Records before the bad
-/// line may already be applied; importing again after fixing the file is safe (every
-/// write is idempotent).
-pub async fn import<R: BufRead>(
+/// `input` is read twice: a first pass checks every line and writes nothing; only if the
+/// whole file passes is it read again from where it started and applied. So a file that
+/// is truncated, reordered, edited or holds a bad record is refused **before anything is
+/// written**. (The second pass checks again, so a file changed between the passes is
+/// still refused, but then after applying what came before the change.) For input that
+/// cannot be read twice, see [`import_stream`].
+///
+/// The checks, each failing with an error that names the line:
+///
+/// - The first line is a header of this [`FORMAT`] and a version this build reads; a
+///   version 1 file (written before exports had a trailer) is refused unless
+///   [`TransferOptions::accept_v1`] is set. Another header later is refused.
+/// - A line that is not a record is [`StorageError::Serialization`].
+/// - A record that breaks an input rule (an over-long id, an empty role, a negative
+///   counter, a checkpoint of another thread, a gap in a task's write indexes) is
+///   [`StorageError::InvalidInput`] naming the field.
+/// - Order ([`StorageError::Serialization`]): a session's messages come after its
+///   session record, and each [`Record::Messages`] starts at the `offset` where the
+///   previous one of its session ended (the first at 0), so no piece of a history is
+///   missing or moved.
+/// - The trailer ([`StorageError::Serialization`]): present as the last record (a file
+///   that ends without one is truncated, and the error names the last line read), its
+///   counts equal to what the lines before it hold, its checksum equal to theirs.
+///
+/// Blank lines and whitespace around a line (such as the `\r` of a CRLF copy) are
+/// ignored. Timestamps are stored truncated to whole microseconds, the precision every
+/// backend keeps (a leap second, `23:59:60`, becomes the first microseconds of the next
+/// minute). Every write is idempotent, so importing a file again changes nothing.
+pub async fn import<R: BufRead + Seek>(
     target: &dyn StorageBackend,
     input: R,
     options: &TransferOptions,
@@ -1240,8 +1432,68 @@ pub async fn import<R: BufRead>(
     import_with_progress(target, input, options, |_| {}).await
 }
 
-/// [`import`], calling `progress` with the running counts after each batch.
-pub async fn import_with_progress<R: BufRead>(
+/// [`import`], calling `progress` with the running counts after each batch applied.
+pub async fn import_with_progress<R: BufRead + Seek>(
+    target: &dyn StorageBackend,
+    mut input: R,
+    options: &TransferOptions,
+    progress: impl FnMut(&TransferCounts),
+) -> Result<TransferCounts> {
+    check_batch_size(options.batch_size)?;
+    let start = input
+        .stream_position()
+        .map_err(|e| io_error("could not read the import".into(), e))?;
+    check_export(&mut input, options)?;
+    input
+        .seek(SeekFrom::Start(start))
+        .map_err(|e| io_error("could not read the import a second time".into(), e))?;
+    import_stream_with_progress(target, input, options, progress).await
+}
+
+/// What [`check_export`] found in a whole, valid export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportSummary {
+    /// The header line.
+    pub header: ExportHeader,
+    /// What the export holds (`new_messages` and `batches` are 0).
+    pub counts: TransferCounts,
+}
+
+/// Reads a whole export and checks it as [`import`] does, writing nothing.
+pub fn check_export<R: BufRead>(mut input: R, options: &TransferOptions) -> Result<ExportSummary> {
+    let mut reader = Checker::new(options);
+    let mut buf = String::new();
+    while reader.next_record(&mut input, &mut buf)?.is_some() {}
+    match reader.header {
+        Some(header) => Ok(ExportSummary {
+            header,
+            counts: reader.counts,
+        }),
+        None => Err(StorageError::Serialization {
+            message: "the input holds no export: it has no header line".into(),
+            source: None,
+        }),
+    }
+}
+
+/// [`import`] in one pass, for input that cannot be read twice (a pipe, a socket).
+///
+/// The same checks run, but records are applied in batches as they are read, so a file
+/// found bad part way has had the batches before the bad line applied: the error then
+/// says the import is incomplete and up to which line (and how many items) it applied.
+/// The last batch is applied only once the trailer has been checked, so an export of up
+/// to `batch_size` items is applied whole or not at all. Importing the whole file again
+/// afterwards is safe (every write is idempotent).
+pub async fn import_stream<R: BufRead>(
+    target: &dyn StorageBackend,
+    input: R,
+    options: &TransferOptions,
+) -> Result<TransferCounts> {
+    import_stream_with_progress(target, input, options, |_| {}).await
+}
+
+/// [`import_stream`], calling `progress` with the running counts after each batch.
+pub async fn import_stream_with_progress<R: BufRead>(
     target: &dyn StorageBackend,
     mut input: R,
     options: &TransferOptions,
@@ -1249,68 +1501,370 @@ pub async fn import_with_progress<R: BufRead>(
 ) -> Result<TransferCounts> {
     check_batch_size(options.batch_size)?;
     let sink = Sink::new(target);
+    let mut reader = Checker::new(options);
     let mut counts = TransferCounts::default();
     let mut pending: Vec<Record> = Vec::new();
     let mut pending_items = 0u64;
+    let mut applied_through = 0u64;
     let mut buf = String::new();
-    let mut line = 0u64;
+    let incomplete = |err: StorageError, counts: &TransferCounts, through: u64| {
+        if counts.batches == 0 {
+            err
+        } else {
+            with_note(
+                err,
+                &format!(
+                    "the import is incomplete: {} items of the lines up to line {through} \
+                     were applied, nothing after it; importing the whole file again is safe",
+                    counts.records
+                ),
+            )
+        }
+    };
     loop {
-        buf.clear();
-        line += 1;
-        let read = input.read_line(&mut buf).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                StorageError::serialization(format!("line {line}: not UTF-8 text: {e}"), e)
-            } else {
-                io_error(format!("could not read line {line} of the import"), e)
-            }
-        })?;
-        if read == 0 {
-            break;
-        }
-        let text = buf.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let record: Record = serde_json::from_str(text).map_err(|e| {
-            StorageError::serialization(format!("line {line}: not a valid record: {e}"), e)
-        })?;
-        if let Record::Header(h) = &record {
-            if h.format != FORMAT {
-                return Err(StorageError::Serialization {
-                    message: format!(
-                        "line {line}: the header names format `{}`, not `{FORMAT}`",
-                        h.format
-                    ),
-                    source: None,
-                });
-            }
-            if h.version > FORMAT_VERSION {
-                return Err(StorageError::Serialization {
-                    message: format!(
-                        "line {line}: format version {} is newer than this build reads \
-                         ({FORMAT_VERSION})",
-                        h.version
-                    ),
-                    source: None,
-                });
-            }
-            continue;
-        }
+        let next = match reader.next_record(&mut input, &mut buf) {
+            Ok(next) => next,
+            Err(e) => return Err(incomplete(e, &counts, applied_through)),
+        };
+        let Some((line, record)) = next else { break };
         pending_items += record.items();
         pending.push(record);
         if pending_items >= options.batch_size as u64 {
-            counts.add(&sink.apply(std::mem::take(&mut pending)).await?);
+            match sink.apply(std::mem::take(&mut pending)).await {
+                Ok(c) => counts.add(&c),
+                Err(e) => return Err(incomplete(e, &counts, applied_through)),
+            }
+            applied_through = line;
             pending_items = 0;
             progress(&counts);
         }
     }
+    if reader.header.is_none() {
+        return Err(StorageError::Serialization {
+            message: "the input holds no export: it has no header line".into(),
+            source: None,
+        });
+    }
     if !pending.is_empty() {
-        counts.add(&sink.apply(pending).await?);
+        match sink.apply(pending).await {
+            Ok(c) => counts.add(&c),
+            Err(e) => return Err(incomplete(e, &counts, applied_through)),
+        }
         progress(&counts);
     }
     Ok(counts)
 }
 
+/// `err` with `; note` after its message, keeping its kind.
+fn with_note(err: StorageError, note: &str) -> StorageError {
+    match err {
+        StorageError::InvalidInput { field, reason } => StorageError::InvalidInput {
+            field,
+            reason: format!("{reason}; {note}"),
+        },
+        StorageError::Serialization { message, source } => StorageError::Serialization {
+            message: format!("{message}; {note}"),
+            source,
+        },
+        StorageError::Connection { message, source } => StorageError::Connection {
+            message: format!("{message}; {note}"),
+            source,
+        },
+        StorageError::Unavailable { message } => StorageError::Unavailable {
+            message: format!("{message}; {note}"),
+        },
+        StorageError::Backend {
+            message,
+            transient,
+            source,
+        } => StorageError::Backend {
+            message: format!("{message}; {note}"),
+            transient,
+            source,
+        },
+        other => other,
+    }
+}
+
+fn format_error(line: u64, message: String) -> StorageError {
+    StorageError::Serialization {
+        message: format!("line {line}: {message}"),
+        source: None,
+    }
+}
+
+/// Reads an export line by line and checks it (see [`import`]): yields its content
+/// records, checked and with timestamps in microseconds, and ends only once the trailer
+/// has matched.
+struct Checker {
+    accept_v1: bool,
+    /// The number of the last line read (blank ones included).
+    line: u64,
+    /// Non-blank lines before the trailer, and the checksum of them.
+    lines: u64,
+    checksum: Fnv,
+    /// Items read so far.
+    counts: TransferCounts,
+    header: Option<ExportHeader>,
+    trailer_line: Option<u64>,
+    /// The last non-blank line and what it held, for the message of a truncated file.
+    last: (u64, &'static str),
+    /// For each session whose record was read: the offset its history has reached.
+    histories: HashMap<String, u64>,
+}
+
+impl Checker {
+    fn new(options: &TransferOptions) -> Self {
+        Checker {
+            accept_v1: options.accept_v1,
+            line: 0,
+            lines: 0,
+            checksum: Fnv::default(),
+            counts: TransferCounts::default(),
+            header: None,
+            trailer_line: None,
+            last: (0, "nothing"),
+            histories: HashMap::new(),
+        }
+    }
+
+    /// The next content record and its line, or `None` at the end of a whole export.
+    fn next_record<R: BufRead>(
+        &mut self,
+        input: &mut R,
+        buf: &mut String,
+    ) -> Result<Option<(u64, Record)>> {
+        loop {
+            buf.clear();
+            self.line += 1;
+            let line = self.line;
+            let read = input.read_line(buf).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::InvalidData {
+                    StorageError::serialization(format!("line {line}: not UTF-8 text: {e}"), e)
+                } else {
+                    io_error(format!("could not read line {line} of the import"), e)
+                }
+            })?;
+            if read == 0 {
+                self.finish()?;
+                return Ok(None);
+            }
+            let text = buf.trim();
+            if text.is_empty() {
+                continue;
+            }
+            if let Some(t) = self.trailer_line {
+                return Err(format_error(
+                    line,
+                    format!(
+                        "a line after the trailer (line {t}), which ends the export: \
+                         was something appended to the file?"
+                    ),
+                ));
+            }
+            let mut record: Record = serde_json::from_str(text).map_err(|e| {
+                StorageError::serialization(format!("line {line}: not a valid record: {e}"), e)
+            })?;
+            let kind = record_kind(&record);
+            match &record {
+                Record::Header(h) => {
+                    self.header_line(line, h)?;
+                    self.header = Some(h.clone());
+                }
+                Record::Trailer(t) => {
+                    self.trailer(line, t)?;
+                    self.trailer_line = Some(line);
+                    self.last = (line, kind);
+                    continue;
+                }
+                _ if self.header.is_none() => {
+                    return Err(format_error(
+                        line,
+                        format!("an export starts with a header line; this is a `{kind}` record"),
+                    ))
+                }
+                _ => {}
+            }
+            self.checksum.bytes(text.as_bytes());
+            self.checksum.bytes(b"\n");
+            self.lines += 1;
+            self.last = (line, kind);
+            if matches!(record, Record::Header(_)) {
+                continue;
+            }
+            self.counts.count(&record);
+            prepare(&mut record).map_err(|e| at_line(line, e))?;
+            self.follows(line, &record)?;
+            return Ok(Some((line, record)));
+        }
+    }
+
+    fn header_line(&self, line: u64, h: &ExportHeader) -> Result<()> {
+        if self.header.is_some() {
+            return Err(format_error(
+                line,
+                "a second header: an export has one, on its first line (were two \
+                 exports joined?)"
+                    .into(),
+            ));
+        }
+        if h.format != FORMAT {
+            return Err(format_error(
+                line,
+                format!("the header names format `{}`, not `{FORMAT}`", h.format),
+            ));
+        }
+        if h.version > FORMAT_VERSION || h.version == 0 {
+            return Err(format_error(
+                line,
+                format!(
+                    "format version {} is not one this build reads (1 to {FORMAT_VERSION})",
+                    h.version
+                ),
+            ));
+        }
+        if h.version == 1 && !self.accept_v1 {
+            return Err(format_error(
+                line,
+                "a version 1 export, written before exports ended with a trailer: a copy \
+                 cut short cannot be told from a whole one, so it is refused; import it with \
+                 `accept_v1` (`aiecs-storage import --accept-v1`) if you know it is whole"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the trailer against the lines before it.
+    fn trailer(&self, line: u64, t: &ExportTrailer) -> Result<()> {
+        let Some(header) = &self.header else {
+            return Err(format_error(
+                line,
+                "a trailer before any header: an export starts with a header line".into(),
+            ));
+        };
+        if header.version < 2 {
+            return Err(format_error(
+                line,
+                format!(
+                    "a trailer in a version {} export, which has none",
+                    header.version
+                ),
+            ));
+        }
+        let c = &self.counts;
+        for (what, said, found) in [
+            ("lines", t.lines, self.lines),
+            ("items", t.records, c.records),
+            ("sessions", t.sessions, c.sessions),
+            ("messages", t.messages, c.messages),
+            ("task contexts", t.task_contexts, c.task_contexts),
+            ("checkpoints", t.checkpoints, c.checkpoints),
+            ("pending writes", t.writes, c.writes),
+        ] {
+            if said != found {
+                return Err(format_error(
+                    line,
+                    format!(
+                        "the trailer counts {said} {what}, but the lines before it hold \
+                         {found}: lines are missing, added or changed"
+                    ),
+                ));
+            }
+        }
+        if t.checksum_algorithm != CHECKSUM_ALGORITHM {
+            return Err(format_error(
+                line,
+                format!(
+                    "the trailer's checksum algorithm is `{}`; this build knows \
+                     `{CHECKSUM_ALGORITHM}`",
+                    t.checksum_algorithm
+                ),
+            ));
+        }
+        let found = self.checksum.hex();
+        if t.checksum != found {
+            return Err(format_error(
+                line,
+                format!(
+                    "the checksum of the lines before the trailer is {found}, the trailer \
+                     says {}: the file changed after it was exported",
+                    t.checksum
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the order of a content record: a session before its history, and each
+    /// piece of a history where the previous one ended.
+    fn follows(&mut self, line: u64, record: &Record) -> Result<()> {
+        match record {
+            Record::Session(s) => {
+                self.histories.entry(s.session_id.clone()).or_insert(0);
+            }
+            Record::Messages {
+                session_id,
+                offset,
+                messages,
+            } => {
+                let Some(next) = self.histories.get_mut(session_id) else {
+                    return Err(format_error(
+                        line,
+                        format!(
+                            "messages of session `{session_id}` before its session \
+                             record: a session's record comes first"
+                        ),
+                    ));
+                };
+                if *offset != *next {
+                    return Err(format_error(
+                        line,
+                        format!(
+                            "messages of session `{session_id}` start at offset {offset}, \
+                             but its history so far ends at offset {next}: lines are out \
+                             of order or missing"
+                        ),
+                    ));
+                }
+                *next += messages.len() as u64;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// At the end of the input: a version 2 export must have ended with its trailer.
+    fn finish(&self) -> Result<()> {
+        let Some(header) = &self.header else {
+            return Ok(());
+        };
+        if header.version >= 2 && self.trailer_line.is_none() {
+            let (line, kind) = self.last;
+            return Err(format_error(
+                line,
+                format!(
+                    "the export ends here, after a `{kind}` line, without its trailer: the \
+                     file is truncated (a killed export or a short copy)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The `type` tag of a record.
+fn record_kind(record: &Record) -> &'static str {
+    match record {
+        Record::Header(_) => "header",
+        Record::Trailer(_) => "trailer",
+        Record::Session(_) => "session",
+        Record::Messages { .. } => "messages",
+        Record::TaskContext { .. } => "task_context",
+        Record::Checkpoints { .. } => "checkpoints",
+        Record::Writes { .. } => "writes",
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
