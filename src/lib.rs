@@ -36,6 +36,7 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+mod fnv;
 pub mod layer;
 pub mod model;
 pub mod ops;

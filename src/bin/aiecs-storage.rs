@@ -478,19 +478,10 @@ fn default_state_file(
     source: &dyn StorageBackend,
     target: &dyn StorageBackend,
 ) -> aiecs_storage::Result<std::path::PathBuf> {
-    let key = format!(
-        "{}|{:?}|{}|{:?}",
-        source.kind(),
-        source.store_id(),
-        target.kind(),
-        target.store_id()
-    );
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    Ok(private_state_dir()?.join(format!("migrate-{hash:016x}.json")))
+    Ok(private_state_dir()?.join(format!(
+        "migrate-{}.json",
+        aiecs_storage::ops::migrate::pair_key(source, target)
+    )))
 }
 
 fn private_state_dir() -> aiecs_storage::Result<std::path::PathBuf> {

@@ -454,12 +454,7 @@ mod heap {
 
 /// FNV-1a: a stable hash of an owner id onto a stripe.
 fn stripe_of(owner: &str) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in owner.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h as usize) & (STRIPES - 1)
+    (crate::fnv::Fnv::hash(owner.as_bytes()) as usize) & (STRIPES - 1)
 }
 
 #[derive(Debug)]

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Result, StorageError};
+use crate::fnv::Fnv;
 use crate::model::{now, SessionQuery};
 use crate::storage::StorageBackend;
 use crate::validate::MAX_LIMIT;
@@ -238,13 +239,28 @@ fn write_state(path: &Path, state: &MigrationState) -> Result<()> {
 /// A fingerprint of a store's id (FNV-1a, 64 bits): enough to tell two stores apart in
 /// a state file without writing down where they are.
 fn store_fingerprint(backend: &dyn StorageBackend) -> Option<String> {
-    let id = backend.store_id()?;
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    Some(format!("fnv1a64:{hash:016x}"))
+    Some(format!(
+        "fnv1a64:{:016x}",
+        Fnv::hash(backend.store_id()?.as_bytes())
+    ))
+}
+
+/// Names a pair of stores (kinds and [`store_id`](StorageBackend::store_id)s) as 16 hex
+/// digits, the same in every process: the command line names its default state file
+/// with it, so rerunning a migration between the same stores resumes it.
+pub fn pair_key(source: &dyn StorageBackend, target: &dyn StorageBackend) -> String {
+    let mut h = Fnv::default();
+    h.bytes(
+        format!(
+            "{}|{:?}|{}|{:?}",
+            source.kind(),
+            source.store_id(),
+            target.kind(),
+            target.store_id()
+        )
+        .as_bytes(),
+    );
+    h.hex()
 }
 
 fn remove_state(path: &Path) -> Result<()> {
@@ -820,9 +836,9 @@ impl Part for SessionDigest {
         let mut h = Fnv::default();
         h.opt(self.session);
         h.u64(self.messages);
-        h.u64(self.messages_hash.0);
+        h.u64(self.messages_hash.finish());
         h.opt(self.context);
-        h.0
+        h.finish()
     }
 
     fn differing_parts(&self, o: &Self) -> Vec<String> {
@@ -860,10 +876,10 @@ impl Part for ThreadDigest {
     fn checksum(&self) -> u64 {
         let mut h = Fnv::default();
         h.u64(self.checkpoints);
-        h.u64(self.checkpoints_hash.0);
+        h.u64(self.checkpoints_hash.finish());
         h.u64(self.writes);
-        h.u64(self.writes_hash.0);
-        h.0
+        h.u64(self.writes_hash.finish());
+        h.finish()
     }
 
     fn differing_parts(&self, o: &Self) -> Vec<String> {
@@ -993,32 +1009,11 @@ impl Digest {
 }
 
 /// FNV-1a 64 over a canonical, self-delimiting encoding of JSON values.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
 impl Fnv {
     fn of(v: &Value) -> u64 {
         let mut h = Fnv::default();
         h.value(v);
-        h.0
-    }
-
-    pub(crate) fn bytes(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= u64::from(*b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-
-    /// The hash as 16 lowercase hex digits.
-    pub(crate) fn hex(&self) -> String {
-        format!("{:016x}", self.0)
+        h.finish()
     }
 
     fn u64(&mut self, n: u64) {

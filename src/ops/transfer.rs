@@ -67,7 +67,7 @@ use crate::model::{
 use crate::storage::StorageBackend;
 use crate::validate::{self, MAX_LIMIT, MAX_VALUE_BYTES};
 
-use super::migrate::Fnv;
+use crate::fnv::Fnv;
 
 /// The `format` of an export's header line.
 pub const FORMAT: &str = "aiecs-storage";

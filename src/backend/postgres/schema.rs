@@ -147,14 +147,10 @@ pub(super) fn quoted(schema: &str) -> String {
 /// fixed prefix and the name, so every process computes the same key and different
 /// schemas rarely share one (sharing would only serialize their migrations).
 pub(super) fn lock_key(schema: &str) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in b"aiecs-storage:migrate:"
-        .iter()
-        .chain(schema.as_bytes().iter())
-    {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let mut h = crate::fnv::Fnv::default();
+    h.bytes(b"aiecs-storage:migrate:");
+    h.bytes(schema.as_bytes());
+    let hash = h.finish();
     i64::from_ne_bytes(hash.to_ne_bytes())
 }
 
