@@ -2030,6 +2030,13 @@ async fn a_read_answered_by_the_fallback_fails_the_copy_instead_of_shortening_it
         // Run again: the copy completes and verifies clean.
         Migrator::new(&source, &target).run().await.unwrap();
         assert!(verify(&source, &target).await.unwrap().is_clean(), "{op:?}");
+        // Nor may an export be called complete.
+        faults.fail_next(Target::Op(op), 1, ErrorKind::Connection);
+        let mut file = Vec::new();
+        let err = export(&source, &Scope::All, &mut file, &TransferOptions::default())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("export"), "{op:?}: {err}");
         // Nor may verify call two stores equal from a read the fallback answered.
         faults.fail_next(Target::Op(op), 1, ErrorKind::Connection);
         let err = verify(&source, &target).await.unwrap_err();

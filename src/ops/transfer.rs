@@ -1345,6 +1345,7 @@ pub async fn export_with_progress<W: Write>(
     mut progress: impl FnMut(&TransferCounts),
 ) -> Result<TransferCounts> {
     let mut walk = Source::new(source, scope.clone(), options.batch_size)?;
+    let fallback_before = super::migrate::fallback_reads(source).await?;
     let header = Record::Header(ExportHeader {
         format: FORMAT.to_owned(),
         version: FORMAT_VERSION,
@@ -1364,6 +1365,12 @@ pub async fn export_with_progress<W: Write>(
         }
         counts.batches += 1;
         progress(&counts);
+    }
+    // No trailer for a walk the fallback answered part of: without one, the file is
+    // refused on import as truncated, whoever ignores this error.
+    let answered = super::migrate::fallback_reads(source).await? - fallback_before;
+    if answered > 0 {
+        return Err(super::migrate::incomplete_read(answered, "export"));
     }
     let trailer = Record::Trailer(ExportTrailer {
         lines: line,
