@@ -410,8 +410,8 @@ const URL_KEYS: &[&str] = &["url", "fallback"];
 
 /// Largest `max_attempts` accepted.
 const MAX_ATTEMPTS: u64 = 100;
-/// Largest `max_queue` accepted (the batching layer's own bound).
-const MAX_QUEUE: u64 = 1 << 24;
+/// Largest `max_queue` accepted: the batching layer's own bound.
+const MAX_QUEUE: u64 = crate::layer::BATCH_MAX_QUEUE as u64;
 
 fn config_error(reason: impl Into<String>) -> StorageError {
     StorageError::invalid_input("config", reason)

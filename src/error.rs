@@ -136,6 +136,19 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in declaration order (`kind as usize` indexes it).
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::InvalidInput,
+        ErrorKind::NotFound,
+        ErrorKind::Connection,
+        ErrorKind::Authentication,
+        ErrorKind::Timeout,
+        ErrorKind::Serialization,
+        ErrorKind::Closed,
+        ErrorKind::Unavailable,
+        ErrorKind::Backend,
+    ];
+
     /// A stable snake_case name, suitable for logs and metric labels.
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -133,8 +133,9 @@ struct BatchConfig {
     max_queue: usize,
 }
 
-/// Upper bound of [`BatchLayer::with_max_queue`], far below tokio's channel limit.
-const MAX_QUEUE: usize = 1 << 24;
+/// Upper bound of [`BatchLayer::with_max_queue`] (and of `max_queue` in stack files),
+/// far below a semaphore's permit limit.
+pub(crate) const MAX_QUEUE: usize = 1 << 24;
 
 impl Default for BatchLayer {
     fn default() -> Self {

@@ -69,7 +69,7 @@ struct Handles {
     /// Made on the first cancelled call: most operations never see one.
     cancelled: OnceLock<Counter>,
     duration: Histogram,
-    errors: [OnceLock<Counter>; 16],
+    errors: [OnceLock<Counter>; ErrorKind::ALL.len()],
 }
 
 impl MetricsLayer {
@@ -142,7 +142,7 @@ impl MetricsPolicy {
             None => h.ok.increment(1),
             Some(kind) => {
                 h.error.increment(1);
-                h.errors[kind as usize % 16]
+                h.errors[kind as usize]
                     .get_or_init(|| {
                         metrics::counter!(names::ERRORS_TOTAL, "operation" => op.as_str(), "backend" => self.backend.clone(), "kind" => kind.as_str())
                     })

@@ -46,6 +46,7 @@ mod timeout;
 
 use std::future::Future;
 
+pub(crate) use batch::MAX_QUEUE as BATCH_MAX_QUEUE;
 pub use batch::{BatchLayer, BatchStats, Batched};
 pub use cache::{CacheLayer, CacheStats, Cached};
 pub use failover::{Failover, FailoverLayer};
