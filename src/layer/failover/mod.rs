@@ -1,0 +1,209 @@
+//! Failover to a second backend, with dual writes, a circuit breaker and hinted handoff.
+//!
+//! `mod.rs` holds the layer, its settings and the wrapper type; `breaker` the circuit
+//! breaker and its counters; `replay` the queue of writes acknowledged from the
+//! fallback and their replay; `route` where each call goes; `storage` the trait
+//! implementations.
+
+mod breaker;
+mod replay;
+mod route;
+mod storage;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use self::breaker::FailoverState;
+use crate::error::Result;
+use crate::storage::StorageBackend;
+
+type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// Serves from a fallback backend when the primary (the wrapped backend) fails.
+///
+/// - **Reads** go to the primary and fall back on transient errors.
+/// - **Writes** go to both while the primary is healthy: the primary's answer is
+///   returned; a fallback failure is counted and logged, never raised.
+/// - **A deadline of its own** ([`with_primary_timeout`](FailoverLayer::with_primary_timeout),
+///   1 s by default) bounds every call to the primary, so a primary that hangs (a frozen
+///   server, a network that drops packets) counts as failing and the call is served by
+///   the fallback. A timeout layer *outside* failover cancels the call before failover
+///   sees any error, so failover could never engage on a hung primary without this
+///   deadline; an outer deadline must be longer than this one plus a fallback call.
+///   Bulk operations whose time grows with the data (`cleanup_expired_sessions`, the
+///   `restore_*` calls, `delete_thread`) run without it.
+/// - **Circuit breaker**: after `failure_threshold` consecutive transient primary
+///   failures the primary is not called for `cooldown`; then one call probes it and a
+///   success closes the breaker.
+/// - **Writes while the primary is down are kept, not lost** (hinted handoff): they are
+///   stored in the fallback, acknowledged, and queued (bounded by `max_pending`) for
+///   replay to the primary. Until the queue is replayed, reads and writes go to the
+///   fallback, so nothing acknowledged is invisible. A task of the layer's own replays
+///   the queue in order whenever the breaker lets it (after each cooldown), whether or
+///   not calls reach the layer (a cache in front may answer every read), and only after
+///   the queue empties does the primary serve again. When the queue is full, writes fail with
+///   [`StorageError::Unavailable`] instead of being acknowledged and dropped. A write
+///   the fallback answers as changing nothing (`update_session` or `end_session` of a
+///   session it lacks: `Ok(false)`) is not queued, so the primary never applies what
+///   the caller was told did not happen.
+///
+/// # When the caller gives up
+///
+/// A caller may drop the call at any `.await` (an outer timeout, `select!`). What that
+/// leaves behind:
+///
+/// - **A dropped probe counts as a failure**: the breaker opens again for a cooldown
+///   instead of staying half-open with nobody to close it.
+/// - **The replay is never cancelled by a caller**: it runs in the layer's task, so the
+///   queue drains however the calls around it end.
+/// - **A degraded write records its intent first**: the replay entry is queued before
+///   the fallback is called and removed only if the fallback refuses the write for
+///   good. A call dropped while the fallback writes (the write may land) keeps its
+///   entry, so what the fallback holds also reaches the primary.
+/// - **Counter increments are replayed at most once**: an increment whose attempt on
+///   the primary may have applied (a timeout, a lost connection, a replay cut short) is
+///   replayed without its counters (metadata and status still are), and counted as
+///   `unreplayed_increments`. Each replay starts with a health check of the primary, so
+///   a primary still down refuses the check, not a replayed increment.
+/// - **A call dropped after the primary answered** may leave that write out of the
+///   fallback (as a fallback failure would); the primary has it.
+///
+/// The queue lives in memory: a process that dies while the primary is down keeps those
+/// writes in the fallback only. [`close`](crate::StorageBackend::close) tries one last
+/// replay and fails (after closing both backends) if writes are left that only the
+/// fallback holds. The primary is assumed to keep what it acknowledged (a Redis without
+/// persistence that restarts empty loses the writes made before its crash). A replayed
+/// write carries the replay's timestamps on the primary.
+///
+/// Put a cache outside failover to keep serving hits however the backends fare; inside,
+/// it only caches the primary's reads.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
+/// use std::sync::Arc;
+/// use aiecs_storage::layer::FailoverLayer;
+/// use aiecs_storage::{prelude::*, MemoryBackend, SqliteBackend};
+/// use tower::Layer;
+///
+/// let fallback = Arc::new(SqliteBackend::in_memory());
+/// let storage = FailoverLayer::new(fallback).layer(MemoryBackend::new());
+/// storage.create_session("s1", "alice", &Default::default()).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct FailoverLayer {
+    fallback: Arc<dyn StorageBackend>,
+    config: FailoverConfig,
+    state: Arc<FailoverState>,
+}
+
+impl std::fmt::Debug for FailoverLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailoverLayer")
+            .field("fallback", &self.fallback.kind())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FailoverConfig {
+    failure_threshold: u32,
+    cooldown: Duration,
+    max_pending: usize,
+    primary_timeout: Option<Duration>,
+}
+
+impl FailoverLayer {
+    /// Fails over to `fallback`: 5 consecutive failures open the breaker for 10 s; a
+    /// primary call that takes over 1 s counts as failed; up to 10 000 writes wait for
+    /// replay.
+    pub fn new(fallback: Arc<dyn StorageBackend>) -> Self {
+        FailoverLayer {
+            fallback,
+            config: FailoverConfig {
+                failure_threshold: 5,
+                cooldown: Duration::from_secs(10),
+                max_pending: 10_000,
+                primary_timeout: Some(Duration::from_secs(1)),
+            },
+            state: Arc::default(),
+        }
+    }
+
+    /// Sets how many consecutive transient primary failures open the breaker (at least 1).
+    pub fn with_failure_threshold(mut self, failures: u32) -> Self {
+        self.config.failure_threshold = failures.max(1);
+        self
+    }
+
+    /// Sets how long an open breaker keeps the primary out before probing it.
+    pub fn with_cooldown(mut self, cooldown: Duration) -> Self {
+        self.config.cooldown = cooldown;
+        self
+    }
+
+    /// Sets how many writes may wait for replay before new writes are refused.
+    pub fn with_max_pending(mut self, max_pending: usize) -> Self {
+        self.config.max_pending = max_pending;
+        self
+    }
+
+    /// Sets the deadline of each call to the primary (`None`: no deadline of its own).
+    /// A call past it counts as a transient primary failure and is served by the
+    /// fallback; a write past it may still land on the primary, so the replay of a
+    /// counter increment omits the counters.
+    pub fn with_primary_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.primary_timeout = timeout;
+        self
+    }
+
+    /// The breaker's state: `closed`, `open` or `half_open`.
+    pub fn breaker_state(&self) -> &'static str {
+        self.state.breaker_name()
+    }
+
+    /// Writes waiting for replay to the primary.
+    pub fn pending_writes(&self) -> usize {
+        self.state.queued.load(Ordering::Relaxed) as usize
+    }
+
+    /// Whether calls are being served by the fallback until the primary catches up.
+    pub fn is_degraded(&self) -> bool {
+        self.state.degraded.load(Ordering::Acquire)
+    }
+}
+
+impl<B> tower_layer::Layer<B> for FailoverLayer {
+    type Service = Failover<B>;
+
+    fn layer(&self, primary: B) -> Self::Service {
+        Failover {
+            primary: Arc::new(primary),
+            fallback: self.fallback.clone(),
+            config: self.config,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The wrapper a [`FailoverLayer`] puts around its primary.
+pub struct Failover<B> {
+    // Shared with the replay task, which outlives the call that starts it.
+    primary: Arc<B>,
+    fallback: Arc<dyn StorageBackend>,
+    config: FailoverConfig,
+    state: Arc<FailoverState>,
+}
+
+impl<B> std::fmt::Debug for Failover<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failover")
+            .field("fallback", &self.fallback.kind())
+            .field("breaker", &self.state.breaker_name())
+            .finish_non_exhaustive()
+    }
+}
