@@ -1190,7 +1190,6 @@ async fn a_store_of_the_older_index_layout_lists_everything_after_connecting() {
     for n in 0..16 {
         let _: () = redis::cmd("DEL")
             .arg(format!("{prefix}{{idx:{n}}}:sessions_by_id"))
-            .arg(format!("{prefix}{{idx:{n}}}:sessions_by_id_filled"))
             .query_async(&mut conn)
             .await
             .unwrap();

@@ -329,3 +329,59 @@ async fn delete_thread_racing_store_keeps_the_thread_index_true() {
         delete_thread_races_store(server, &url).await;
     }
 }
+
+async fn listing_while_others_come_and_go(server: &str, url: &str) {
+    let (a, b) = two_clients(url);
+    // Even ids stay throughout; odd ids are created and deleted while the walk runs.
+    let stable: Vec<String> = (0..600).step_by(2).map(|i| format!("w{i:04}")).collect();
+    let seed: Vec<NewSession> = stable.iter().map(|id| NewSession::new(id, "u")).collect();
+    a.batch_create_sessions(&seed).await.unwrap();
+    let churn = tokio::spawn(async move {
+        for round in 0..4 {
+            for i in (1..600).step_by(2) {
+                let id = format!("w{i:04}");
+                if round % 2 == 0 {
+                    b.create_session(&id, "u", &Metadata::new()).await.unwrap();
+                } else {
+                    b.delete_session(&id).await.unwrap();
+                }
+            }
+        }
+    });
+    let mut walks = 0;
+    while !churn.is_finished() || walks == 0 {
+        let (mut query, mut seen) = (SessionQuery::new().limit(13), Vec::new());
+        loop {
+            let page = a.list_sessions(&query).await.unwrap();
+            seen.extend(page.sessions.into_iter().map(|s| s.session_id));
+            match page.next_cursor {
+                Some(cursor) => query.after = Some(cursor),
+                None => break,
+            }
+        }
+        walks += 1;
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "{server}: walk {walks} repeated or reordered an id"
+        );
+        let listed: BTreeSet<&String> = seen.iter().collect();
+        let missing: Vec<&String> = stable.iter().filter(|id| !listed.contains(id)).collect();
+        assert!(
+            missing.is_empty(),
+            "{server}: walk {walks} skipped sessions that existed throughout: {missing:?}"
+        );
+    }
+    churn.await.unwrap();
+    for i in 0..600 {
+        a.delete_session(&format!("w{i:04}")).await.unwrap();
+    }
+}
+
+/// Walking `list_sessions` page by page while another connection creates and deletes
+/// other sessions neither repeats a session nor skips one that existed throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_sessions_pages_neither_repeat_nor_skip_under_churn() {
+    for (server, url) in servers() {
+        listing_while_others_come_and_go(server, &url).await;
+    }
+}

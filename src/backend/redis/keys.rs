@@ -14,7 +14,6 @@
 //! | `P{s:ID}:context` | string | task context JSON |
 //! | `P{idx:N}:sessions_by_update` | sorted set | session id by last update (16 buckets) |
 //! | `P{idx:N}:sessions_by_id` | sorted set | session ids, score 0: read by id (16 buckets) |
-//! | `P{idx:N}:sessions_by_id_filled` | string | set once the bucket above holds every older session |
 //! | `P{cidx:N}:contexts_by_id` | sorted set | session ids holding a task context, score 0 (16 buckets) |
 //! | `P{tidx:N}:threads_by_id` | sorted set | thread ids holding checkpoints or writes, score 0 (16 buckets) |
 //! | `P{t:ID}:seq` | string | per-thread sequence: store order of checkpoints and writes |
@@ -148,28 +147,16 @@ impl Index {
     }
 
     /// The KEYS of bucket `n`'s upgrade script (see [`super::scripts::UPGRADE_INDEX`]):
-    /// where an older layout kept the ids, this bucket's key, and for sessions a marker
-    /// that the copy was made. Empty for [`Index::Sessions`], which did not change.
+    /// where an older layout kept the ids, then this bucket's key. Empty for
+    /// [`Index::Sessions`], which did not change.
     pub fn upgrade_keys(self, prefix: &str, n: u32) -> Vec<String> {
-        match self {
-            Index::Sessions => Vec::new(),
-            // The cleanup index stays in use, so it is copied, not moved, and the marker
-            // says the copy is done. The old sets are removed once copied: their absence
-            // says it.
-            Index::SessionIds => vec![
-                Index::Sessions.bucket(prefix, n),
-                self.bucket(prefix, n),
-                format!("{prefix}{{idx:{n}}}:sessions_by_id_filled"),
-            ],
-            Index::Contexts => vec![
-                format!("{prefix}{{cidx:{n}}}:contexts"),
-                self.bucket(prefix, n),
-            ],
-            Index::Threads => vec![
-                format!("{prefix}{{tidx:{n}}}:threads"),
-                self.bucket(prefix, n),
-            ],
-        }
+        let old = match self {
+            Index::Sessions => return Vec::new(),
+            Index::SessionIds => Index::Sessions.bucket(prefix, n),
+            Index::Contexts => format!("{prefix}{{cidx:{n}}}:contexts"),
+            Index::Threads => format!("{prefix}{{tidx:{n}}}:threads"),
+        };
+        vec![old, self.bucket(prefix, n)]
     }
 
     /// Every bucket key.

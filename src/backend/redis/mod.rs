@@ -398,7 +398,7 @@ impl RedisBackend {
     }
 
     /// Moves index buckets an older version wrote to the current layout (see
-    /// `keys`): one script a bucket, which costs one `EXISTS` once done.
+    /// `keys`): one script a bucket, a few O(1) checks once done.
     async fn upgrade_indexes(&self, conn: &mut Conn) -> Result<()> {
         let mut cmds = Vec::new();
         for index in [Index::SessionIds, Index::Contexts, Index::Threads] {

@@ -367,23 +367,25 @@ return existed
 });
 
 /// Moves one index bucket from an older layout (see `keys::Index::upgrade_keys`).
-/// KEYS: the old key, the new sorted set, and for session ids a marker. With a marker,
-/// copies the cleanup index's ids once; without, moves a plain set's ids and removes the
-/// set, so a second run (or a set an older process wrote since) costs nothing or moves
-/// only what is there. Returns how many ids it copied.
+/// KEYS: the old key, the new sorted set. A plain set (contexts, threads) is moved and
+/// removed, so a second run, or a set an older process wrote since, costs nothing or
+/// moves only what is there. The session cleanup index stays: its ids are copied when
+/// the id index is empty and it is not, which in this layout means an older store (both
+/// gain and lose an id together; copying stale ids is harmless, listing skips them).
+/// No marker key: it would outlive every record. Returns how many ids it copied.
 pub static UPGRADE_INDEX: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local ids
-if KEYS[3] then
-  if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if redis.call('TYPE', KEYS[1]).ok == 'zset' then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
   ids = redis.call('ZRANGE', KEYS[1], 0, -1)
 else
-  if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
   ids = redis.call('SMEMBERS', KEYS[1])
 end
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[2], 0, id) end
-if KEYS[3] then redis.call('SET', KEYS[3], '1') else redis.call('DEL', KEYS[1]) end
+if redis.call('TYPE', KEYS[1]).ok == 'set' then redis.call('DEL', KEYS[1]) end
 return #ids
 "#,
     )
