@@ -1155,3 +1155,90 @@ async fn counter_updates_follow_a_slot_moving_between_masters() {
     );
     assert_eq!(count.unwrap(), Some(2));
 }
+
+/// A store written by an earlier version (context and thread indexes as plain sets, no
+/// session id index) is moved to the id-ordered indexes when a backend connects, and
+/// lists everything it holds.
+#[tokio::test]
+async fn a_store_of_the_older_index_layout_lists_everything_after_connecting() {
+    let Some(url) = url("AIECS_TEST_REDIS_URL") else {
+        return;
+    };
+    let prefix = prefix();
+    let writer = RedisBackend::new(&url).unwrap().with_prefix(prefix.clone());
+    let ids: Vec<String> = (0..40).map(|i| format!("id-{i:02}")).collect();
+    for id in &ids {
+        writer
+            .create_session(id, "u", &Metadata::new())
+            .await
+            .unwrap();
+        writer
+            .store_task_context(id, &serde_json::json!({}))
+            .await
+            .unwrap();
+        writer
+            .store_checkpoint(&aiecs_storage::NewCheckpoint::new(
+                id,
+                "c",
+                serde_json::json!(1),
+            ))
+            .await
+            .unwrap();
+    }
+    // Turn the indexes back into the older layout, bucket by bucket.
+    let mut conn = raw(&url).get_multiplexed_async_connection().await.unwrap();
+    for n in 0..16 {
+        let _: () = redis::cmd("DEL")
+            .arg(format!("{prefix}{{idx:{n}}}:sessions_by_id"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for (tag, old) in [("cidx", "contexts"), ("tidx", "threads")] {
+            let new = format!("{prefix}{{{tag}:{n}}}:{old}_by_id");
+            let members: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&new)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if members.is_empty() {
+                continue;
+            }
+            let _: () = redis::cmd("SADD")
+                .arg(format!("{prefix}{{{tag}:{n}}}:{old}"))
+                .arg(&members)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let _: () = redis::cmd("DEL")
+                .arg(&new)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+    let reader = RedisBackend::new(&url).unwrap().with_prefix(prefix.clone());
+    let page = reader
+        .list_sessions(&aiecs_storage::SessionQuery::new().limit(1000))
+        .await
+        .unwrap();
+    let sessions: Vec<String> = page.sessions.into_iter().map(|s| s.session_id).collect();
+    assert_eq!(sessions, ids);
+    assert_eq!(reader.list_threads(None, 1000).await.unwrap().ids, ids);
+    assert_eq!(
+        reader.list_task_contexts(None, 1000).await.unwrap().ids,
+        ids
+    );
+    let old: i64 = redis::cmd("EXISTS")
+        .arg(format!("{prefix}{{tidx:0}}:threads"))
+        .arg(format!("{prefix}{{cidx:0}}:contexts"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(old, 0, "the older sets are removed once copied");
+    for id in &ids {
+        reader.delete_session(id).await.unwrap();
+        reader.delete_thread(id).await.unwrap();
+    }
+}

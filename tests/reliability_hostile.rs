@@ -3865,12 +3865,12 @@ fn classify_key(prefix: &str, key: &str) -> Option<(String, String)> {
         }
         "idx" | "cidx" | "tidx" => {
             let n: u32 = id.parse().ok()?;
-            let want = match kind {
-                "idx" => ":sessions_by_update",
-                "cidx" => ":contexts",
-                _ => ":threads",
+            let want: &[&str] = match kind {
+                "idx" => &[":sessions_by_update", ":sessions_by_id"],
+                "cidx" => &[":contexts_by_id"],
+                _ => &[":threads_by_id"],
             };
-            if n >= 16 || tail != want {
+            if n >= 16 || !want.contains(&tail) {
                 return None;
             }
             format!("index{tail}")

@@ -13,14 +13,21 @@
 //! | `P{s:ID}:message_ids` | set | ids already appended (dedupe) |
 //! | `P{s:ID}:context` | string | task context JSON |
 //! | `P{idx:N}:sessions_by_update` | sorted set | session id by last update (16 buckets) |
-//! | `P{cidx:N}:contexts` | set | session ids holding a task context (16 buckets) |
-//! | `P{tidx:N}:threads` | set | thread ids holding checkpoints or writes (16 buckets) |
+//! | `P{idx:N}:sessions_by_id` | sorted set | session ids, score 0: read by id (16 buckets) |
+//! | `P{cidx:N}:contexts_by_id` | sorted set | session ids holding a task context, score 0 (16 buckets) |
+//! | `P{tidx:N}:threads_by_id` | sorted set | thread ids holding checkpoints or writes, score 0 (16 buckets) |
 //! | `P{t:ID}:seq` | string | per-thread sequence: store order of checkpoints and writes |
 //! | `P{t:ID}:keys` | set | every other key of the thread, for `delete_thread` |
 //! | `P{t:ID}:ns:NS:order` | sorted set | checkpoint id by sequence |
 //! | `P{t:ID}:ns:NS:checkpoints` | hash | `r:<id>` record JSON, `c:<id>` created_at |
 //! | `P{t:ID}:ns:NS:writes:CP:order` | sorted set | `task\nidx` by sequence |
 //! | `P{t:ID}:ns:NS:writes:CP:values` | hash | `task\nidx` -> pending write JSON |
+//!
+//! The `_by_id` indexes hold every member at score 0, so `ZRANGE BYLEX` reads them in
+//! id order from a cursor: a listing page costs O(log n + page), not a read of the
+//! whole index. Earlier versions kept the context and thread indexes as plain sets
+//! (`P{cidx:N}:contexts`, `P{tidx:N}:threads`) and sessions had no id index; a backend
+//! moves such a store to this layout when it connects ([`Index::upgrade_keys`]).
 
 use std::borrow::Cow;
 
@@ -106,11 +113,14 @@ impl SessionKeys {
 /// so in a cluster they spread over every master.
 #[derive(Clone, Copy)]
 pub enum Index {
-    /// Sessions by last update (a sorted set).
+    /// Sessions by last update (a sorted set scored by `updated_at`): cleanup's.
     Sessions,
-    /// Session ids with a task context (a set).
+    /// Session ids (a sorted set, every score 0): listing's. Same buckets and hash tags
+    /// as [`Index::Sessions`], so one script updates both.
+    SessionIds,
+    /// Session ids with a task context (a sorted set, every score 0).
     Contexts,
-    /// Thread ids with checkpoints or writes (a set).
+    /// Thread ids with checkpoints or writes (a sorted set, every score 0).
     Threads,
 }
 
@@ -130,9 +140,23 @@ impl Index {
     pub fn bucket(self, prefix: &str, n: u32) -> String {
         match self {
             Index::Sessions => format!("{prefix}{{idx:{n}}}:sessions_by_update"),
+            Index::SessionIds => format!("{prefix}{{idx:{n}}}:sessions_by_id"),
+            Index::Contexts => format!("{prefix}{{cidx:{n}}}:contexts_by_id"),
+            Index::Threads => format!("{prefix}{{tidx:{n}}}:threads_by_id"),
+        }
+    }
+
+    /// The KEYS of bucket `n`'s upgrade script (see [`super::scripts::UPGRADE_INDEX`]):
+    /// where an older layout kept the ids, then this bucket's key. Empty for
+    /// [`Index::Sessions`], which did not change.
+    pub fn upgrade_keys(self, prefix: &str, n: u32) -> Vec<String> {
+        let old = match self {
+            Index::Sessions => return Vec::new(),
+            Index::SessionIds => Index::Sessions.bucket(prefix, n),
             Index::Contexts => format!("{prefix}{{cidx:{n}}}:contexts"),
             Index::Threads => format!("{prefix}{{tidx:{n}}}:threads"),
-        }
+        };
+        vec![old, self.bucket(prefix, n)]
     }
 
     /// Every bucket key.
@@ -232,5 +256,11 @@ mod tests {
         let buckets: std::collections::HashSet<String> =
             (0..200).map(|i| key(&format!("s{i}"))).collect();
         assert_eq!(buckets.len(), INDEX_BUCKETS as usize);
+        // The two session indexes of one id share a slot: one script writes both.
+        let tag = |key: String| key[..key.find('}').unwrap() + 1].to_owned();
+        assert_eq!(
+            tag(Index::Sessions.key_of("p:", "x")),
+            tag(Index::SessionIds.key_of("p:", "x"))
+        );
     }
 }

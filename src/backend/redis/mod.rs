@@ -393,7 +393,25 @@ impl RedisBackend {
         load_scripts(&mut c)
             .await
             .map_err(|e| self.connect_error(e))?;
+        self.upgrade_indexes(&mut c).await?;
         Ok(conn)
+    }
+
+    /// Moves index buckets an older version wrote to the current layout (see
+    /// `keys`): one script a bucket, a few O(1) checks once done.
+    async fn upgrade_indexes(&self, conn: &mut Conn) -> Result<()> {
+        let mut cmds = Vec::new();
+        for index in [Index::SessionIds, Index::Contexts, Index::Threads] {
+            for n in 0..keys::INDEX_BUCKETS {
+                let keys = index.upgrade_keys(&self.prefix, n);
+                let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                cmds.push(evalsha(&scripts::UPGRADE_INDEX, &keys));
+            }
+        }
+        for reply in conn.many(&cmds).await.map_err(|e| self.connect_error(e))? {
+            reply.map_err(|e| self.connect_error(e))?;
+        }
+        Ok(())
     }
 
     async fn conn(&self) -> Result<Conn> {
@@ -458,6 +476,41 @@ impl RedisBackend {
             .collect())
     }
 
+    /// Runs `stages` so that every command of a stage runs after every command of the
+    /// stages before it, answering per command as [`Self::many_each`] does. On a node,
+    /// one pipeline: one connection's commands run in the order sent. On a cluster, one
+    /// round trip a stage, since a stage's keys (an index bucket) live on another master
+    /// than the last's (a session or a thread).
+    ///
+    /// Why order matters: a write and its index entry live in different slots, so no
+    /// script covers both. Writers store the record before indexing it, and deleters
+    /// remove the record before its entry and then look again; whatever two processes
+    /// interleave, a record that exists at the end has its entry (see `delete_session`).
+    async fn in_order_each(&self, stages: &[Vec<Cmd>]) -> Result<Vec<Vec<Result<RedisValue>>>> {
+        let mut out = Vec::with_capacity(stages.len());
+        if self.is_cluster() {
+            for stage in stages {
+                out.push(self.many_each(stage).await?);
+            }
+            return Ok(out);
+        }
+        let all: Vec<Cmd> = stages.iter().flatten().cloned().collect();
+        let mut replies = self.many_each(&all).await?.into_iter();
+        for stage in stages {
+            out.push(replies.by_ref().take(stage.len()).collect());
+        }
+        Ok(out)
+    }
+
+    /// [`Self::in_order_each`], failing on the first failed command.
+    async fn in_order(&self, stages: &[Vec<Cmd>]) -> Result<Vec<Vec<RedisValue>>> {
+        self.in_order_each(stages)
+            .await?
+            .into_iter()
+            .map(|stage| stage.into_iter().collect())
+            .collect()
+    }
+
     /// Runs one command that must not run twice (a counter increment): neither the
     /// client nor this method sends it again once it may have reached the server; see
     /// [`Conn::query_once`].
@@ -480,37 +533,45 @@ impl RedisBackend {
         SessionKeys::new(&self.prefix, session_id)
     }
 
+    /// Indexes a session at `score`, only moving its score forward unless `exact`.
     fn index_cmd(&self, session_id: &str, score: i64) -> Cmd {
-        let mut c = redis::cmd("ZADD");
-        c.arg(Index::Sessions.key_of(&self.prefix, session_id))
-            .arg("GT")
-            .arg(score)
-            .arg(session_id);
+        self.index_session_cmd(session_id, score, false)
+    }
+
+    fn index_session_cmd(&self, session_id: &str, score: i64, exact: bool) -> Cmd {
+        let mut c = evalsha(
+            &scripts::INDEX_SESSION,
+            &[
+                &Index::Sessions.key_of(&self.prefix, session_id),
+                &Index::SessionIds.key_of(&self.prefix, session_id),
+            ],
+        );
+        c.arg(score)
+            .arg(session_id)
+            .arg(if exact { "exact" } else { "GT" });
+        c
+    }
+
+    /// Adds `id` to (`ZADD`) or removes it from (`ZREM`) an index read by id.
+    fn id_index_cmd(&self, op: &str, index: Index, id: &str) -> Cmd {
+        let mut c = redis::cmd(op);
+        c.arg(index.key_of(&self.prefix, id));
+        if op == "ZADD" {
+            c.arg(0);
+        }
+        c.arg(id);
         c
     }
 
     fn thread_index_cmd(&self, op: &str, thread_id: &str) -> Cmd {
-        let mut c = redis::cmd(op);
-        c.arg(Index::Threads.key_of(&self.prefix, thread_id))
-            .arg(thread_id);
-        c
+        self.id_index_cmd(op, Index::Threads, thread_id)
     }
 
-    /// Every id in every bucket of `index` (sorted sets and sets alike).
+    /// Every id in every bucket of `index`.
     async fn index_members(&self, index: Index) -> Result<Vec<String>> {
         let cmds: Vec<Cmd> = index
             .buckets(&self.prefix)
-            .map(|key| {
-                let mut c = match index {
-                    Index::Sessions => redis::cmd("ZRANGE"),
-                    Index::Contexts | Index::Threads => redis::cmd("SMEMBERS"),
-                };
-                c.arg(key);
-                if let Index::Sessions = index {
-                    c.arg(0).arg(-1);
-                }
-                c
-            })
+            .map(|key| redis::cmd("ZRANGE").arg(key).arg(0).arg(-1).clone())
             .collect();
         let mut ids = Vec::new();
         for reply in self.many(&cmds).await? {
@@ -574,29 +635,91 @@ impl RedisBackend {
         Ok(c)
     }
 
-    /// The ids of `index` after the cursor, in order, whose `key_of(id)` still exists
-    /// (an index entry can outlive its data when a TTL expires it).
+    /// The next ids of an id-read `index` after `after`, in byte order: at most `n`,
+    /// and `true` when none remains after them.
+    ///
+    /// Each bucket is asked for a few ids from the cursor on (`ZRANGE BYLEX` with
+    /// `LIMIT`: O(log n + page) in a bucket, where reading whole buckets made a walk of
+    /// every page quadratic in the store's size). Ids are taken only up to the smallest
+    /// last id of the buckets that had more to give: below it every bucket has answered
+    /// in full, so no id is skipped, and the bucket holding it makes the page non-empty.
+    async fn index_page(
+        &self,
+        index: Index,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<(Vec<String>, bool)> {
+        // Twice a bucket's share and some: a bucket seldom runs out before the page is
+        // filled, and a short one only costs another round trip.
+        let per = n.div_ceil(keys::INDEX_BUCKETS as usize) * 2 + 8;
+        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let cmds: Vec<Cmd> = index
+            .buckets(&self.prefix)
+            .map(|key| {
+                let mut c = redis::cmd("ZRANGE");
+                c.arg(key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("BYLEX")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(per);
+                c
+            })
+            .collect();
+        let mut buckets = Vec::with_capacity(cmds.len());
+        for reply in self.many(&cmds).await? {
+            buckets.push(from_value::<Vec<String>>(reply)?);
+        }
+        let frontier = buckets
+            .iter()
+            .filter(|ids| ids.len() == per)
+            .filter_map(|ids| ids.last())
+            .min()
+            .cloned();
+        let mut ids: Vec<String> = buckets
+            .into_iter()
+            .flatten()
+            .filter(|id| frontier.as_ref().is_none_or(|f| id <= f))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let done = frontier.is_none() && ids.len() <= n;
+        ids.truncate(n);
+        Ok((ids, done))
+    }
+
+    /// A page of the ids of an id-read `index` after the cursor whose `key_of(id)` still
+    /// exists (an index entry can outlive its data when a TTL expires it).
     async fn live_members(
         &self,
         index: Index,
         after: Option<&str>,
+        limit: usize,
         key_of: impl Fn(&str) -> String,
-    ) -> Result<Vec<String>> {
-        let mut ids = self.index_members(index).await?;
-        ids.retain(|id| after.is_none_or(|a| id.as_str() > a));
-        ids.sort_unstable();
-        ids.dedup();
-        let checks: Vec<Cmd> = ids
-            .iter()
-            .map(|id| redis::cmd("EXISTS").arg(key_of(id)).clone())
-            .collect();
-        let mut live = Vec::with_capacity(ids.len());
-        for (id, exists) in ids.into_iter().zip(self.many(&checks).await?) {
-            if from_value::<i64>(exists)? == 1 {
-                live.push(id);
+    ) -> Result<IdPage> {
+        // One more than the page, to know whether another page follows.
+        let mut live = Vec::with_capacity(limit + 1);
+        let mut cursor = after.map(str::to_owned);
+        loop {
+            let (ids, done) = self
+                .index_page(index, cursor.as_deref(), limit + 1 - live.len())
+                .await?;
+            let checks: Vec<Cmd> = ids
+                .iter()
+                .map(|id| redis::cmd("EXISTS").arg(key_of(id)).clone())
+                .collect();
+            let replies = self.many(&checks).await?;
+            cursor = ids.last().cloned().or(cursor);
+            for (id, exists) in ids.into_iter().zip(replies) {
+                if from_value::<i64>(exists)? == 1 {
+                    live.push(id);
+                }
+            }
+            if done || live.len() > limit {
+                return Ok(IdPage::from_sorted(live, limit));
             }
         }
-        Ok(live)
     }
 
     fn create_cmd(
@@ -1111,42 +1234,57 @@ impl SessionStorage for RedisBackend {
         validate::create_session(session_id, user_id, metadata)?;
         let time = now();
         let at = time.timestamp_micros();
-        let cmds = [
-            self.create_cmd(session_id, user_id, metadata, at)?,
-            self.index_cmd(session_id, at),
+        let stages = [
+            vec![self.create_cmd(session_id, user_id, metadata, at)?],
+            vec![self.index_cmd(session_id, at)],
         ];
-        let replies = self.many(&cmds).await?;
-        self.created(session_id, user_id, metadata, time, replies.first())
+        let replies = self.in_order(&stages).await?;
+        self.created(session_id, user_id, metadata, time, replies[0].first())
     }
 
     async fn delete_session(&self, session_id: &str) -> Result<bool> {
         validate::id("session_id", session_id)?;
         let keys = self.session_keys(session_id);
-        // Session keys share a slot: one DEL removes them together. The index entries
-        // live elsewhere; a stale one is dropped by the next cleanup or listing.
-        let mut del = redis::cmd("DEL");
-        del.arg(&keys.session)
-            .arg(&keys.messages)
-            .arg(&keys.message_ids)
-            .arg(&keys.context);
-        let mut exists = redis::cmd("EXISTS");
-        exists.arg(&keys.session);
-        let mut unindex = redis::cmd("ZREM");
-        unindex
-            .arg(Index::Sessions.key_of(&self.prefix, session_id))
-            .arg(session_id);
-        let mut uncontext = redis::cmd("SREM");
-        uncontext
-            .arg(Index::Contexts.key_of(&self.prefix, session_id))
-            .arg(session_id);
-        let existed: i64 = self.run(&exists).await?;
-        self.many(&[del, unindex, uncontext]).await?;
+        // The keys first, then the index entries, then a second look: a create from
+        // another process between the two (its keys written after ours went, its entry
+        // before ours went) would otherwise be left live and unindexed, hidden from
+        // listing, export, migration and cleanup. Creates write before they index, so
+        // if the look finds nothing, any such create indexes after our removal.
+        let (index, ids) = (
+            Index::Sessions.key_of(&self.prefix, session_id),
+            Index::SessionIds.key_of(&self.prefix, session_id),
+        );
+        let mut unindex = evalsha(&scripts::UNINDEX_SESSION, &[&index, &ids]);
+        unindex.arg(session_id);
+        let mut updated = redis::cmd("HGET");
+        updated.arg(&keys.session).arg("updated_at");
+        let mut context = redis::cmd("EXISTS");
+        context.arg(&keys.context);
+        let stages = [
+            vec![evalsha(&scripts::DELETE_SESSION, &keys.all())],
+            vec![
+                unindex,
+                self.id_index_cmd("ZREM", Index::Contexts, session_id),
+            ],
+            vec![updated, context],
+        ];
+        let replies = self.in_order(&stages).await?;
+        let existed: i64 = from_value(replies[0][0].clone())?;
+        let mut again = Vec::new();
+        if let Some(updated) = from_value::<Option<i64>>(replies[2][0].clone())? {
+            again.push(self.index_cmd(session_id, updated));
+        }
+        if from_value::<i64>(replies[2][1].clone())? == 1 {
+            again.push(self.id_index_cmd("ZADD", Index::Contexts, session_id));
+        }
+        self.many(&again).await?;
         Ok(existed == 1)
     }
 
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
         validate::restored_sessions(sessions)?;
-        let mut cmds = Vec::with_capacity(sessions.len() * 2);
+        let mut writes = Vec::with_capacity(sessions.len());
+        let mut indexes = Vec::with_capacity(sessions.len());
         for s in sessions {
             let keys = self.session_keys(&s.session_id);
             let mut c = evalsha(&scripts::RESTORE_SESSION, &keys.all());
@@ -1159,16 +1297,15 @@ impl SessionStorage for RedisBackend {
                 .arg(s.metrics.error_count)
                 .arg(Self::ttl_ms(self.session_ttl));
             metadata_args(&mut c, &s.metadata)?;
-            cmds.push(c);
+            writes.push(c);
             // The exact score, not GT: a restored session may be older than a stale entry.
-            let mut index = redis::cmd("ZADD");
-            index
-                .arg(Index::Sessions.key_of(&self.prefix, &s.session_id))
-                .arg(s.updated_at.timestamp_micros())
-                .arg(&s.session_id);
-            cmds.push(index);
+            indexes.push(self.index_session_cmd(
+                &s.session_id,
+                s.updated_at.timestamp_micros(),
+                true,
+            ));
         }
-        self.many(&cmds).await.map(|_| ())
+        self.in_order(&[writes, indexes]).await.map(|_| ())
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
@@ -1213,15 +1350,16 @@ impl SessionStorage for RedisBackend {
         validate::new_sessions(sessions)?;
         let time = now();
         let at = time.timestamp_micros();
-        let mut cmds = Vec::with_capacity(sessions.len() * 2);
+        let mut writes = Vec::with_capacity(sessions.len());
+        let mut indexes = Vec::with_capacity(sessions.len());
         for s in sessions {
-            cmds.push(self.create_cmd(&s.session_id, &s.user_id, &s.metadata, at)?);
-            cmds.push(self.index_cmd(&s.session_id, at));
+            writes.push(self.create_cmd(&s.session_id, &s.user_id, &s.metadata, at)?);
+            indexes.push(self.index_cmd(&s.session_id, at));
         }
-        let replies = self.many(&cmds).await?;
+        let mut replies = self.in_order(&[writes, indexes]).await?;
         sessions
             .iter()
-            .zip(replies.into_iter().step_by(2))
+            .zip(replies.swap_remove(0))
             .map(|(s, reply)| {
                 self.created(&s.session_id, &s.user_id, &s.metadata, time, Some(&reply))
             })
@@ -1248,29 +1386,37 @@ impl SessionStorage for RedisBackend {
 
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
         validate::session_query(query)?;
-        // The cleanup index holds every session id; merge its buckets in id order.
-        // Redis has no ordered scan across a cluster, so this reads all ids: an admin and
-        // migration path, not a hot one.
-        let mut ids = self.index_members(Index::Sessions).await?;
-        ids.sort_unstable();
-        ids.dedup();
-        if let Some(after) = &query.after {
-            ids.retain(|id| id > after);
-        }
-        let mut sessions = Vec::new();
+        // The id index, read from the cursor on; sessions that expired or no longer
+        // match are skipped and more ids read, until one match past the page says
+        // another page follows.
+        let filtered = query.user_id.is_some() || query.status.is_some();
+        let mut sessions = Vec::with_capacity(query.limit);
+        let mut cursor = query.after.clone();
         let mut more = false;
-        for chunk in ids.chunks(256) {
-            for s in self.batch_get_sessions(chunk).await?.into_iter().flatten() {
-                if !query.matches(&s) {
-                    continue;
+        loop {
+            let wanted = query.limit + 1 - sessions.len();
+            // A filter may pass few: read in larger steps then.
+            let step = if filtered { wanted.max(256) } else { wanted };
+            let (ids, done) = self
+                .index_page(Index::SessionIds, cursor.as_deref(), step)
+                .await?;
+            cursor = ids.last().cloned().or(cursor);
+            for chunk in ids.chunks(256) {
+                for s in self.batch_get_sessions(chunk).await?.into_iter().flatten() {
+                    if !query.matches(&s) {
+                        continue;
+                    }
+                    if sessions.len() == query.limit {
+                        more = true;
+                        break;
+                    }
+                    sessions.push(s);
                 }
-                if sessions.len() == query.limit {
-                    more = true;
+                if more {
                     break;
                 }
-                sessions.push(s);
             }
-            if more {
+            if more || done {
                 break;
             }
         }
@@ -1410,8 +1556,8 @@ impl CheckpointStorage for RedisBackend {
     async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
         validate::page(after, limit)?;
         let registry = |id: &str| ThreadKeys::new(&self.prefix, id, "").registry();
-        let ids = self.live_members(Index::Threads, after, registry).await?;
-        Ok(IdPage::from_sorted(ids, limit))
+        self.live_members(Index::Threads, after, limit, registry)
+            .await
     }
 
     async fn list_checkpoint_namespaces(&self, thread_id: &str) -> Result<Vec<String>> {
@@ -1463,21 +1609,22 @@ impl CheckpointStorage for RedisBackend {
             now().timestamp_micros(),
             false,
         )?;
-        self.many(&[c, self.thread_index_cmd("SADD", &checkpoint.thread_id)])
-            .await
-            .map(|_| ())
+        // Stored, then indexed: see `in_order_each` and `delete_thread`.
+        let index = self.thread_index_cmd("ZADD", &checkpoint.thread_id);
+        self.in_order(&[vec![c], vec![index]]).await.map(|_| ())
     }
 
     async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
         validate::restored_checkpoints(checkpoints)?;
-        let mut cmds = Vec::with_capacity(checkpoints.len() * 2);
+        let mut writes = Vec::with_capacity(checkpoints.len());
+        let mut indexes = Vec::with_capacity(checkpoints.len());
         for cp in checkpoints {
             let record = CheckpointRecord {
                 parent: cp.parent_checkpoint_id.clone(),
                 data: cp.data.clone(),
                 metadata: cp.metadata.clone(),
             };
-            cmds.push(self.checkpoint_cmd(
+            writes.push(self.checkpoint_cmd(
                 &cp.thread_id,
                 &cp.checkpoint_ns,
                 &cp.checkpoint_id,
@@ -1485,9 +1632,9 @@ impl CheckpointStorage for RedisBackend {
                 cp.created_at.timestamp_micros(),
                 true,
             )?);
-            cmds.push(self.thread_index_cmd("SADD", &cp.thread_id));
+            indexes.push(self.thread_index_cmd("ZADD", &cp.thread_id));
         }
-        self.many(&cmds).await.map(|_| ())
+        self.in_order(&[writes, indexes]).await.map(|_| ())
     }
 
     async fn get_checkpoint(
@@ -1600,15 +1747,14 @@ impl CheckpointStorage for RedisBackend {
             return Ok(());
         }
         let c = self.put_writes_cmd(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
-        self.many(&[c, self.thread_index_cmd("SADD", thread_id)])
-            .await
-            .map(|_| ())
+        let index = self.thread_index_cmd("ZADD", thread_id);
+        self.in_order(&[vec![c], vec![index]]).await.map(|_| ())
     }
 
     async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
         validate::batch("items", items.len())?;
         let mut out = Vec::with_capacity(items.len());
-        let (mut cmds, mut sent) = (Vec::new(), Vec::new());
+        let (mut cmds, mut indexes, mut sent) = (Vec::new(), Vec::new(), Vec::new());
         for (i, w) in items.iter().enumerate() {
             let checked = validate::writes(
                 &w.thread_id,
@@ -1625,16 +1771,22 @@ impl CheckpointStorage for RedisBackend {
                     &w.task_id,
                     &w.writes,
                 )?);
-                cmds.push(self.thread_index_cmd("SADD", &w.thread_id));
+                indexes.push(self.thread_index_cmd("ZADD", &w.thread_id));
                 sent.push(i);
             }
             out.push(checked);
         }
         // Two commands an item, the writes then the thread index; either failing fails
         // only its item.
-        let mut replies = self.many_each(&cmds).await?.into_iter();
-        for i in sent {
-            for reply in replies.by_ref().take(2) {
+        let replies = self.in_order_each(&[cmds, indexes]).await?;
+        let mut replies = replies.into_iter();
+        let (writes, indexes) = (replies.next(), replies.next());
+        let pairs = writes
+            .into_iter()
+            .flatten()
+            .zip(indexes.into_iter().flatten());
+        for (i, (write, index)) in sent.into_iter().zip(pairs) {
+            for reply in [write, index] {
                 if let (Err(e), Ok(())) = (reply, &out[i]) {
                     out[i] = Err(e);
                 }
@@ -1672,10 +1824,24 @@ impl CheckpointStorage for RedisBackend {
     async fn delete_thread(&self, thread_id: &str) -> Result<()> {
         validate::id("thread_id", thread_id)?;
         let keys = ThreadKeys::new(&self.prefix, thread_id, "");
-        let c = evalsha(&scripts::DELETE_THREAD, &[&keys.registry(), &keys.seq()]);
-        self.many(&[c, self.thread_index_cmd("SREM", thread_id)])
-            .await
-            .map(|_| ())
+        // As `delete_session`: the keys, then the entry, then a second look, so a store
+        // from another process in between cannot leave the thread live and unlisted.
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(keys.registry());
+        let stages = [
+            vec![evalsha(
+                &scripts::DELETE_THREAD,
+                &[&keys.registry(), &keys.seq()],
+            )],
+            vec![self.thread_index_cmd("ZREM", thread_id)],
+            vec![exists],
+        ];
+        let replies = self.in_order(&stages).await?;
+        if from_value::<i64>(replies[2][0].clone())? == 1 {
+            self.run::<RedisValue>(&self.thread_index_cmd("ZADD", thread_id))
+                .await?;
+        }
+        Ok(())
     }
 }
 
@@ -1684,8 +1850,8 @@ impl TaskContextStorage for RedisBackend {
     async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
         validate::page(after, limit)?;
         let context = |id: &str| self.session_keys(id).context;
-        let ids = self.live_members(Index::Contexts, after, context).await?;
-        Ok(IdPage::from_sorted(ids, limit))
+        self.live_members(Index::Contexts, after, limit, context)
+            .await
     }
 
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
@@ -1708,11 +1874,9 @@ impl TaskContextStorage for RedisBackend {
         if let Some(ttl) = self.session_ttl {
             c.arg("PX").arg(Self::ttl_ms(Some(ttl)));
         }
-        let mut index = redis::cmd("SADD");
-        index
-            .arg(Index::Contexts.key_of(&self.prefix, session_id))
-            .arg(session_id);
-        self.many(&[c, index]).await.map(|_| ())
+        // Stored, then indexed: see `delete_session`.
+        let index = self.id_index_cmd("ZADD", Index::Contexts, session_id);
+        self.in_order(&[vec![c], vec![index]]).await.map(|_| ())
     }
 }
 
@@ -1842,7 +2006,9 @@ impl StorageBackend for RedisBackend {
     async fn cleanup_expired_sessions(&self, max_idle: Duration) -> Result<u64> {
         let cutoff = validate::idle_cutoff(max_idle)?.timestamp_micros();
         let mut removed = 0u64;
-        for index in Index::Sessions.buckets(&self.prefix) {
+        for n in 0..keys::INDEX_BUCKETS {
+            let index = Index::Sessions.bucket(&self.prefix, n);
+            let ids = Index::SessionIds.bucket(&self.prefix, n);
             loop {
                 let mut c = redis::cmd("ZRANGEBYSCORE");
                 c.arg(&index)
@@ -1865,23 +2031,37 @@ impl StorageBackend for RedisBackend {
                     })
                     .collect();
                 let outcomes = self.many(&cmds).await?;
-                let mut fix = evalsha(&scripts::FIX_INDEX, &[&index]);
+                let mut fix = evalsha(&scripts::FIX_INDEX, &[&index, &ids]);
                 fix.arg(cutoff);
-                let mut gone = Vec::new();
+                let (mut gone, mut look) = (Vec::new(), Vec::new());
+                let mut gone_ids = Vec::new();
                 for (id, outcome) in candidates.iter().zip(outcomes) {
                     let updated = from_value::<i64>(outcome)?;
                     if updated == 0 {
                         removed += 1;
                     }
                     if updated <= 0 {
-                        let mut c = redis::cmd("SREM");
-                        c.arg(Index::Contexts.key_of(&self.prefix, id)).arg(id);
-                        gone.push(c);
+                        gone.push(self.id_index_cmd("ZREM", Index::Contexts, id));
+                        look.push(
+                            redis::cmd("EXISTS")
+                                .arg(self.session_keys(id).context)
+                                .clone(),
+                        );
+                        gone_ids.push(id);
                     }
                     fix.arg(id).arg(updated.max(0));
                 }
                 gone.push(fix);
-                self.many(&gone).await?;
+                // A task context stored since its session went is indexed again, as
+                // `delete_session` does.
+                let replies = self.in_order(&[gone, look]).await?;
+                let mut again = Vec::new();
+                for (id, exists) in gone_ids.into_iter().zip(&replies[1]) {
+                    if from_value::<i64>(exists.clone())? == 1 {
+                        again.push(self.id_index_cmd("ZADD", Index::Contexts, id));
+                    }
+                }
+                self.many(&again).await?;
             }
         }
         Ok(removed)

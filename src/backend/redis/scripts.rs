@@ -299,18 +299,23 @@ return #keys
     )
 });
 
-/// Corrects the cleanup index after a cleanup pass. KEYS: index bucket. ARGV: cutoff,
-/// then id/updated_at pairs; updated_at 0 means the session is gone: its entry is removed
-/// unless a concurrent create has already moved it past the cutoff.
+/// Corrects the cleanup index after a cleanup pass. KEYS: the session index buckets of
+/// one slot, by update and by id. ARGV: cutoff, then id/updated_at pairs; updated_at 0
+/// means the session is gone: its entries are removed unless a concurrent create has
+/// already moved it past the cutoff.
 pub static FIX_INDEX: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
 for i = 2, #ARGV, 2 do
   if ARGV[i + 1] ~= '0' then
     redis.call('ZADD', KEYS[1], 'GT', ARGV[i + 1], ARGV[i])
+    redis.call('ZADD', KEYS[2], 0, ARGV[i])
   else
     local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-    if score and tonumber(score) < tonumber(ARGV[1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
+    if score and tonumber(score) < tonumber(ARGV[1]) then
+      redis.call('ZREM', KEYS[1], ARGV[i])
+      redis.call('ZREM', KEYS[2], ARGV[i])
+    end
   end
 end
 return 1
@@ -318,8 +323,76 @@ return 1
     )
 });
 
+/// Indexes a session. KEYS: its session index buckets, by update and by id (one slot).
+/// ARGV: score (µs), id, and 'GT' to only move the score forward or 'exact' to set it
+/// (a restore, which may be older than a stale entry).
+///
+/// Adding the id every time, not only at creation, heals an id index that misses a
+/// session written by an older version after the upgrade copied the rest.
+pub static INDEX_SESSION: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+if ARGV[3] == 'exact' then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+else
+  redis.call('ZADD', KEYS[1], 'GT', ARGV[1], ARGV[2])
+end
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+return 1
+"#,
+    )
+});
+
+/// Removes a session from both its index buckets. KEYS: by update, by id. ARGV: id.
+pub static UNINDEX_SESSION: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"#,
+    )
+});
+
+/// Deletes a session's keys. KEYS: the four session keys. Returns 1 if the session
+/// existed.
+pub static DELETE_SESSION: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return existed
+"#,
+    )
+});
+
+/// Moves one index bucket from an older layout (see `keys::Index::upgrade_keys`).
+/// KEYS: the old key, the new sorted set. A plain set (contexts, threads) is moved and
+/// removed, so a second run, or a set an older process wrote since, costs nothing or
+/// moves only what is there. The session cleanup index stays: its ids are copied when
+/// the id index is empty and it is not, which in this layout means an older store (both
+/// gain and lose an id together; copying stale ids is harmless, listing skips them).
+/// No marker key: it would outlive every record. Returns how many ids it copied.
+pub static UPGRADE_INDEX: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ids
+if redis.call('TYPE', KEYS[1]).ok == 'zset' then
+  if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+  ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+else
+  ids = redis.call('SMEMBERS', KEYS[1])
+end
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[2], 0, id) end
+if redis.call('TYPE', KEYS[1]).ok == 'set' then redis.call('DEL', KEYS[1]) end
+return #ids
+"#,
+    )
+});
+
 /// Every script, for loading them at `initialize()` and after a server lost its cache.
-pub fn all() -> [&'static Lua; 13] {
+pub fn all() -> [&'static Lua; 17] {
     [
         &CREATE_SESSION,
         &UPDATE_SESSION,
@@ -334,5 +407,9 @@ pub fn all() -> [&'static Lua; 13] {
         &COUNT_THREAD,
         &RESTORE_SESSION,
         &RESTORE_MESSAGES,
+        &INDEX_SESSION,
+        &UNINDEX_SESSION,
+        &DELETE_SESSION,
+        &UPGRADE_INDEX,
     ]
 }
