@@ -51,7 +51,7 @@ use crate::validate;
 ///   (backpressure). Nothing is dropped. The bound counts items, not bytes.
 /// - **`close()` drains.** Everything queued before `close()` is stored and its caller
 ///   answered before the inner backend is closed; later calls fail with
-///   [`StorageError::Closed`].
+///   [`StorageError::Closed`](crate::error::StorageError::Closed)(crate::error::StorageError::Closed).
 ///
 /// # When the caller gives up
 ///

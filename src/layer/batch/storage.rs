@@ -279,7 +279,7 @@ impl<B: StorageBackend + 'static> StorageBackend for Batched<B> {
         self.inner.initialize().await
     }
 
-    /// Stops taking calls ([`StorageError::Closed`] from now on), waits until every item
+    /// Stops taking calls ([`StorageError::Closed`](crate::error::StorageError::Closed) from now on), waits until every item
     /// queued before is stored and answered, then closes the inner backend.
     async fn close(&self) -> Result<()> {
         let done = {

@@ -204,7 +204,7 @@ impl CacheLayer {
     /// Sets how long reads bypass the cache for a session or thread after a write to it
     /// ended with its outcome unknown (30 s by default): the caller gave up on the call,
     /// or it failed with an error after which the store may still apply it
-    /// ([`StorageError::may_have_applied`]: a timeout, a lost connection). Such a write
+    /// ([`StorageError::may_have_applied`](crate::error::StorageError::may_have_applied)(crate::error::StorageError::may_have_applied): a timeout, a lost connection). Such a write
     /// can land after the cache was invalidated, so until the window has passed reads of
     /// that session or thread go to the store and nothing read is cached. Set it longer
     /// than the longest time your store may take to finish a write its caller left

@@ -45,7 +45,7 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 ///   the queue in order whenever the breaker lets it (after each cooldown), whether or
 ///   not calls reach the layer (a cache in front may answer every read), and only after
 ///   the queue empties does the primary serve again. When the queue is full, writes fail with
-///   [`StorageError::Unavailable`] instead of being acknowledged and dropped. A write
+///   [`StorageError::Unavailable`](crate::error::StorageError::Unavailable)(crate::error::StorageError::Unavailable) instead of being acknowledged and dropped. A write
 ///   the fallback answers as changing nothing (`update_session` or `end_session` of a
 ///   session it lacks: `Ok(false)`) is not queued, so the primary never applies what
 ///   the caller was told did not happen.
