@@ -4,9 +4,13 @@
 //! conversation history, workflow checkpoints with pending writes (LangGraph-style), and
 //! task context, behind one async, object-safe trait, [`StorageBackend`].
 //!
-//! Backends: [`MemoryBackend`] (tests, caches' fallback) and [`SqliteBackend`] (the
-//! embedded default, feature `sqlite`). Every backend obeys the same contract, pinned by
-//! the conformance suite in `tests/conformance`.
+//! Backends: [`MemoryBackend`] (tests, a failover's fallback), `SqliteBackend` (the
+//! embedded default, feature `sqlite`), `RedisBackend` (one node or a cluster, feature
+//! `redis`) and `PostgresBackend` (feature `postgres`); [`open`] picks one by URL.
+//! Layers ([`layer`]) wrap any backend and each other: a cache, failover with a
+//! circuit breaker, a batching writer, retry, timeouts, metrics and logging. Every
+//! backend and stack obeys the same contract, pinned by the conformance suite in
+//! `tests/conformance`.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
