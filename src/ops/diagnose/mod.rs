@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use crate::error::{Result, StorageError};
 
+mod checks;
 mod connection;
 mod consistency;
+mod endpoint;
 
 pub use connection::{diagnose_connection, ConnectionDiagnosis, ConnectionOutcome, DiagnosisStep};
 pub use consistency::{
