@@ -2,7 +2,6 @@
 
 use std::borrow::Cow;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +9,7 @@ use serde_json::json;
 use tracing::field::Empty;
 use tracing::Instrument;
 
+use super::names::Tally;
 use super::{Call, Layered, Policy};
 use crate::error::Result;
 use crate::model::Metadata;
@@ -82,9 +82,9 @@ pub struct LoggingLayer {
 
 #[derive(Debug, Default)]
 struct LogStats {
-    errors: AtomicU64,
-    slow: AtomicU64,
-    cancelled: AtomicU64,
+    errors: Tally,
+    slow: Tally,
+    cancelled: Tally,
 }
 
 /// The policy a [`LoggingLayer`] runs in its [`Layered`] wrappers.
@@ -128,12 +128,12 @@ impl LoggingLayer {
 
     /// Failed calls logged so far by every wrapper of this layer.
     pub fn errors(&self) -> u64 {
-        self.stats.errors.load(Ordering::Relaxed)
+        self.stats.errors.get()
     }
 
     /// Slow calls logged so far by every wrapper of this layer.
     pub fn slow_calls(&self) -> u64 {
-        self.stats.slow.load(Ordering::Relaxed)
+        self.stats.slow.get()
     }
 }
 
@@ -199,7 +199,7 @@ impl Policy for LoggingPolicy {
         let duration_ms = elapsed.as_micros() as f64 / 1000.0;
         span.in_scope(|| match &result {
             Err(e) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.errors.add(1);
                 let kind = e.kind().as_str();
                 span.record("outcome", kind);
                 span.record("error.type", kind);
@@ -215,7 +215,7 @@ impl Policy for LoggingPolicy {
                 );
             }
             Ok(_) if elapsed >= self.slow_threshold => {
-                self.stats.slow.fetch_add(1, Ordering::Relaxed);
+                self.stats.slow.add(1);
                 span.record("outcome", "ok");
                 tracing::warn!(
                     db.system.name = system,
@@ -244,23 +244,14 @@ impl Policy for LoggingPolicy {
 
     fn figures(&self) -> Metadata {
         let mut m = Metadata::new();
-        m.insert(
-            "cancelled".into(),
-            json!(self.stats.cancelled.load(Ordering::Relaxed)),
-        );
+        m.insert("cancelled".into(), json!(self.stats.cancelled.get()));
         m.insert("backend_label".into(), json!(self.backend_label));
         m.insert(
             "slow_threshold_ms".into(),
             json!(self.slow_threshold.as_secs_f64() * 1000.0),
         );
-        m.insert(
-            "errors".into(),
-            json!(self.stats.errors.load(Ordering::Relaxed)),
-        );
-        m.insert(
-            "slow_calls".into(),
-            json!(self.stats.slow.load(Ordering::Relaxed)),
-        );
+        m.insert("errors".into(), json!(self.stats.errors.get()));
+        m.insert("slow_calls".into(), json!(self.stats.slow.get()));
         m
     }
 }
@@ -281,7 +272,7 @@ impl Drop for InFlight<'_> {
             return;
         }
         let p = self.policy;
-        p.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        p.stats.cancelled.add(1);
         let duration_ms = self.started.elapsed().as_micros() as f64 / 1000.0;
         self.span.record("outcome", "cancelled");
         self.span.in_scope(|| {

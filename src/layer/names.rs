@@ -82,6 +82,12 @@ pub(crate) struct Tally {
     handle: std::sync::OnceLock<metrics::Counter>,
 }
 
+impl Default for Tally {
+    fn default() -> Self {
+        Tally::local()
+    }
+}
+
 impl Tally {
     /// A count mirrored to the facade counter `name` with fixed `labels`.
     pub(crate) const fn reported(

@@ -1,12 +1,12 @@
 //! A deadline per operation.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 
+use super::names::Tally;
 use super::{Call, Layered, Policy};
 use crate::error::{Result, StorageError};
 use crate::model::Metadata;
@@ -45,14 +45,14 @@ use crate::model::Metadata;
 #[derive(Debug, Clone)]
 pub struct TimeoutLayer {
     timeout: Duration,
-    timeouts: Arc<AtomicU64>,
+    timeouts: Arc<Tally>,
 }
 
 /// The policy a [`TimeoutLayer`] runs in its [`Layered`] wrappers.
 #[derive(Debug)]
 pub struct TimeoutPolicy {
     timeout: Duration,
-    timeouts: Arc<AtomicU64>,
+    timeouts: Arc<Tally>,
 }
 
 impl TimeoutLayer {
@@ -66,7 +66,7 @@ impl TimeoutLayer {
 
     /// Calls that timed out so far through every wrapper of this layer.
     pub fn timeouts(&self) -> u64 {
-        self.timeouts.load(Ordering::Relaxed)
+        self.timeouts.get()
     }
 }
 
@@ -99,7 +99,7 @@ impl Policy for TimeoutPolicy {
             match tokio::time::timeout(self.timeout, run()).await {
                 Ok(result) => result,
                 Err(_) => {
-                    self.timeouts.fetch_add(1, Ordering::Relaxed);
+                    self.timeouts.add(1);
                     Err(StorageError::Timeout {
                         operation: call.operation.as_str(),
                         after: self.timeout,
@@ -115,10 +115,7 @@ impl Policy for TimeoutPolicy {
             "timeout_ms".into(),
             json!(self.timeout.as_secs_f64() * 1000.0),
         );
-        m.insert(
-            "timeouts".into(),
-            json!(self.timeouts.load(Ordering::Relaxed)),
-        );
+        m.insert("timeouts".into(), json!(self.timeouts.get()));
         m
     }
 }

@@ -10,7 +10,7 @@ mod storage;
 mod writer;
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use dashmap::DashMap;
 use serde_json::json;
 
 use self::queue::{Pending, Writer, WriterState};
-use super::names::{self, LazyGauge, LazyHistogram};
+use super::names::{self, LazyGauge, LazyHistogram, Tally};
 use crate::model::Metadata;
 use crate::validate;
 
@@ -252,17 +252,17 @@ impl BatchStats {
 
 #[derive(Debug, Default)]
 struct Counters {
-    batches: AtomicU64,
-    items: AtomicU64,
-    items_written: AtomicU64,
-    item_errors: AtomicU64,
-    failed_batches: AtomicU64,
+    batches: Tally,
+    items: Tally,
+    items_written: Tally,
+    item_errors: Tally,
+    failed_batches: Tally,
     last_batch: AtomicUsize,
     largest_batch: AtomicUsize,
     queued: AtomicUsize,
     max_queued: AtomicUsize,
     pending: AtomicUsize,
-    flushes: AtomicU64,
+    flushes: Tally,
     size_metric: LazyHistogram,
     depth_metric: LazyGauge,
 }
@@ -270,23 +270,23 @@ struct Counters {
 impl Counters {
     fn snapshot(&self) -> BatchStats {
         BatchStats {
-            batches: self.batches.load(Ordering::Relaxed),
-            items: self.items.load(Ordering::Relaxed),
-            items_written: self.items_written.load(Ordering::Relaxed),
-            item_errors: self.item_errors.load(Ordering::Relaxed),
-            failed_batches: self.failed_batches.load(Ordering::Relaxed),
+            batches: self.batches.get(),
+            items: self.items.get(),
+            items_written: self.items_written.get(),
+            item_errors: self.item_errors.get(),
+            failed_batches: self.failed_batches.get(),
             last_batch_size: self.last_batch.load(Ordering::Relaxed),
             max_batch_size: self.largest_batch.load(Ordering::Relaxed),
             queue_depth: self.queued.load(Ordering::Relaxed),
             max_queue_depth: self.max_queued.load(Ordering::Relaxed),
             pending: self.pending.load(Ordering::Relaxed),
-            flushes: self.flushes.load(Ordering::Relaxed),
+            flushes: self.flushes.get(),
         }
     }
 
     fn record_batch(&self, size: usize) {
-        self.batches.fetch_add(1, Ordering::Relaxed);
-        self.items.fetch_add(size as u64, Ordering::Relaxed);
+        self.batches.add(1);
+        self.items.add(size as u64);
         self.last_batch.store(size, Ordering::Relaxed);
         self.largest_batch.fetch_max(size, Ordering::Relaxed);
         self.size_metric.record(names::BATCH_SIZE, size as f64);

@@ -189,11 +189,7 @@ impl<B: StorageBackend + 'static> Batched<B> {
             Err(StorageError::Closed) => return Ok(()),
             Err(e) => return Err(e),
         }
-        self.writer
-            .pending
-            .counters
-            .flushes
-            .fetch_add(1, Ordering::Relaxed);
+        self.writer.pending.counters.flushes.add(1);
         done.await.map_err(|_| writer_stopped())
     }
 

@@ -1,6 +1,5 @@
 //! The writer task: gathers a batch, writes it in one call per kind, answers each item.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -101,7 +100,7 @@ pub(super) fn answer<T>(
                 } else {
                     &counters.item_errors
                 };
-                counter.fetch_add(1, Ordering::Relaxed);
+                counter.add(1);
                 waiter.answer(result);
             }
             return;
@@ -116,7 +115,7 @@ pub(super) fn answer<T>(
         },
         Err(e) => e,
     };
-    counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+    counters.failed_batches.add(1);
     let last = waiters.pop();
     for waiter in waiters {
         waiter.answer(Err(StorageError::duplicate(&error)));

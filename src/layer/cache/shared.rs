@@ -39,10 +39,6 @@ impl Default for Counters {
     }
 }
 
-pub(super) fn bump(counter: &Tally) {
-    counter.add(1);
-}
-
 /// The state every wrapper of one layer shares.
 pub(super) struct Shared {
     pub(super) cache: Cache<Key, Arc<Entry>>,
@@ -73,7 +69,7 @@ impl Shared {
         let mut builder = Cache::builder().eviction_listener(
             move |_key: Arc<Key>, _value: Arc<Entry>, cause: RemovalCause| {
                 if cause.was_evicted() {
-                    bump(&listener_counters.evictions);
+                    listener_counters.evictions.add(1);
                 }
             },
         );
@@ -206,21 +202,21 @@ impl Shared {
         // first (see `Invalidation::bump`), and the check below sees it.
         let start = self.stamp(stripe);
         if self.is_unsettled(stripe) {
-            bump(&self.counters.misses);
-            bump(&self.counters.loads);
+            self.counters.misses.add(1);
+            self.counters.loads.add(1);
             return fetch().await;
         }
         if let Some(entry) = self.cache.get(&key).await {
             if entry.stamp.covers(start) {
                 if let Some(v) = T::from_cached(&entry.value) {
-                    bump(&self.counters.hits);
+                    self.counters.hits.add(1);
                     return Ok(v);
                 }
             }
-            bump(&self.counters.stale);
+            self.counters.stale.add(1);
             self.cache.invalidate(&key).await;
         }
-        bump(&self.counters.misses);
+        self.counters.misses.add(1);
         self.counters
             .entries
             .set(names::CACHE_ENTRIES, self.cache.entry_count() as f64);
@@ -233,7 +229,7 @@ impl Shared {
             let loaded = self
                 .cache
                 .try_get_with(key.clone(), async {
-                    bump(&self.counters.loads);
+                    self.counters.loads.add(1);
                     match fetch().await {
                         Ok(v) => Ok(Arc::new(Entry {
                             stamp,
@@ -259,12 +255,12 @@ impl Shared {
                             return Ok(v);
                         }
                     }
-                    bump(&self.counters.stale);
+                    self.counters.stale.add(1);
                     self.cache.invalidate(&key).await;
                 }
             }
         }
-        bump(&self.counters.loads);
+        self.counters.loads.add(1);
         fetch().await
     }
 

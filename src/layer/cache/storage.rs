@@ -8,7 +8,6 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 
 use super::entry::{stripe_of, Cacheable, Entry, Key};
-use super::shared::bump;
 use super::Cached;
 use crate::error::Result;
 use crate::model::{
@@ -111,7 +110,7 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
             let start = shared.stamp(stripe);
             if shared.is_unsettled(stripe) {
                 // Read from the store and not cached, as in `Shared::read`.
-                bump(&shared.counters.misses);
+                shared.counters.misses.add(1);
                 out.push(None);
                 missing.push((i, None, start));
                 continue;
@@ -121,7 +120,7 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
                     <Option<Session> as Cacheable>::from_cached(&entry.value)
                 }
                 Some(_) => {
-                    bump(&shared.counters.stale);
+                    shared.counters.stale.add(1);
                     shared.cache.invalidate(&key).await;
                     None
                 }
@@ -129,11 +128,11 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
             };
             match hit {
                 Some(v) => {
-                    bump(&shared.counters.hits);
+                    shared.counters.hits.add(1);
                     out.push(v);
                 }
                 None => {
-                    bump(&shared.counters.misses);
+                    shared.counters.misses.add(1);
                     out.push(None);
                     missing.push((i, Some(key), start));
                 }
@@ -146,7 +145,7 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
             .iter()
             .map(|(i, ..)| session_ids[*i].clone())
             .collect();
-        bump(&shared.counters.loads);
+        shared.counters.loads.add(1);
         let loaded = self.inner.batch_get_sessions(&ids).await?;
         // Each value is stamped with the generations read before the load, as in
         // `Shared::read`, so one outdated by a concurrent write is never served later.
