@@ -54,7 +54,7 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 /// name; `disable` and `prefer` connect in plain text. The password is never shown:
 /// `Debug`, errors and health reports use the URL with the password replaced by `***`.
 ///
-/// Timestamps are `timestamptz` (microseconds, as [`now`] produces);
+/// Timestamps are `timestamptz` (microseconds, as [`now`](crate::model::now) produces);
 /// JSON is `jsonb`, which keeps values but not the key order of objects (metadata is a
 /// map, so nothing observable changes) nor the spelling of numbers: a float written as
 /// `1e16` comes back as the integer `10000000000000000`. JSONB prints numbers as plain

@@ -120,6 +120,8 @@ use crate::validate;
 /// storage.close().await?; // drains the queue, then closes the backend
 /// # Ok(()) }
 /// ```
+///
+/// [`StorageError::Closed`]: crate::StorageError::Closed
 #[derive(Debug, Clone)]
 pub struct BatchLayer {
     config: BatchConfig,

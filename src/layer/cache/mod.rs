@@ -210,6 +210,8 @@ impl CacheLayer {
     /// than the longest time your store may take to finish a write its caller left
     /// (SQLite's busy timeout, redis-rs' response timeout, PostgreSQL's statement
     /// timeout).
+    ///
+    /// [`StorageError::may_have_applied`]: crate::StorageError::may_have_applied
     pub fn with_unknown_outcome_window(self, window: Duration) -> Self {
         self.configured(|c| c.unknown_outcome_window = window)
     }

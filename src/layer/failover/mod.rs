@@ -93,6 +93,8 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 /// storage.create_session("s1", "alice", &Default::default()).await?;
 /// # Ok(()) }
 /// ```
+///
+/// [`StorageError::Unavailable`]: crate::StorageError::Unavailable
 #[derive(Clone)]
 pub struct FailoverLayer {
     fallback: Arc<dyn StorageBackend>,
