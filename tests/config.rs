@@ -857,3 +857,47 @@ fn every_form_of_every_key_answers_as_pinned() {
     }
     assert_eq!(out.lines().count(), pinned.lines().count());
 }
+
+#[test]
+fn allowed_keys_are_the_fields_of_each_settings_type() {
+    let config = StorageConfig::from_toml_str(FULL).unwrap();
+    let keys: Vec<String> = config
+        .layers
+        .iter()
+        .map(|l| format!("{}: {}", l.type_name(), l.allowed_keys().join(", ")))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "logging: backend_label, slow_threshold",
+            "metrics: backend_label",
+            "retry: max_attempts, min_delay, max_delay, max_elapsed, retry_non_idempotent",
+            "timeout: timeout",
+            "cache: max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window",
+            "failover: fallback, failure_threshold, cooldown, max_pending, primary_timeout",
+            "batch: max_batch, linger, max_queue",
+        ]
+    );
+}
+
+#[test]
+fn an_override_keeps_every_other_key_to_the_nanosecond() {
+    let retry = RetrySettings {
+        max_attempts: Some(100),
+        min_delay: Some(Duration::new(0, 1)),
+        max_delay: Some(Duration::new(90, 123_456_789)),
+        max_elapsed: Some(Duration::MAX),
+        retry_non_idempotent: None,
+    };
+    let config = StorageConfig::new("memory://")
+        .with_layer(LayerConfig::Retry(retry.clone()))
+        .with_overrides([("AIECS_STORAGE_RETRY__RETRY_NON_IDEMPOTENT", "true")])
+        .unwrap();
+    assert_eq!(
+        config.layers,
+        [LayerConfig::Retry(RetrySettings {
+            retry_non_idempotent: Some(true),
+            ..retry
+        })]
+    );
+}
