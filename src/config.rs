@@ -7,22 +7,34 @@
 //!   format, adjusted by environment variables ([`StorageConfig::with_env_overrides`]),
 //!   and built into an `Arc<dyn StorageBackend>` ([`StorageConfig::build`]).
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
+use serde::de::{self, Unexpected, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use crate::error::{Result, StorageError};
+use crate::layer::fields::{shown, Invalid, LayerSettings};
 use crate::layer::{
     BatchLayer, CacheLayer, DynLayer, FailoverLayer, LoggingLayer, MetricsLayer, RetryLayer,
     StackBuilder, TimeoutLayer,
 };
 use crate::redact::{redact_url, scrub};
 use crate::storage::StorageBackend;
+use crate::validate;
+
+// Each layer's settings type lives with its layer (adding an option is one edit there);
+// they are shown here, next to the stack file they make up.
+pub use crate::layer::batch::BatchSettings;
+pub use crate::layer::cache::CacheSettings;
+pub use crate::layer::failover::FailoverSettings;
+pub use crate::layer::fields::parse_duration;
+pub use crate::layer::logging::LoggingSettings;
+pub use crate::layer::metrics::MetricsSettings;
+pub use crate::layer::retry::RetrySettings;
+pub use crate::layer::timeout::TimeoutSettings;
 
 /// Opens the backend a URL names; nothing connects until `initialize()` or the first
 /// call.
@@ -114,11 +126,6 @@ fn postgres(_: &str) -> Result<Arc<dyn StorageBackend>> {
 // ---------------------------------------------------------------------------------------
 // Stack configuration
 // ---------------------------------------------------------------------------------------
-
-/// The layer types a [`LayerConfig`] can name, in the order error messages list them.
-pub const LAYER_TYPES: [&str; 7] = [
-    "cache", "retry", "timeout", "batch", "failover", "metrics", "logging",
-];
 
 /// The prefix of the environment variables read by
 /// [`StorageConfig::with_env_overrides`].
@@ -253,165 +260,84 @@ impl fmt::Debug for StorageConfig {
     }
 }
 
-/// One layer of a [`StorageConfig`], with its settings. In TOML, a `[[layers]]` table
-/// whose `type` key names the variant (`cache`, `retry`, `timeout`, `batch`,
-/// `failover`, `metrics` or `logging`).
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum LayerConfig {
+/// Declares [`LayerConfig`] and [`LAYER_TYPES`] from one list of `type` names and
+/// settings types, and the dispatch by `type`, so that none of them can miss a layer.
+macro_rules! layer_types {
+    ($($(#[$doc:meta])* $name:literal => $variant:ident($settings:ty),)*) => {
+        /// The layer types a [`LayerConfig`] can name, in the order error messages list
+        /// them.
+        pub const LAYER_TYPES: [&str; [$($name),*].len()] = [$($name),*];
+
+        /// One layer of a [`StorageConfig`], with its settings. In TOML, a `[[layers]]`
+        /// table whose `type` key names the variant (`cache`, `retry`, `timeout`,
+        /// `batch`, `failover`, `metrics` or `logging`).
+        #[derive(Debug, Clone, PartialEq)]
+        #[non_exhaustive]
+        pub enum LayerConfig {
+            $($(#[$doc])* $variant($settings),)*
+        }
+
+        impl LayerConfig {
+            /// The layer's `type` name: `cache`, `retry`, `timeout`, `batch`, `failover`,
+            /// `metrics` or `logging`.
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(LayerConfig::$variant(_) => $name,)*
+                }
+            }
+
+            /// The keys a layer of this type accepts (besides `type`).
+            pub fn allowed_keys(&self) -> &'static [&'static str] {
+                match self {
+                    $(LayerConfig::$variant(_) => allowed_keys::<$settings>(),)*
+                }
+            }
+
+            /// The layer of type `kind` a table describes; `None` if no layer has that
+            /// type.
+            fn read(kind: &str, path: &str, table: Table<'_>) -> Option<Result<Self, String>> {
+                match kind {
+                    $($name => Some(read(path, kind, table).map(LayerConfig::$variant)),)*
+                    _ => None,
+                }
+            }
+
+            /// Checks the rules no single key states, and values set in code.
+            fn check(&self, path: &str) -> Result<(), String> {
+                match self {
+                    $(LayerConfig::$variant(s) => check(s, path),)*
+                }
+            }
+
+            /// Sets `key` from an environment variable's text.
+            fn set(&mut self, path: &str, key: &str, value: &str) -> Result<(), String> {
+                match self {
+                    $(LayerConfig::$variant(s) => *s = overlay(s, path, $name, key, value)?,)*
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+layer_types! {
     /// `type = "cache"`: a [`CacheLayer`].
-    Cache(CacheSettings),
+    "cache" => Cache(CacheSettings),
     /// `type = "retry"`: a [`RetryLayer`].
-    Retry(RetrySettings),
+    "retry" => Retry(RetrySettings),
     /// `type = "timeout"`: a [`TimeoutLayer`].
-    Timeout(TimeoutSettings),
+    "timeout" => Timeout(TimeoutSettings),
     /// `type = "batch"`: a [`BatchLayer`].
-    Batch(BatchSettings),
+    "batch" => Batch(BatchSettings),
     /// `type = "failover"`: a [`FailoverLayer`] whose fallback is opened from a URL.
-    Failover(FailoverSettings),
+    "failover" => Failover(FailoverSettings),
     /// `type = "metrics"`: a [`MetricsLayer`].
-    Metrics(MetricsSettings),
+    "metrics" => Metrics(MetricsSettings),
     /// `type = "logging"`: a [`LoggingLayer`].
-    Logging(LoggingSettings),
-}
-
-/// Settings of a `cache` layer ([`CacheLayer`]); unset keys keep its defaults (10 000
-/// entries, 5 minutes time to live, a 30 s unknown-outcome window).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CacheSettings {
-    /// `max_entries`: bound by number of entries (at least 1). Not with `max_bytes`.
-    pub max_entries: Option<u64>,
-    /// `max_bytes`: bound by estimated size in bytes (at least 1). Not with
-    /// `max_entries`.
-    pub max_bytes: Option<u64>,
-    /// `time_to_live`: how long an entry is kept after it was loaded (more than 0).
-    pub time_to_live: Option<Duration>,
-    /// `time_to_idle`: how long an entry is kept without being read (more than 0).
-    pub time_to_idle: Option<Duration>,
-    /// `unknown_outcome_window`: how long reads of a session or thread bypass the cache
-    /// after a write to it ended with its outcome unknown (`"0s"`: not at all).
-    pub unknown_outcome_window: Option<Duration>,
-}
-
-/// Settings of a `retry` layer ([`RetryLayer`]); unset keys keep its defaults (3
-/// attempts, 10 ms to 1 s delays, 10 s in all).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RetrySettings {
-    /// `max_attempts`: runs of a call at most, the first included (1 to 100).
-    pub max_attempts: Option<usize>,
-    /// `min_delay`: the first backoff delay.
-    pub min_delay: Option<Duration>,
-    /// `max_delay`: the longest backoff delay.
-    pub max_delay: Option<Duration>,
-    /// `max_elapsed`: no attempt starts after this.
-    pub max_elapsed: Option<Duration>,
-    /// `retry_non_idempotent`: also retry counter increments after ambiguous failures.
-    pub retry_non_idempotent: Option<bool>,
-}
-
-/// Settings of a `timeout` layer ([`TimeoutLayer`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TimeoutSettings {
-    /// `timeout` (required): the deadline of each operation (more than 0).
-    pub timeout: Duration,
-}
-
-/// Settings of a `batch` layer ([`BatchLayer`]); unset keys keep its defaults (128
-/// items, 2 ms linger, 10 000 queued).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BatchSettings {
-    /// `max_batch`: items per batch at most (1 to 10 000).
-    pub max_batch: Option<usize>,
-    /// `linger`: how long the first item waits for others (may be `"0s"`).
-    pub linger: Option<Duration>,
-    /// `max_queue`: items that may wait at most (1 to 16 777 216).
-    pub max_queue: Option<usize>,
-}
-
-/// Settings of a `failover` layer ([`FailoverLayer`]); unset keys keep its defaults (5
-/// failures open the breaker for 10 s, a primary call past 1 s counts as failed, 10 000
-/// writes wait for replay). `Debug` shows the
-/// fallback URL without its password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct FailoverSettings {
-    /// `fallback` (required): the fallback backend's URL, in any form [`open`] takes.
-    pub fallback: String,
-    /// `failure_threshold`: consecutive transient primary failures that open the breaker
-    /// (at least 1).
-    pub failure_threshold: Option<u32>,
-    /// `cooldown`: how long an open breaker keeps the primary out before probing it.
-    pub cooldown: Option<Duration>,
-    /// `max_pending`: writes that may wait for replay before new ones are refused.
-    pub max_pending: Option<usize>,
-    /// `primary_timeout`: the deadline of each call to the primary, past which it counts
-    /// as failed (`"0s"`: no deadline of its own).
-    pub primary_timeout: Option<Duration>,
-}
-
-impl fmt::Debug for FailoverSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FailoverSettings")
-            .field("fallback", &redact_url(&self.fallback))
-            .field("failure_threshold", &self.failure_threshold)
-            .field("cooldown", &self.cooldown)
-            .field("max_pending", &self.max_pending)
-            .field("primary_timeout", &self.primary_timeout)
-            .finish()
-    }
-}
-
-/// Settings of a `metrics` layer ([`MetricsLayer`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MetricsSettings {
-    /// `backend_label`: the `backend` label of every metric (default: the backend's
-    /// kind). A bounded name such as `primary`, never an id.
-    pub backend_label: Option<String>,
-}
-
-/// Settings of a `logging` layer ([`LoggingLayer`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LoggingSettings {
-    /// `backend_label`: the `db.system.name` of every event (default: the backend's
-    /// kind).
-    pub backend_label: Option<String>,
-    /// `slow_threshold`: successful calls at least this slow are logged at `WARN`
-    /// (default 100 ms).
-    pub slow_threshold: Option<Duration>,
+    "logging" => Logging(LoggingSettings),
 }
 
 const TOP_KEYS: &[&str] = &["url", "layers"];
-const CACHE_KEYS: &[&str] = &[
-    "max_entries",
-    "max_bytes",
-    "time_to_live",
-    "time_to_idle",
-    "unknown_outcome_window",
-];
-const RETRY_KEYS: &[&str] = &[
-    "max_attempts",
-    "min_delay",
-    "max_delay",
-    "max_elapsed",
-    "retry_non_idempotent",
-];
-const TIMEOUT_KEYS: &[&str] = &["timeout"];
-const BATCH_KEYS: &[&str] = &["max_batch", "linger", "max_queue"];
-const FAILOVER_KEYS: &[&str] = &[
-    "fallback",
-    "failure_threshold",
-    "cooldown",
-    "max_pending",
-    "primary_timeout",
-];
-const METRICS_KEYS: &[&str] = &["backend_label"];
-const LOGGING_KEYS: &[&str] = &["backend_label", "slow_threshold"];
-/// Keys whose values are URLs: never echoed in an error.
-const URL_KEYS: &[&str] = &["url", "fallback"];
-
-/// Largest `max_attempts` accepted.
-const MAX_ATTEMPTS: u64 = 100;
-/// Largest `max_queue` accepted: the batching layer's own bound.
-const MAX_QUEUE: u64 = crate::layer::BATCH_MAX_QUEUE as u64;
 
 fn config_error(reason: impl Into<String>) -> StorageError {
     StorageError::invalid_input("config", reason)
@@ -560,16 +486,8 @@ impl StorageConfig {
                     )))
                 }
             };
-            let path = format!("layers[{index}]");
-            let field = Field {
-                path: &path,
-                key: &key,
-                raw: Raw::Env(value),
-            };
-            let layer = &mut self.layers[index];
-            layer
-                .set(&field)
-                .and_then(|()| layer.check(&path))
+            self.layers[index]
+                .set(&format!("layers[{index}]"), &key, value)
                 .map_err(|reason| config_error(format!("{name}: {reason}")))?;
         }
         Ok(self)
@@ -605,7 +523,7 @@ impl StorageConfig {
         Ok(stack.build(backend))
     }
 
-    fn from_value(value: &Value) -> std::result::Result<Self, String> {
+    fn from_value(value: &Value) -> Result<Self, String> {
         let Value::Object(top) = value else {
             return Err(format!(
                 "expected a table with the keys {}",
@@ -641,7 +559,7 @@ impl StorageConfig {
                 .iter()
                 .enumerate()
                 .map(|(i, item)| LayerConfig::from_value(&format!("layers[{i}]"), item))
-                .collect::<std::result::Result<_, _>>()?,
+                .collect::<Result<_, _>>()?,
             Some(other) => {
                 return Err(format!(
                     "layers: expected an array of tables ([[layers]] in TOML), got {}",
@@ -657,7 +575,7 @@ impl<'de> Deserialize<'de> for StorageConfig {
     /// Reads the form described on [`StorageConfig`] from any self-describing format.
     /// Prefer [`StorageConfig::from_toml_str`] for TOML: `toml::from_str` quotes the
     /// offending document line in its errors, which may hold a password.
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let value = Value::deserialize(deserializer)?;
         StorageConfig::from_value(&value).map_err(serde::de::Error::custom)
     }
@@ -670,129 +588,28 @@ fn within(key: &str, e: StorageError) -> StorageError {
     }
 }
 
-fn check_url(key: &str, url: &str) -> std::result::Result<(), String> {
-    if url.trim().is_empty() || !url.contains(':') {
-        return Err(format!(
-            "{key}: expected a backend URL such as \"memory://\", \"sqlite://data.db\", \
-             \"redis://host:6379\" or \"postgres://user@host/db\""
-        ));
-    }
-    Ok(())
+fn check_url(key: &str, url: &str) -> Result<(), String> {
+    validate::backend_url(url).map_err(|why| format!("{key}: {why}"))
 }
 
 impl LayerConfig {
-    /// The layer's `type` name: `cache`, `retry`, `timeout`, `batch`, `failover`,
-    /// `metrics` or `logging`.
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            LayerConfig::Cache(_) => "cache",
-            LayerConfig::Retry(_) => "retry",
-            LayerConfig::Timeout(_) => "timeout",
-            LayerConfig::Batch(_) => "batch",
-            LayerConfig::Failover(_) => "failover",
-            LayerConfig::Metrics(_) => "metrics",
-            LayerConfig::Logging(_) => "logging",
-        }
-    }
-
-    /// The keys a layer of this type accepts (besides `type`).
-    pub fn allowed_keys(&self) -> &'static [&'static str] {
-        keys_of(self.type_name())
-    }
-
     /// The configured layer, ready for a [`StackBuilder`]. A `failover` layer opens its
     /// fallback with [`open`] (nothing connects yet); its URL errors are returned.
     pub fn layer(&self) -> Result<Box<dyn DynLayer>> {
         Ok(match self {
-            LayerConfig::Cache(s) => {
-                let mut layer = CacheLayer::new();
-                if let Some(n) = s.max_entries {
-                    layer = layer.with_max_entries(n);
-                }
-                if let Some(n) = s.max_bytes {
-                    layer = layer.with_max_bytes(n);
-                }
-                if let Some(d) = s.time_to_live {
-                    layer = layer.with_time_to_live(d);
-                }
-                if let Some(d) = s.unknown_outcome_window {
-                    layer = layer.with_unknown_outcome_window(d);
-                }
-                if let Some(d) = s.time_to_idle {
-                    layer = layer.with_time_to_idle(d);
-                }
-                Box::new(layer)
-            }
-            LayerConfig::Retry(s) => {
-                let mut layer = RetryLayer::new();
-                if let Some(n) = s.max_attempts {
-                    layer = layer.with_max_attempts(n);
-                }
-                if let Some(d) = s.min_delay {
-                    layer = layer.with_min_delay(d);
-                }
-                if let Some(d) = s.max_delay {
-                    layer = layer.with_max_delay(d);
-                }
-                if let Some(d) = s.max_elapsed {
-                    layer = layer.with_max_elapsed(d);
-                }
-                if let Some(b) = s.retry_non_idempotent {
-                    layer = layer.with_retry_non_idempotent(b);
-                }
-                Box::new(layer)
-            }
-            LayerConfig::Timeout(s) => Box::new(TimeoutLayer::new(s.timeout)),
-            LayerConfig::Batch(s) => {
-                let mut layer = BatchLayer::new();
-                if let Some(n) = s.max_batch {
-                    layer = layer.with_max_batch(n);
-                }
-                if let Some(d) = s.linger {
-                    layer = layer.with_linger(d);
-                }
-                if let Some(n) = s.max_queue {
-                    layer = layer.with_max_queue(n);
-                }
-                Box::new(layer)
-            }
+            LayerConfig::Cache(s) => Box::new(CacheLayer::from_settings(s)),
+            LayerConfig::Retry(s) => Box::new(RetryLayer::from_settings(s)),
+            LayerConfig::Timeout(s) => Box::new(TimeoutLayer::from_settings(s)),
+            LayerConfig::Batch(s) => Box::new(BatchLayer::from_settings(s)),
             LayerConfig::Failover(s) => {
-                let mut layer = FailoverLayer::new(open(&s.fallback)?);
-                if let Some(n) = s.failure_threshold {
-                    layer = layer.with_failure_threshold(n);
-                }
-                if let Some(d) = s.cooldown {
-                    layer = layer.with_cooldown(d);
-                }
-                if let Some(d) = s.primary_timeout {
-                    layer = layer.with_primary_timeout((!d.is_zero()).then_some(d));
-                }
-                if let Some(n) = s.max_pending {
-                    layer = layer.with_max_pending(n);
-                }
-                Box::new(layer)
+                Box::new(FailoverLayer::from_settings(s, open(&s.fallback)?))
             }
-            LayerConfig::Metrics(s) => {
-                let mut layer = MetricsLayer::new();
-                if let Some(label) = &s.backend_label {
-                    layer = layer.with_backend_label(label.clone());
-                }
-                Box::new(layer)
-            }
-            LayerConfig::Logging(s) => {
-                let mut layer = LoggingLayer::new();
-                if let Some(label) = &s.backend_label {
-                    layer = layer.with_backend_label(label.clone());
-                }
-                if let Some(d) = s.slow_threshold {
-                    layer = layer.with_slow_threshold(d);
-                }
-                Box::new(layer)
-            }
+            LayerConfig::Metrics(s) => Box::new(MetricsLayer::from_settings(s)),
+            LayerConfig::Logging(s) => Box::new(LoggingLayer::from_settings(s)),
         })
     }
 
-    fn from_value(path: &str, value: &Value) -> std::result::Result<Self, String> {
+    fn from_value(path: &str, value: &Value) -> Result<Self, String> {
         let Value::Object(table) = value else {
             return Err(format!(
                 "{path}: expected a table ([[layers]] in TOML) with a `type` key, got {}",
@@ -815,329 +632,333 @@ impl LayerConfig {
                 ))
             }
         };
-        let mut layer = LayerConfig::empty(kind).ok_or_else(|| {
-            format!(
+        let entries = table
+            .iter()
+            .filter(|(key, _)| key.as_str() != "type")
+            .map(|(key, value)| (key.as_str(), Raw::Json(value)));
+        LayerConfig::read(kind, path, Table::new(entries)).unwrap_or_else(|| {
+            Err(format!(
                 "{path}.type: unknown layer type `{}`; allowed types: {}",
                 shown(kind),
                 LAYER_TYPES.join(", ")
-            )
-        })?;
-        let mut seen = BTreeSet::new();
-        for (key, value) in table.iter().filter(|(k, _)| k.as_str() != "type") {
-            layer.set(&Field {
-                path,
-                key,
-                raw: Raw::Json(value),
-            })?;
-            seen.insert(key.as_str());
-        }
-        for required in layer.required_keys() {
-            if !seen.contains(required) {
-                return Err(format!(
-                    "{path}.{required} is missing: a `{}` layer requires it ({})",
-                    layer.type_name(),
-                    layer.hint(required)
-                ));
-            }
-        }
-        layer.check(path)?;
-        Ok(layer)
-    }
-
-    /// A layer of `kind` with every key unset (required keys hold placeholders that
-    /// `from_value` replaces or rejects).
-    fn empty(kind: &str) -> Option<Self> {
-        Some(match kind {
-            "cache" => LayerConfig::Cache(CacheSettings::default()),
-            "retry" => LayerConfig::Retry(RetrySettings::default()),
-            "timeout" => LayerConfig::Timeout(TimeoutSettings {
-                timeout: Duration::ZERO,
-            }),
-            "batch" => LayerConfig::Batch(BatchSettings::default()),
-            "failover" => LayerConfig::Failover(FailoverSettings {
-                fallback: String::new(),
-                failure_threshold: None,
-                cooldown: None,
-                max_pending: None,
-                primary_timeout: None,
-            }),
-            "metrics" => LayerConfig::Metrics(MetricsSettings::default()),
-            "logging" => LayerConfig::Logging(LoggingSettings::default()),
-            _ => return None,
+            ))
         })
-    }
-
-    fn required_keys(&self) -> &'static [&'static str] {
-        match self {
-            LayerConfig::Timeout(_) => &["timeout"],
-            LayerConfig::Failover(_) => &["fallback"],
-            _ => &[],
-        }
-    }
-
-    fn hint(&self, key: &str) -> &'static str {
-        match key {
-            "fallback" => "the fallback backend's URL, e.g. \"sqlite://fallback.db\"",
-            _ => "a duration such as \"500ms\" or \"2s\"",
-        }
-    }
-
-    /// Sets one key from a file or an environment variable.
-    fn set(&mut self, f: &Field<'_>) -> std::result::Result<(), String> {
-        match self {
-            LayerConfig::Cache(s) => match f.key {
-                "max_entries" => s.max_entries = Some(f.integer(1, u64::MAX)?),
-                "max_bytes" => s.max_bytes = Some(f.integer(1, u64::MAX)?),
-                "time_to_live" => s.time_to_live = Some(f.duration(false)?),
-                "time_to_idle" => s.time_to_idle = Some(f.duration(false)?),
-                "unknown_outcome_window" => s.unknown_outcome_window = Some(f.duration(true)?),
-                _ => return Err(f.unknown("cache", CACHE_KEYS)),
-            },
-            LayerConfig::Retry(s) => match f.key {
-                "max_attempts" => s.max_attempts = Some(f.integer(1, MAX_ATTEMPTS)? as usize),
-                "min_delay" => s.min_delay = Some(f.duration(true)?),
-                "max_delay" => s.max_delay = Some(f.duration(true)?),
-                "max_elapsed" => s.max_elapsed = Some(f.duration(true)?),
-                "retry_non_idempotent" => s.retry_non_idempotent = Some(f.boolean()?),
-                _ => return Err(f.unknown("retry", RETRY_KEYS)),
-            },
-            LayerConfig::Timeout(s) => match f.key {
-                "timeout" => s.timeout = f.duration(false)?,
-                _ => return Err(f.unknown("timeout", TIMEOUT_KEYS)),
-            },
-            LayerConfig::Batch(s) => match f.key {
-                "max_batch" => {
-                    s.max_batch = Some(f.integer(1, crate::validate::MAX_LIMIT as u64)? as usize)
-                }
-                "linger" => s.linger = Some(f.duration(true)?),
-                "max_queue" => s.max_queue = Some(f.integer(1, MAX_QUEUE)? as usize),
-                _ => return Err(f.unknown("batch", BATCH_KEYS)),
-            },
-            LayerConfig::Failover(s) => match f.key {
-                "fallback" => {
-                    let url = f.string()?;
-                    check_url(&format!("{}.fallback", f.path), &url)?;
-                    s.fallback = url;
-                }
-                "failure_threshold" => {
-                    s.failure_threshold = Some(f.integer(1, u64::from(u32::MAX))? as u32)
-                }
-                "cooldown" => s.cooldown = Some(f.duration(true)?),
-                "max_pending" => s.max_pending = Some(f.integer(0, usize::MAX as u64)? as usize),
-                "primary_timeout" => s.primary_timeout = Some(f.duration(true)?),
-                _ => return Err(f.unknown("failover", FAILOVER_KEYS)),
-            },
-            LayerConfig::Metrics(s) => match f.key {
-                "backend_label" => s.backend_label = Some(f.label()?),
-                _ => return Err(f.unknown("metrics", METRICS_KEYS)),
-            },
-            LayerConfig::Logging(s) => match f.key {
-                "backend_label" => s.backend_label = Some(f.label()?),
-                "slow_threshold" => s.slow_threshold = Some(f.duration(true)?),
-                _ => return Err(f.unknown("logging", LOGGING_KEYS)),
-            },
-        }
-        Ok(())
-    }
-
-    /// Checks the rules that involve several keys, or values set in code.
-    fn check(&self, path: &str) -> std::result::Result<(), String> {
-        let positive = |key: &str, d: Duration| {
-            if d.is_zero() {
-                Err(format!("{path}.{key}: must be more than 0, e.g. \"500ms\""))
-            } else {
-                Ok(())
-            }
-        };
-        match self {
-            LayerConfig::Cache(s) => {
-                if s.max_entries.is_some() && s.max_bytes.is_some() {
-                    return Err(format!(
-                        "{path}: set `max_entries` or `max_bytes`, not both (a cache has one \
-                         bound)"
-                    ));
-                }
-                if s.max_entries == Some(0) || s.max_bytes == Some(0) {
-                    return Err(format!("{path}: a cache bound must be at least 1"));
-                }
-                if let Some(d) = s.time_to_live {
-                    positive("time_to_live", d)?;
-                }
-                if let Some(d) = s.time_to_idle {
-                    positive("time_to_idle", d)?;
-                }
-            }
-            LayerConfig::Retry(s) => {
-                if let Some(n) = s.max_attempts {
-                    if n == 0 || n as u64 > MAX_ATTEMPTS {
-                        return Err(format!(
-                            "{path}.max_attempts: must be from 1 to {MAX_ATTEMPTS}"
-                        ));
-                    }
-                }
-                if let (Some(min), Some(max)) = (s.min_delay, s.max_delay) {
-                    if min > max {
-                        return Err(format!(
-                            "{path}: min_delay ({min:?}) is longer than max_delay ({max:?})"
-                        ));
-                    }
-                }
-            }
-            LayerConfig::Timeout(s) => positive("timeout", s.timeout)?,
-            LayerConfig::Batch(s) => {
-                if let Some(n) = s.max_batch {
-                    if n == 0 || n > crate::validate::MAX_LIMIT {
-                        return Err(format!(
-                            "{path}.max_batch: must be from 1 to {}",
-                            crate::validate::MAX_LIMIT
-                        ));
-                    }
-                }
-                if let Some(n) = s.max_queue {
-                    if n == 0 || n as u64 > MAX_QUEUE {
-                        return Err(format!("{path}.max_queue: must be from 1 to {MAX_QUEUE}"));
-                    }
-                }
-            }
-            LayerConfig::Failover(s) => {
-                check_url(&format!("{path}.fallback"), &s.fallback)?;
-                if s.failure_threshold == Some(0) {
-                    return Err(format!("{path}.failure_threshold: must be at least 1"));
-                }
-            }
-            LayerConfig::Metrics(_) | LayerConfig::Logging(_) => {}
-        }
-        Ok(())
     }
 }
 
-fn keys_of(kind: &str) -> &'static [&'static str] {
-    match kind {
-        "cache" => CACHE_KEYS,
-        "retry" => RETRY_KEYS,
-        "timeout" => TIMEOUT_KEYS,
-        "batch" => BATCH_KEYS,
-        "failover" => FAILOVER_KEYS,
-        "metrics" => METRICS_KEYS,
-        "logging" => LOGGING_KEYS,
+// ---------------------------------------------------------------------------------------
+// One layer's table, read by its settings type
+// ---------------------------------------------------------------------------------------
+
+/// Reads a layer's settings from its table (without `type`) and checks them.
+fn read<S: LayerSettings>(path: &str, kind: &str, mut table: Table<'_>) -> Result<S, String> {
+    table.secret_keys = S::URL_KEYS;
+    let settings = S::deserialize(table).map_err(|e| e.describe::<S>(path, kind))?;
+    check(&settings, path)?;
+    Ok(settings)
+}
+
+fn check<S: LayerSettings>(settings: &S, path: &str) -> Result<(), String> {
+    settings
+        .check()
+        .map_err(|Invalid { key, reason }| match key {
+            Some(key) => format!("{path}.{key}: {reason}"),
+            None => format!("{path}: {reason}"),
+        })
+}
+
+/// The settings with `key` set from an environment variable: they are written out as a
+/// file would hold them, `key` replaced, and read again, so an override takes exactly
+/// the forms and checks a file does.
+fn overlay<S: LayerSettings>(
+    settings: &S,
+    path: &str,
+    kind: &str,
+    key: &str,
+    value: &str,
+) -> Result<S, String> {
+    let current = serde_json::to_value(settings).map_err(|e| format!("{path}: {e}"))?;
+    let kept = current
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| !v.is_null() && k.as_str() != key)
+        .map(|(k, v)| (k.as_str(), Raw::Json(v)));
+    read(path, kind, Table::new(kept.chain([(key, Raw::Env(value))])))
+}
+
+/// The keys `deny_unknown_fields` lets through, as serde derived them from the settings
+/// type: asked for by offering a key no settings type has.
+fn allowed_keys<S: LayerSettings>() -> &'static [&'static str] {
+    match S::deserialize(Table::new([("\0", Raw::Env(""))])) {
+        Err(FieldError {
+            problem: Problem::UnknownKey { allowed, .. },
+            ..
+        }) => allowed,
         _ => &[],
     }
 }
 
-/// Where a value comes from: a parsed document, or an environment variable's text.
+/// One value of a layer's table: from the parsed document, or an environment
+/// variable's text, which stands for any type (`"5000"` is an integer there, not in a
+/// file).
+#[derive(Clone, Copy)]
 enum Raw<'a> {
     Json(&'a Value),
     Env(&'a str),
 }
 
-/// One `key = value` of a layer, with the path used in its errors.
-struct Field<'a> {
-    path: &'a str,
-    key: &'a str,
-    raw: Raw<'a>,
+impl Raw<'_> {
+    /// The value as an error shows it. A URL-valued key's value never is: it may hold a
+    /// password.
+    fn shown(self, secret: bool) -> String {
+        match self {
+            Raw::Json(v) if secret => type_of(v).to_owned(),
+            Raw::Env(_) if secret => "another value".to_owned(),
+            Raw::Json(Value::String(s)) => format!("\"{}\"", shown(s)),
+            Raw::Env(s) => format!("\"{}\"", shown(s)),
+            Raw::Json(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+            Raw::Json(v) => type_of(v).to_owned(),
+        }
+    }
 }
 
-impl Field<'_> {
-    fn fail(&self, expected: &str) -> String {
-        let got = if URL_KEYS.contains(&self.key) {
-            match &self.raw {
-                Raw::Json(v) => type_of(v).to_owned(),
-                Raw::Env(_) => "another value".to_owned(),
+impl<'de> de::Deserializer<'de> for Raw<'_> {
+    type Error = FieldError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, FieldError> {
+        match self {
+            Raw::Env(s) => visitor.visit_str(s),
+            Raw::Json(Value::String(s)) => visitor.visit_str(s),
+            Raw::Json(Value::Number(n)) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(n), _, _) => visitor.visit_u64(n),
+                (None, Some(n), _) => visitor.visit_i64(n),
+                (None, None, n) => visitor.visit_f64(n.unwrap_or(f64::NAN)),
+            },
+            Raw::Json(Value::Bool(b)) => visitor.visit_bool(*b),
+            Raw::Json(Value::Null) => visitor.visit_unit(),
+            Raw::Json(Value::Array(_)) => Err(de::Error::invalid_type(Unexpected::Seq, &visitor)),
+            Raw::Json(Value::Object(_)) => Err(de::Error::invalid_type(Unexpected::Map, &visitor)),
+        }
+    }
+
+    fn deserialize_u64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, FieldError> {
+        match self {
+            Raw::Env(s) => match s.trim().parse() {
+                Ok(n) => visitor.visit_u64(n),
+                Err(_) => Err(de::Error::invalid_type(Unexpected::Str(s), &visitor)),
+            },
+            json => json.deserialize_any(visitor),
+        }
+    }
+
+    // Said as a file writes it, not as serde's "a boolean".
+    fn deserialize_bool<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, FieldError> {
+        match self {
+            Raw::Json(Value::Bool(b)) => visitor.visit_bool(*b),
+            Raw::Env(s) if s.trim().eq_ignore_ascii_case("true") => visitor.visit_bool(true),
+            Raw::Env(s) if s.trim().eq_ignore_ascii_case("false") => visitor.visit_bool(false),
+            _ => Err(Problem::Invalid {
+                expected: "true or false".to_owned(),
+                note: None,
             }
-        } else {
-            match &self.raw {
-                Raw::Json(Value::String(s)) => format!("\"{}\"", shown(s)),
-                Raw::Env(s) => format!("\"{}\"", shown(s)),
-                Raw::Json(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
-                Raw::Json(v) => type_of(v).to_owned(),
+            .into()),
+        }
+    }
+
+    // A key that is there has a value: `null` is refused by the value's type, not taken
+    // for an unset key.
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, FieldError> {
+        visitor.visit_some(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        i8 i16 i32 i64 i128 u8 u16 u32 u128 f32 f64 char str string bytes byte_buf unit
+        unit_struct newtype_struct seq tuple tuple_struct map struct enum identifier
+        ignored_any
+    }
+}
+
+/// A layer's table as serde sees it: a map, whose values' errors are given the key they
+/// belong to and the value as it may be shown.
+struct Table<'a> {
+    entries: Vec<(&'a str, Raw<'a>)>,
+    next: usize,
+    secret_keys: &'static [&'static str],
+}
+
+impl<'a> Table<'a> {
+    fn new(entries: impl IntoIterator<Item = (&'a str, Raw<'a>)>) -> Self {
+        Table {
+            entries: entries.into_iter().collect(),
+            next: 0,
+            secret_keys: &[],
+        }
+    }
+}
+
+impl<'de> de::Deserializer<'de> for Table<'_> {
+    type Error = FieldError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, FieldError> {
+        visitor.visit_map(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map struct
+        enum identifier ignored_any
+    }
+}
+
+impl<'de> de::MapAccess<'de> for Table<'_> {
+    type Error = FieldError;
+
+    fn next_key_seed<K: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, FieldError> {
+        let Some(&(key, _)) = self.entries.get(self.next) else {
+            return Ok(None);
+        };
+        seed.deserialize(de::value::StrDeserializer::new(key))
+            .map(Some)
+    }
+
+    fn next_value_seed<V: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, FieldError> {
+        let (key, raw) = *self
+            .entries
+            .get(self.next)
+            .ok_or_else(|| Problem::Other("a value asked for past the last key".to_owned()))?;
+        self.next += 1;
+        seed.deserialize(raw).map_err(|mut e| {
+            e.key = Some(key.to_owned());
+            e.got = Some(raw.shown(self.secret_keys.contains(&key)));
+            e
+        })
+    }
+}
+
+/// What went wrong reading a layer's table, kept in serde's terms until
+/// [`FieldError::describe`] says it with the key path.
+#[derive(Debug)]
+struct FieldError {
+    problem: Problem,
+    /// The key whose value was wrong.
+    key: Option<String>,
+    /// That value, as it may be shown.
+    got: Option<String>,
+}
+
+#[derive(Debug)]
+enum Problem {
+    Invalid {
+        expected: String,
+        note: Option<String>,
+    },
+    UnknownKey {
+        key: String,
+        allowed: &'static [&'static str],
+    },
+    Missing(&'static str),
+    Other(String),
+}
+
+impl From<Problem> for FieldError {
+    fn from(problem: Problem) -> Self {
+        FieldError {
+            problem,
+            key: None,
+            got: None,
+        }
+    }
+}
+
+impl de::Error for FieldError {
+    fn custom<T: fmt::Display>(message: T) -> Self {
+        Problem::Other(message.to_string()).into()
+    }
+
+    fn invalid_type(_: Unexpected<'_>, expected: &dyn de::Expected) -> Self {
+        Problem::Invalid {
+            expected: expected.to_string(),
+            note: None,
+        }
+        .into()
+    }
+
+    // The field helpers send a reason as `Unexpected::Other`; the value itself is shown
+    // from the table, where it is known whether it may be.
+    fn invalid_value(got: Unexpected<'_>, expected: &dyn de::Expected) -> Self {
+        Problem::Invalid {
+            expected: expected.to_string(),
+            note: match got {
+                Unexpected::Other(why) => Some(why.to_owned()),
+                _ => None,
+            },
+        }
+        .into()
+    }
+
+    fn unknown_field(key: &str, allowed: &'static [&'static str]) -> Self {
+        Problem::UnknownKey {
+            key: key.to_owned(),
+            allowed,
+        }
+        .into()
+    }
+
+    fn missing_field(key: &'static str) -> Self {
+        Problem::Missing(key).into()
+    }
+}
+
+impl std::error::Error for FieldError {}
+
+// Only seen if a message escapes `describe`; it names the key, never the value.
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {:?}", self.key, self.problem)
+    }
+}
+
+impl FieldError {
+    /// The message for the layer at `path` of type `kind`.
+    fn describe<S: LayerSettings>(self, path: &str, kind: &str) -> String {
+        let at = match &self.key {
+            Some(key) => format!("{path}.{key}"),
+            None => path.to_owned(),
+        };
+        match self.problem {
+            Problem::Invalid { expected, note } => {
+                let got = self.got.unwrap_or_default();
+                let note = note.map(|n| format!(" ({n})")).unwrap_or_default();
+                format!("{at}: expected {expected}, got {got}{note}")
             }
-        };
-        format!("{}.{}: expected {expected}, got {got}", self.path, self.key)
-    }
-
-    fn unknown(&self, kind: &str, allowed: &[&str]) -> String {
-        let mut reason = format!(
-            "{}: unknown key `{}` for a `{kind}` layer; allowed keys: type, {}",
-            self.path,
-            shown(self.key),
-            allowed.join(", ")
-        );
-        if let Some(base) = self.key.strip_suffix("_ms") {
-            if allowed.contains(&base) {
-                reason.push_str(&format!(
-                    " (durations are strings with a unit: write {base} = \"500ms\")"
-                ));
+            Problem::UnknownKey { key, allowed } => {
+                let mut reason = format!(
+                    "{path}: unknown key `{}` for a `{kind}` layer; allowed keys: type, {}",
+                    shown(&key),
+                    allowed.join(", ")
+                );
+                if let Some(base) = key.strip_suffix("_ms") {
+                    if allowed.contains(&base) {
+                        reason.push_str(&format!(
+                            " (durations are strings with a unit: write {base} = \"500ms\")"
+                        ));
+                    }
+                }
+                reason
             }
+            Problem::Missing(key) => format!(
+                "{path}.{key} is missing: a `{kind}` layer requires it ({})",
+                S::hint(key)
+            ),
+            Problem::Other(message) => format!("{at}: {message}"),
         }
-        reason
-    }
-
-    fn integer(&self, min: u64, max: u64) -> std::result::Result<u64, String> {
-        let expected = if max == u64::MAX || max == usize::MAX as u64 {
-            format!("an integer of at least {min}")
-        } else {
-            format!("an integer from {min} to {max}")
-        };
-        let n = match &self.raw {
-            Raw::Json(Value::Number(n)) => n.as_u64(),
-            Raw::Env(s) => s.trim().parse::<u64>().ok(),
-            Raw::Json(_) => None,
-        };
-        match n {
-            Some(n) if (min..=max).contains(&n) => Ok(n),
-            _ => Err(self.fail(&expected)),
-        }
-    }
-
-    fn duration(&self, allow_zero: bool) -> std::result::Result<Duration, String> {
-        let expected = if allow_zero {
-            "a duration such as \"500ms\", \"2s\", \"5m\" or \"1h\""
-        } else {
-            "a duration of more than 0, such as \"500ms\", \"2s\", \"5m\" or \"1h\""
-        };
-        let text = match &self.raw {
-            Raw::Json(Value::String(s)) => s.as_str(),
-            Raw::Env(s) => s,
-            Raw::Json(n @ Value::Number(_)) => {
-                return Err(format!(
-                    "{} (a bare number is ambiguous: write \"{n}s\" or \"{n}ms\")",
-                    self.fail(expected)
-                ))
-            }
-            Raw::Json(_) => return Err(self.fail(expected)),
-        };
-        match parse_duration(text) {
-            Ok(d) if allow_zero || !d.is_zero() => Ok(d),
-            Ok(_) => Err(self.fail(expected)),
-            Err(why) => Err(format!("{} ({why})", self.fail(expected))),
-        }
-    }
-
-    fn boolean(&self) -> std::result::Result<bool, String> {
-        match &self.raw {
-            Raw::Json(Value::Bool(b)) => Ok(*b),
-            Raw::Env(s) if s.trim().eq_ignore_ascii_case("true") => Ok(true),
-            Raw::Env(s) if s.trim().eq_ignore_ascii_case("false") => Ok(false),
-            _ => Err(self.fail("true or false")),
-        }
-    }
-
-    fn string(&self) -> std::result::Result<String, String> {
-        match &self.raw {
-            Raw::Json(Value::String(s)) => Ok(s.clone()),
-            Raw::Env(s) => Ok((*s).to_owned()),
-            Raw::Json(_) => Err(self.fail("a string")),
-        }
-    }
-
-    /// A metric or log label: short, printable, not empty.
-    fn label(&self) -> std::result::Result<String, String> {
-        let expected = "a name of 1 to 64 printable characters";
-        let s = self.string().map_err(|_| self.fail(expected))?;
-        if s.is_empty() || s.len() > 64 || s.chars().any(char::is_control) {
-            return Err(self.fail(expected));
-        }
-        Ok(s)
     }
 }
 
@@ -1151,86 +972,6 @@ fn type_of(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "a table",
     }
-}
-
-/// A user-supplied word for an error message: at most 40 characters, control characters
-/// escaped.
-fn shown(s: &str) -> String {
-    let mut out: String = s.chars().take(40).flat_map(char::escape_default).collect();
-    if s.chars().count() > 40 {
-        out.push('…');
-    }
-    out
-}
-
-/// Parses a duration written with units: `"500ms"`, `"2s"`, `"5m"`, `"1h"`, `"1d"`,
-/// decimals (`"1.5s"`) and sums (`"1m30s"`, `"1h 30m"`); a space may separate a number
-/// from its unit. Units: `ms`, `s`, `m`, `h`, `d`.
-///
-/// ```
-/// use std::time::Duration;
-/// use aiecs_storage::config::parse_duration;
-/// assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
-/// assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-/// assert!(parse_duration("90").is_err());
-/// ```
-pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
-    const UNITS: &str = "units: ms, s, m, h, d";
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(format!("empty duration; {UNITS}"));
-    }
-    let mut total: u128 = 0;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let (number, tail) = rest.split_at(digits);
-        let tail = tail.trim_start();
-        let letters = tail
-            .find(|c: char| !c.is_ascii_alphabetic())
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(letters);
-        if number.is_empty() {
-            return Err(format!("expected a number before `{}`", shown(unit)));
-        }
-        let unit_nanos: u128 = match unit {
-            "ms" => 1_000_000,
-            "s" => 1_000_000_000,
-            "m" => 60_000_000_000,
-            "h" => 3_600_000_000_000,
-            "d" => 86_400_000_000_000,
-            "" => return Err(format!("`{}` has no unit; {UNITS}", shown(number))),
-            other => return Err(format!("unknown unit `{}`; {UNITS}", shown(other))),
-        };
-        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
-        if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
-            return Err(format!("`{}` is not a number", shown(number)));
-        }
-        let whole: u128 = if whole.is_empty() {
-            0
-        } else {
-            whole.parse().map_err(|_| "number too large".to_owned())?
-        };
-        let mut nanos = whole
-            .checked_mul(unit_nanos)
-            .ok_or_else(|| "duration too large".to_owned())?;
-        if !fraction.is_empty() {
-            let digits = fraction.len().min(18);
-            let scale = 10u128.pow(digits as u32);
-            let fraction: u128 = fraction[..digits]
-                .parse()
-                .map_err(|_| format!("`{}` is not a number", shown(number)))?;
-            nanos += fraction * unit_nanos / scale;
-        }
-        total = total
-            .checked_add(nanos)
-            .ok_or_else(|| "duration too large".to_owned())?;
-        rest = tail.trim_start();
-    }
-    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| "duration too large")?;
-    Ok(Duration::new(secs, (total % 1_000_000_000) as u32))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -29,6 +29,18 @@ pub const MAX_JSON_DEPTH: usize = 64;
 /// Largest `limit` of a read and largest batch.
 pub const MAX_LIMIT: usize = 10_000;
 
+/// Checks the shape of a backend URL in a stack file, before any backend sees it: a
+/// scheme is there. Whether the scheme is known is [`open`](crate::open)'s answer.
+pub(crate) fn backend_url(url: &str) -> std::result::Result<(), &'static str> {
+    if url.trim().is_empty() || !url.contains(':') {
+        return Err(
+            "expected a backend URL such as \"memory://\", \"sqlite://data.db\", \
+             \"redis://host:6379\" or \"postgres://user@host/db\"",
+        );
+    }
+    Ok(())
+}
+
 /// Checks an id-like string: not empty, at most [`MAX_ID_BYTES`], no control characters.
 pub fn id(field: &'static str, value: &str) -> Result<()> {
     if value.is_empty() {

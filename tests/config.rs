@@ -637,3 +637,267 @@ fn open_still_takes_every_local_form() {
     let url = format!("sqlite://{}", dir.path().join("x.db").display());
     assert_eq!(aiecs_storage::open(&url).unwrap().kind(), "sqlite");
 }
+
+/// Every form of every key, valid or not, in a file and in an environment variable,
+/// with what the parser answered when the settings moved to their layers: a change in
+/// any answer is a change of behaviour, not a refactoring. `BLESS=1` rewrites the file.
+#[test]
+fn every_form_of_every_key_answers_as_pinned() {
+    const DURATIONS: &[&str] = &[
+        "\"250ms\"",
+        "\"1.5s\"",
+        "\"0s\"",
+        "\"0ms\"",
+        "\"1m30s\"",
+        "\" 1h 30m \"",
+        "\"1d\"",
+        "\"0.1s\"",
+        "\".5s\"",
+        "\"5.s\"",
+        "\"2 s\"",
+        "\"1h1h\"",
+        "500",
+        "1.5",
+        "2.0",
+        "-1",
+        "true",
+        "\"\"",
+        "\"5 minutes\"",
+        "\"1e3s\"",
+        "\"-1s\"",
+        "\"1.2.3s\"",
+        "[\"1s\"]",
+        "{ s = 1 }",
+        "\"99999999999999999999999d\"",
+        "\"1.0000000001s\"",
+        "\"1S\"",
+    ];
+    const INTEGERS: &[&str] = &[
+        "0",
+        "1",
+        "100",
+        "101",
+        "1000",
+        "-1",
+        "1.5",
+        "\"5\"",
+        "\"lots\"",
+        "true",
+        "4294967295",
+        "4294967296",
+        "9223372036854775807",
+        "16777216",
+        "16777217",
+        "10000",
+        "10001",
+    ];
+    const BOOLEANS: &[&str] = &["true", "false", "\"true\"", "\"yes\"", "1"];
+    const STRINGS: &[&str] = &[
+        "\"sessions\"",
+        "\"\"",
+        "\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"",
+        "\"a\\tb\"",
+        "5",
+        "\"ünïcødé\"",
+        "\"memory://\"",
+        "\"nocolon\"",
+        "[\"x\"]",
+        "\"sqlite::memory:\"",
+    ];
+    const ENV: &[&str] = &[
+        "5000",
+        " 5 ",
+        "0",
+        "-1",
+        "lots",
+        "TRUE",
+        "false",
+        "yes",
+        "250ms",
+        "1.5s",
+        "0s",
+        "500",
+        "",
+        "sqlite::memory:",
+        "nocolon",
+        "sessions",
+    ];
+    let keys: &[(&str, &str, &[&str])] = &[
+        ("cache", "max_entries", INTEGERS),
+        ("cache", "max_bytes", INTEGERS),
+        ("cache", "time_to_live", DURATIONS),
+        ("cache", "time_to_idle", DURATIONS),
+        ("cache", "unknown_outcome_window", DURATIONS),
+        ("retry", "max_attempts", INTEGERS),
+        ("retry", "min_delay", DURATIONS),
+        ("retry", "max_delay", DURATIONS),
+        ("retry", "max_elapsed", DURATIONS),
+        ("retry", "retry_non_idempotent", BOOLEANS),
+        ("timeout", "timeout", DURATIONS),
+        ("batch", "max_batch", INTEGERS),
+        ("batch", "linger", DURATIONS),
+        ("batch", "max_queue", INTEGERS),
+        ("failover", "fallback", STRINGS),
+        ("failover", "failure_threshold", INTEGERS),
+        ("failover", "cooldown", DURATIONS),
+        ("failover", "max_pending", INTEGERS),
+        ("failover", "primary_timeout", DURATIONS),
+        ("metrics", "backend_label", STRINGS),
+        ("logging", "backend_label", STRINGS),
+        ("logging", "slow_threshold", DURATIONS),
+        ("cache", "max_entriez", INTEGERS),
+        ("timeout", "timeout_ms", INTEGERS),
+        ("retry", "type", STRINGS),
+    ];
+    let required = |kind: &str| match kind {
+        "timeout" => "timeout = \"1s\"\n",
+        "failover" => "fallback = \"memory://\"\n",
+        _ => "",
+    };
+    let answer = |result: aiecs_storage::Result<StorageConfig>| match result {
+        Ok(config) => match config.validate() {
+            Ok(()) => format!("ok {:?}", config.layers),
+            Err(e) => format!("ok, invalid: {e}"),
+        },
+        Err(e) => format!("error: {e}"),
+    };
+    let mut out = String::new();
+    for (kind, key, values) in keys {
+        for value in *values {
+            let mut body = required(kind).to_owned();
+            if body.starts_with(&format!("{key} ")) {
+                body.clear();
+            }
+            let text = format!(
+                "url = \"memory://\"\n[[layers]]\ntype = \"{kind}\"\n{body}{key} = {value}\n"
+            );
+            out.push_str(&format!(
+                "file {kind}.{key} = {value}\n  {}\n",
+                answer(StorageConfig::from_toml_str(&text))
+            ));
+        }
+        let base = StorageConfig::from_toml_str(&format!(
+            "url = \"memory://\"\n[[layers]]\ntype = \"{kind}\"\n{}",
+            required(kind)
+        ))
+        .unwrap();
+        for value in ENV {
+            let name = format!(
+                "AIECS_STORAGE_{}__{}",
+                kind.to_uppercase(),
+                key.to_uppercase()
+            );
+            out.push_str(&format!(
+                "env {name}={value:?}\n  {}\n",
+                answer(base.clone().with_overrides([(name.as_str(), *value)]))
+            ));
+        }
+    }
+    let documents = [
+        "",
+        "url = \"memory://\"\nlayers = []\n",
+        "url = \"memory://\"\nurl2 = 1\n",
+        "url = 5\n",
+        "url = \"\"\n",
+        "url = \"nocolon\"\n",
+        "url = \" \"\n",
+        "url = \"memory://\"\nlayers = 5\n",
+        "url = \"memory://\"\nlayers = [5]\n",
+        "url = \"memory://\"\nlayers = [{}]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"\" }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"Cache\" }]\n",
+        "url = \"memory://\"\nlayers = [{ type = [\"cache\"] }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"cache\", max_entries = 0, max_bytes = 0 }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"cache\", max_entries = 5, max_bytes = 6 }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"cache\", zzz = 1, max_entries = \"x\" }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"cache\", aaa = 1, max_entries = \"x\" }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"retry\", min_delay = \"1s\", max_delay = \"1s\" }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"retry\", min_delay = \"1.5s\", max_delay = \"1s\" }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"timeout\", timeout_ms = 5 }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"failover\", fallback = \"\" , cooldown = 5 }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"failover\", zzz = 1 }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"failover\", cooldown = \"1s\" }]\n",
+        "url = \"memory://\"\nlayers = [{ type = \"cache\" }, { type = \"cache\" }, { type = \"nope\" }]\n",
+        "url = \"memory://\"\n[[layers]]\ntype = \"logging\"\n[[layers]]\ntype = \"metrics\"\n",
+    ];
+    for text in documents {
+        out.push_str(&format!(
+            "document {text:?}\n  {}\n",
+            answer(StorageConfig::from_toml_str(text))
+        ));
+    }
+    // JSON, through `Deserialize`: null, and keys TOML cannot spell.
+    let json = [
+        serde_json::json!({"url": "memory://", "layers": [{"type": "cache", "max_entries": null}]}),
+        serde_json::json!({"url": "memory://", "layers": [{"type": "retry", "retry_non_idempotent": null}]}),
+        serde_json::json!({"url": "memory://", "layers": [{"type": "metrics", "backend_label": null}]}),
+        serde_json::json!({"url": "memory://", "layers": [{"type": "failover", "fallback": null}]}),
+        serde_json::json!({"url": "memory://", "layers": [{"type": "failover", "fallback": 5}]}),
+        serde_json::json!({"url": "memory://", "layers": [{"type": "timeout", "timeout": 1e20}]}),
+        serde_json::json!({"url": "memory://", "layers": [{"type": "cache", "max_entries": 18446744073709551615u64}]}),
+        serde_json::json!({"url": "memory://", "layers": [{"type": "batch", "max_queue": 18446744073709551615u64}]}),
+        serde_json::json!({"url": "memory://", "layers": [{"type": "cache", "": 1}]}),
+        serde_json::json!({"url": null}),
+        serde_json::json!([1]),
+    ];
+    for value in json {
+        let answer = match serde_json::from_value::<StorageConfig>(value.clone()) {
+            Ok(config) => format!("ok {:?}", config.layers),
+            Err(e) => format!("error: {e}"),
+        };
+        out.push_str(&format!("json {value}\n  {answer}\n"));
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/config_forms.txt");
+    if std::env::var_os("BLESS").is_some() {
+        std::fs::write(path, &out).unwrap();
+    }
+    let pinned = std::fs::read_to_string(path).unwrap();
+    for (i, (now, then)) in out.lines().zip(pinned.lines()).enumerate() {
+        assert_eq!(now, then, "line {}", i + 1);
+    }
+    assert_eq!(out.lines().count(), pinned.lines().count());
+}
+
+#[test]
+fn allowed_keys_are_the_fields_of_each_settings_type() {
+    let config = StorageConfig::from_toml_str(FULL).unwrap();
+    let keys: Vec<String> = config
+        .layers
+        .iter()
+        .map(|l| format!("{}: {}", l.type_name(), l.allowed_keys().join(", ")))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "logging: backend_label, slow_threshold",
+            "metrics: backend_label",
+            "retry: max_attempts, min_delay, max_delay, max_elapsed, retry_non_idempotent",
+            "timeout: timeout",
+            "cache: max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window",
+            "failover: fallback, failure_threshold, cooldown, max_pending, primary_timeout",
+            "batch: max_batch, linger, max_queue",
+        ]
+    );
+}
+
+#[test]
+fn an_override_keeps_every_other_key_to_the_nanosecond() {
+    let retry = RetrySettings {
+        max_attempts: Some(100),
+        min_delay: Some(Duration::new(0, 1)),
+        max_delay: Some(Duration::new(90, 123_456_789)),
+        max_elapsed: Some(Duration::MAX),
+        retry_non_idempotent: None,
+    };
+    let config = StorageConfig::new("memory://")
+        .with_layer(LayerConfig::Retry(retry.clone()))
+        .with_overrides([("AIECS_STORAGE_RETRY__RETRY_NON_IDEMPOTENT", "true")])
+        .unwrap();
+    assert_eq!(
+        config.layers,
+        [LayerConfig::Retry(RetrySettings {
+            retry_non_idempotent: Some(true),
+            ..retry
+        })]
+    );
+}

@@ -5,10 +5,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::field::Empty;
 use tracing::Instrument;
 
+use super::fields::{self, LayerSettings, WithSome};
 use super::names::Tally;
 use super::{Call, Layered, Policy};
 use crate::error::Result;
@@ -285,5 +287,32 @@ impl Drop for InFlight<'_> {
                 "storage operation abandoned by its caller"
             );
         });
+    }
+}
+
+/// Settings of a `logging` layer ([`LoggingLayer`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingSettings {
+    /// `backend_label`: the `db.system.name` of every event (default: the backend's
+    /// kind).
+    #[serde(deserialize_with = "fields::label")]
+    pub backend_label: Option<String>,
+    /// `slow_threshold`: successful calls at least this slow are logged at `WARN`
+    /// (default 100 ms).
+    #[serde(with = "fields::AnyDuration")]
+    pub slow_threshold: Option<Duration>,
+}
+
+impl LayerSettings for LoggingSettings {}
+
+impl LoggingLayer {
+    /// The layer the settings describe; unset keys keep [`LoggingLayer::new`]'s values.
+    pub(crate) fn from_settings(s: &LoggingSettings) -> Self {
+        LoggingLayer::new()
+            .with_some(s.backend_label.clone(), |layer, label| {
+                layer.with_backend_label(label)
+            })
+            .with_some(s.slow_threshold, LoggingLayer::with_slow_threshold)
     }
 }

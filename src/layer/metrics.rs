@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use metrics::{Counter, Histogram, SharedString};
 use serde::{Deserialize, Serialize};
 
+use super::fields::{self, LayerSettings, WithSome};
 use super::{names, Call, Layered, Operation, Policy};
 use crate::error::{ErrorKind, Result};
 use crate::model::Metadata;
@@ -378,6 +379,27 @@ impl Stats {
             );
         }
         PerformanceReport { operations }
+    }
+}
+
+/// Settings of a `metrics` layer ([`MetricsLayer`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// `backend_label`: the `backend` label of every metric (default: the backend's
+    /// kind). A bounded name such as `primary`, never an id.
+    #[serde(deserialize_with = "fields::label")]
+    pub backend_label: Option<String>,
+}
+
+impl LayerSettings for MetricsSettings {}
+
+impl MetricsLayer {
+    /// The layer the settings describe.
+    pub(crate) fn from_settings(s: &MetricsSettings) -> Self {
+        MetricsLayer::new().with_some(s.backend_label.clone(), |layer, label| {
+            layer.with_backend_label(label)
+        })
     }
 }
 

@@ -33,20 +33,22 @@
 //! act on particular operations (cache, failover, batching) implement the trait
 //! themselves.
 
-mod batch;
-mod cache;
-mod failover;
+// `pub(crate)` so that `config` can show each layer's settings type where it always
+// stood, without adding them to this module's public items.
+pub(crate) mod batch;
+pub(crate) mod cache;
+pub(crate) mod failover;
+pub(crate) mod fields;
 mod forward;
-mod logging;
-mod metrics;
+pub(crate) mod logging;
+pub(crate) mod metrics;
 pub mod names;
-mod retry;
+pub(crate) mod retry;
 mod stack;
-mod timeout;
+pub(crate) mod timeout;
 
 use std::future::Future;
 
-pub(crate) use batch::MAX_QUEUE as BATCH_MAX_QUEUE;
 pub use batch::{BatchLayer, BatchStats, Batched};
 pub use cache::{CacheLayer, CacheStats, Cached};
 pub use failover::{Failover, FailoverLayer};

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::fields::{self, Invalid, LayerSettings, WithSome};
 use super::names::{self, Tally};
 use super::{Call, Layered, Policy};
 use crate::error::{Result, StorageError};
@@ -210,5 +212,58 @@ impl Policy for RetryPolicy {
         m.insert("retries".into(), json!(self.stats.retries.get()));
         m.insert("gave_up".into(), json!(self.stats.exhausted.get()));
         m
+    }
+}
+
+/// Settings of a `retry` layer ([`RetryLayer`]); unset keys keep its defaults (3
+/// attempts, 10 ms to 1 s delays, 10 s in all).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// `max_attempts`: runs of a call at most, the first included (1 to 100).
+    #[serde(deserialize_with = "fields::int::<1, MAX_ATTEMPTS, _, _>")]
+    pub max_attempts: Option<usize>,
+    /// `min_delay`: the first backoff delay.
+    #[serde(with = "fields::AnyDuration")]
+    pub min_delay: Option<Duration>,
+    /// `max_delay`: the longest backoff delay.
+    #[serde(with = "fields::AnyDuration")]
+    pub max_delay: Option<Duration>,
+    /// `max_elapsed`: no attempt starts after this.
+    #[serde(with = "fields::AnyDuration")]
+    pub max_elapsed: Option<Duration>,
+    /// `retry_non_idempotent`: also retry counter increments after ambiguous failures.
+    pub retry_non_idempotent: Option<bool>,
+}
+
+/// Largest `max_attempts` a stack file may set.
+const MAX_ATTEMPTS: u64 = 100;
+
+impl LayerSettings for RetrySettings {
+    fn check(&self) -> std::result::Result<(), Invalid> {
+        fields::within("max_attempts", self.max_attempts, 1, MAX_ATTEMPTS)?;
+        if let (Some(min), Some(max)) = (self.min_delay, self.max_delay) {
+            if min > max {
+                return Err(Invalid::settings(format!(
+                    "min_delay ({min:?}) is longer than max_delay ({max:?})"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RetryLayer {
+    /// The layer the settings describe; unset keys keep [`RetryLayer::new`]'s values.
+    pub(crate) fn from_settings(s: &RetrySettings) -> Self {
+        RetryLayer::new()
+            .with_some(s.max_attempts, RetryLayer::with_max_attempts)
+            .with_some(s.min_delay, RetryLayer::with_min_delay)
+            .with_some(s.max_delay, RetryLayer::with_max_delay)
+            .with_some(s.max_elapsed, RetryLayer::with_max_elapsed)
+            .with_some(
+                s.retry_non_idempotent,
+                RetryLayer::with_retry_non_idempotent,
+            )
     }
 }

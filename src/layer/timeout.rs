@@ -4,8 +4,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::fields::{self, Invalid, LayerSettings};
 use super::names::Tally;
 use super::{Call, Layered, Policy};
 use crate::error::{Result, StorageError};
@@ -117,5 +119,34 @@ impl Policy for TimeoutPolicy {
         );
         m.insert("timeouts".into(), json!(self.timeouts.get()));
         m
+    }
+}
+
+/// Settings of a `timeout` layer ([`TimeoutLayer`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutSettings {
+    /// `timeout` (required): the deadline of each operation (more than 0).
+    #[serde(with = "fields::PositiveDuration")]
+    pub timeout: Duration,
+}
+
+impl LayerSettings for TimeoutSettings {
+    fn hint(key: &str) -> &'static str {
+        match key {
+            "timeout" => "a duration such as \"500ms\" or \"2s\"",
+            _ => "",
+        }
+    }
+
+    fn check(&self) -> std::result::Result<(), Invalid> {
+        fields::positive("timeout", Some(self.timeout))
+    }
+}
+
+impl TimeoutLayer {
+    /// The layer the settings describe.
+    pub(crate) fn from_settings(s: &TimeoutSettings) -> Self {
+        TimeoutLayer::new(s.timeout)
     }
 }

@@ -1,11 +1,12 @@
 //! Group commit: appends and pending writes gathered into batch calls.
 //!
-//! `mod.rs` holds the layer, its settings, figures and the wrapper type; `queue` the
-//! bounded queue callers put items on and the per-key pending counts reads flush by;
-//! `writer` the task that gathers and writes batches; `storage` the trait
-//! implementations.
+//! `mod.rs` holds the layer, its options, figures and the wrapper type; `settings` its
+//! table in a stack file; `queue` the bounded queue callers put items on and the per-key
+//! pending counts reads flush by; `writer` the task that gathers and writes batches;
+//! `storage` the trait implementations.
 
 mod queue;
+mod settings;
 mod storage;
 mod writer;
 
@@ -18,6 +19,7 @@ use dashmap::DashMap;
 use serde_json::json;
 
 use self::queue::{Pending, Writer, WriterState};
+pub use self::settings::BatchSettings;
 use super::names::{self, LazyGauge, LazyHistogram, Tally};
 use crate::model::Metadata;
 use crate::validate;
@@ -120,6 +122,8 @@ use crate::validate;
 /// storage.close().await?; // drains the queue, then closes the backend
 /// # Ok(()) }
 /// ```
+///
+/// [`StorageError::Closed`]: crate::StorageError::Closed
 #[derive(Debug, Clone)]
 pub struct BatchLayer {
     config: BatchConfig,

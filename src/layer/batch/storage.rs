@@ -281,6 +281,8 @@ impl<B: StorageBackend + 'static> StorageBackend for Batched<B> {
 
     /// Stops taking calls ([`StorageError::Closed`](crate::error::StorageError::Closed) from now on), waits until every item
     /// queued before is stored and answered, then closes the inner backend.
+    ///
+    /// [`StorageError::Closed`]: crate::StorageError::Closed
     async fn close(&self) -> Result<()> {
         let done = {
             let mut state = self.writer.lock();

@@ -1,16 +1,19 @@
 //! A moka-backed read cache in front of any backend.
 //!
-//! `mod.rs` holds the layer, its settings and the wrapper type; `entry` the cache's
-//! keys, values, generation stamps and weights; `shared` the state every wrapper of a
-//! layer shares and how writes outdate entries; `storage` the trait implementations.
+//! `mod.rs` holds the layer, its options and the wrapper type; `settings` its table in
+//! a stack file; `entry` the cache's keys, values, generation stamps and weights;
+//! `shared` the state every wrapper of a layer shares and how writes outdate entries;
+//! `storage` the trait implementations.
 
 mod entry;
+mod settings;
 mod shared;
 mod storage;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+pub use self::settings::CacheSettings;
 use self::shared::Shared;
 
 /// Number of generation stripes. A power of two; owners hash onto them.
@@ -210,6 +213,8 @@ impl CacheLayer {
     /// than the longest time your store may take to finish a write its caller left
     /// (SQLite's busy timeout, redis-rs' response timeout, PostgreSQL's statement
     /// timeout).
+    ///
+    /// [`StorageError::may_have_applied`]: crate::StorageError::may_have_applied
     pub fn with_unknown_outcome_window(self, window: Duration) -> Self {
         self.configured(|c| c.unknown_outcome_window = window)
     }

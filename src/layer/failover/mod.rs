@@ -1,13 +1,14 @@
 //! Failover to a second backend, with dual writes, a circuit breaker and hinted handoff.
 //!
-//! `mod.rs` holds the layer, its settings and the wrapper type; `breaker` the circuit
-//! breaker and its counters; `replay` the queue of writes acknowledged from the
-//! fallback and their replay; `route` where each call goes; `storage` the trait
-//! implementations.
+//! `mod.rs` holds the layer, its options and the wrapper type; `settings` its table in
+//! a stack file; `breaker` the circuit breaker and its counters; `replay` the queue of
+//! writes acknowledged from the fallback and their replay; `route` where each call goes;
+//! `storage` the trait implementations.
 
 mod breaker;
 mod replay;
 mod route;
+mod settings;
 mod storage;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use self::breaker::FailoverState;
+pub use self::settings::FailoverSettings;
 use crate::error::Result;
 use crate::storage::StorageBackend;
 
@@ -93,6 +95,8 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 /// storage.create_session("s1", "alice", &Default::default()).await?;
 /// # Ok(()) }
 /// ```
+///
+/// [`StorageError::Unavailable`]: crate::StorageError::Unavailable
 #[derive(Clone)]
 pub struct FailoverLayer {
     fallback: Arc<dyn StorageBackend>,
