@@ -327,12 +327,7 @@ fn export_and_import_round_trip_through_a_file() {
 fn a_failed_export_leaves_an_existing_output_file_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let src = format!("sqlite://{}", dir.path().join("a.db").display());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let a = aiecs_storage::open(&src).unwrap();
-        a.create_session("s1", "u", &Metadata::new()).await.unwrap();
-        a.close().await.unwrap();
-    });
+    with_one_session(&src);
     // The output sits apart from the database, whose journal files come and go.
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
@@ -421,12 +416,7 @@ fn import_takes_a_version_1_export_only_with_accept_v1() {
     let dir = tempfile::tempdir().unwrap();
     let src = format!("sqlite://{}", dir.path().join("a.db").display());
     let dst = format!("sqlite://{}", dir.path().join("b.db").display());
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let a = aiecs_storage::open(&src).unwrap();
-        a.create_session("s1", "u", &Metadata::new()).await.unwrap();
-        a.close().await.unwrap();
-    });
+    with_one_session(&src);
     let file = dir.path().join("dump.jsonl");
     assert!(run(&["export", &src, "--output", file.to_str().unwrap()])
         .status
@@ -674,4 +664,14 @@ fn migrate_keeps_its_default_state_file_in_a_private_directory() {
         !status.success() && text.contains("not a directory"),
         "{text}"
     );
+}
+
+/// Stores session `s1` in the store at `url`.
+fn with_one_session(url: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = aiecs_storage::open(url).unwrap();
+        a.create_session("s1", "u", &Metadata::new()).await.unwrap();
+        a.close().await.unwrap();
+    });
 }

@@ -943,19 +943,7 @@ async fn a_truncated_export_is_refused_naming_the_last_line_and_writes_nothing()
         .store_checkpoint(&NewCheckpoint::new("t1", "c1", json!(1)))
         .await
         .unwrap();
-    let mut out = Vec::new();
-    export(
-        &source,
-        &Scope::All,
-        &mut out,
-        &TransferOptions {
-            batch_size: 10,
-            ..TransferOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let text = String::from_utf8(out).unwrap();
+    let text = export_text(&source, 10).await;
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() > 25, "{} lines", lines.len());
     for keep in 1..lines.len() {
@@ -991,19 +979,7 @@ async fn reordered_or_missing_message_lines_are_refused_naming_the_line() {
             .await
             .unwrap();
     }
-    let mut out = Vec::new();
-    export(
-        &source,
-        &Scope::All,
-        &mut out,
-        &TransferOptions {
-            batch_size: 10,
-            ..TransferOptions::default()
-        },
-    )
-    .await
-    .unwrap();
-    let text = String::from_utf8(out).unwrap();
+    let text = export_text(&source, 10).await;
     let lines: Vec<&str> = text.lines().collect();
     // Lines 3 and 4 (1-based) hold the first two pieces of the history (the session
     // record takes one item of the first batch, so the first piece holds 9).
@@ -1406,11 +1382,7 @@ async fn a_one_pass_import_of_a_truncated_file_says_it_is_incomplete() {
         batch_size: 10,
         ..TransferOptions::default()
     };
-    let mut out = Vec::new();
-    export(&source, &Scope::All, &mut out, &options)
-        .await
-        .unwrap();
-    let text = String::from_utf8(out).unwrap();
+    let text = export_text(&source, options.batch_size).await;
     let lines: Vec<&str> = text.lines().collect();
     let keep = lines.len() - 1;
     let cut: String = lines[..keep].iter().map(|l| format!("{l}\n")).collect();
@@ -2042,4 +2014,17 @@ async fn a_read_answered_by_the_fallback_fails_the_copy_instead_of_shortening_it
         let err = verify(&source, &target).await.unwrap_err();
         assert!(err.to_string().contains("comparison"), "{op:?}: {err}");
     }
+}
+
+/// The whole store exported in batches of `batch_size`, as text.
+async fn export_text(source: &dyn StorageBackend, batch_size: usize) -> String {
+    let mut out = Vec::new();
+    let options = TransferOptions {
+        batch_size,
+        ..TransferOptions::default()
+    };
+    export(source, &Scope::All, &mut out, &options)
+        .await
+        .unwrap();
+    String::from_utf8(out).unwrap()
 }
