@@ -23,6 +23,14 @@ use crate::validate;
 
 #[async_trait]
 impl<B: StorageBackend + 'static> SessionStorage for Batched<B> {
+    async fn delete_session(&self, session_id: &str) -> Result<bool> {
+        // Queued appends to the session are stored (and so removed) first.
+        self.flush_if(self.writer.pending.sessions.contains_key(session_id))
+            .await?;
+        self.inner.delete_session(session_id).await
+    }
+
+    // Pure pass-through: session records are never queued.
     async fn create_session(
         &self,
         session_id: &str,
@@ -32,13 +40,6 @@ impl<B: StorageBackend + 'static> SessionStorage for Batched<B> {
         self.inner
             .create_session(session_id, user_id, metadata)
             .await
-    }
-
-    async fn delete_session(&self, session_id: &str) -> Result<bool> {
-        // Queued appends to the session are stored (and so removed) first.
-        self.flush_if(self.writer.pending.sessions.contains_key(session_id))
-            .await?;
-        self.inner.delete_session(session_id).await
     }
 
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
@@ -97,14 +98,6 @@ impl<B: StorageBackend + 'static> ConversationStorage for Batched<B> {
         answer.await.unwrap_or_else(|_| Err(writer_stopped()))
     }
 
-    async fn batch_add_conversation_messages(
-        &self,
-        messages: &[(String, NewMessage)],
-    ) -> Result<Vec<Result<String>>> {
-        // Already a batch: straight through.
-        self.inner.batch_add_conversation_messages(messages).await
-    }
-
     async fn get_conversation_history(
         &self,
         session_id: &str,
@@ -134,36 +127,19 @@ impl<B: StorageBackend + 'static> ConversationStorage for Batched<B> {
             .get_conversation_range(session_id, offset, limit)
             .await
     }
+
+    // Pure pass-through: a batch is not queued again.
+    async fn batch_add_conversation_messages(
+        &self,
+        messages: &[(String, NewMessage)],
+    ) -> Result<Vec<Result<String>>> {
+        // Already a batch: straight through.
+        self.inner.batch_add_conversation_messages(messages).await
+    }
 }
 
 #[async_trait]
 impl<B: StorageBackend + 'static> CheckpointStorage for Batched<B> {
-    async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
-        self.inner.store_checkpoint(checkpoint).await
-    }
-
-    async fn get_checkpoint(
-        &self,
-        thread_id: &str,
-        checkpoint_ns: &str,
-        checkpoint_id: Option<&str>,
-    ) -> Result<Option<Checkpoint>> {
-        self.inner
-            .get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
-            .await
-    }
-
-    async fn list_checkpoints(
-        &self,
-        thread_id: &str,
-        checkpoint_ns: &str,
-        filter: &CheckpointFilter,
-    ) -> Result<Vec<Checkpoint>> {
-        self.inner
-            .list_checkpoints(thread_id, checkpoint_ns, filter)
-            .await
-    }
-
     async fn put_writes(
         &self,
         thread_id: &str,
@@ -193,11 +169,6 @@ impl<B: StorageBackend + 'static> CheckpointStorage for Batched<B> {
         answer.await.unwrap_or_else(|_| Err(writer_stopped()))
     }
 
-    async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
-        // Already a batch: straight through.
-        self.inner.batch_put_writes(items).await
-    }
-
     async fn get_writes(
         &self,
         thread_id: &str,
@@ -217,10 +188,6 @@ impl<B: StorageBackend + 'static> CheckpointStorage for Batched<B> {
         self.flush_if(self.writer.pending.threads.contains_key(thread_id))
             .await?;
         self.inner.delete_thread(thread_id).await
-    }
-
-    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
-        self.inner.restore_checkpoints(checkpoints).await
     }
 
     async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
@@ -248,10 +215,47 @@ impl<B: StorageBackend + 'static> CheckpointStorage for Batched<B> {
             .list_write_checkpoints(thread_id, checkpoint_ns)
             .await
     }
+
+    // Pure pass-through: only single pending writes are queued, never checkpoints or batches.
+    async fn store_checkpoint(&self, checkpoint: &NewCheckpoint) -> Result<()> {
+        self.inner.store_checkpoint(checkpoint).await
+    }
+
+    async fn get_checkpoint(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        checkpoint_id: Option<&str>,
+    ) -> Result<Option<Checkpoint>> {
+        self.inner
+            .get_checkpoint(thread_id, checkpoint_ns, checkpoint_id)
+            .await
+    }
+
+    async fn list_checkpoints(
+        &self,
+        thread_id: &str,
+        checkpoint_ns: &str,
+        filter: &CheckpointFilter,
+    ) -> Result<Vec<Checkpoint>> {
+        self.inner
+            .list_checkpoints(thread_id, checkpoint_ns, filter)
+            .await
+    }
+
+    async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
+        // Already a batch: straight through.
+        self.inner.batch_put_writes(items).await
+    }
+
+    async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
+        self.inner.restore_checkpoints(checkpoints).await
+    }
 }
 
 #[async_trait]
 impl<B: StorageBackend + 'static> TaskContextStorage for Batched<B> {
+    // Pure pass-through: task contexts are never queued.
     async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
         self.inner.list_task_contexts(after, limit).await
     }
@@ -267,18 +271,6 @@ impl<B: StorageBackend + 'static> TaskContextStorage for Batched<B> {
 
 #[async_trait]
 impl<B: StorageBackend + 'static> StorageBackend for Batched<B> {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-
-    fn store_id(&self) -> Option<String> {
-        self.inner.store_id()
-    }
-
-    async fn initialize(&self) -> Result<()> {
-        self.inner.initialize().await
-    }
-
     /// Stops taking calls ([`StorageError::Closed`](crate::error::StorageError::Closed) from now on), waits until every item
     /// queued before is stored and answered, then closes the inner backend.
     ///
@@ -334,6 +326,19 @@ impl<B: StorageBackend + 'static> StorageBackend for Batched<B> {
             values: self.figures(),
             components: vec![inner],
         })
+    }
+
+    // Pure pass-through: nothing queued depends on these.
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn store_id(&self) -> Option<String> {
+        self.inner.store_id()
+    }
+
+    async fn initialize(&self) -> Result<()> {
+        self.inner.initialize().await
     }
 
     async fn cleanup_expired_sessions(&self, max_idle: Duration) -> Result<u64> {

@@ -164,6 +164,7 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
         Ok(out)
     }
 
+    // Pure pass-through: listings are not cached.
     async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage> {
         self.inner.list_sessions(query).await
     }
@@ -200,6 +201,7 @@ impl<B: StorageBackend> ConversationStorage for Cached<B> {
             .await
     }
 
+    // Pure pass-through: messages are not cached, and these leave the cached session alone.
     async fn get_conversation_history(
         &self,
         session_id: &str,
@@ -272,6 +274,14 @@ impl<B: StorageBackend> CheckpointStorage for Cached<B> {
             .await
     }
 
+    async fn delete_thread(&self, thread_id: &str) -> Result<()> {
+        // Every checkpoint entry of the thread, in any namespace, shares the thread's
+        // stripe: bumping it outdates them all without enumerating them.
+        let w = self.shared.write([thread_id], Vec::new());
+        w.finish(self.inner.delete_thread(thread_id).await).await
+    }
+
+    // Pure pass-through: only single checkpoints are cached, not listings or pending writes.
     async fn list_checkpoints(
         &self,
         thread_id: &str,
@@ -311,13 +321,6 @@ impl<B: StorageBackend> CheckpointStorage for Cached<B> {
             .await
     }
 
-    async fn delete_thread(&self, thread_id: &str) -> Result<()> {
-        // Every checkpoint entry of the thread, in any namespace, shares the thread's
-        // stripe: bumping it outdates them all without enumerating them.
-        let w = self.shared.write([thread_id], Vec::new());
-        w.finish(self.inner.delete_thread(thread_id).await).await
-    }
-
     async fn list_threads(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
         self.inner.list_threads(after, limit).await
     }
@@ -339,10 +342,6 @@ impl<B: StorageBackend> CheckpointStorage for Cached<B> {
 
 #[async_trait]
 impl<B: StorageBackend> TaskContextStorage for Cached<B> {
-    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
-        self.inner.list_task_contexts(after, limit).await
-    }
-
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
         self.shared
             .read(Key::Context(session_id.to_owned()), || {
@@ -358,18 +357,15 @@ impl<B: StorageBackend> TaskContextStorage for Cached<B> {
         w.finish(self.inner.store_task_context(session_id, context).await)
             .await
     }
+
+    // Pure pass-through: listings are not cached.
+    async fn list_task_contexts(&self, after: Option<&str>, limit: usize) -> Result<IdPage> {
+        self.inner.list_task_contexts(after, limit).await
+    }
 }
 
 #[async_trait]
 impl<B: StorageBackend> StorageBackend for Cached<B> {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-
-    fn store_id(&self) -> Option<String> {
-        self.inner.store_id()
-    }
-
     async fn initialize(&self) -> Result<()> {
         // A schema migration may rewrite records.
         let w = self.shared.write_all();
@@ -416,5 +412,14 @@ impl<B: StorageBackend> StorageBackend for Cached<B> {
         let w = self.shared.write_all();
         w.finish(self.inner.cleanup_expired_sessions(max_idle).await)
             .await
+    }
+
+    // Pure pass-through: the store's identity is the inner backend's.
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn store_id(&self) -> Option<String> {
+        self.inner.store_id()
     }
 }

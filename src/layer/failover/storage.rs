@@ -335,14 +335,6 @@ impl<B: StorageBackend + 'static> TaskContextStorage for Failover<B> {
 
 #[async_trait]
 impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
-    fn kind(&self) -> &'static str {
-        self.primary.kind()
-    }
-
-    fn store_id(&self) -> Option<String> {
-        self.primary.store_id()
-    }
-
     async fn initialize(&self) -> Result<()> {
         // A primary that is down at start is what failover is for; the fallback must work.
         if let Err(e) = self.primary.initialize().await {
@@ -448,5 +440,14 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
             |b| b.cleanup_expired_sessions(max_idle),
         )
         .await
+    }
+
+    // Pure pass-through to the primary: a failover stack is named for it.
+    fn kind(&self) -> &'static str {
+        self.primary.kind()
+    }
+
+    fn store_id(&self) -> Option<String> {
+        self.primary.store_id()
     }
 }
