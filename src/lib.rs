@@ -40,6 +40,7 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod feed;
 mod fnv;
 pub mod layer;
 pub mod model;

@@ -284,6 +284,17 @@ pub trait StorageBackend:
         None
     }
 
+    /// The changes committed to the store by any process, for a cache in front of a
+    /// store other processes share (see [`feed`](crate::feed)): the session, task
+    /// context or thread each write touched, and when the feed is down or missed some.
+    /// `None` when the backend has none (the memory backend: one process). Layers return
+    /// their inner backend's (a failover stack its primary's). Each call is a new
+    /// subscription; the first starts the backend's listener, so call it inside a tokio
+    /// runtime.
+    fn changes(&self) -> Option<crate::feed::ChangeFeed> {
+        None
+    }
+
     /// Opens connections and creates or migrates the schema. Idempotent.
     async fn initialize(&self) -> Result<()>;
 
@@ -450,6 +461,9 @@ macro_rules! forward_storage {
             }
             fn store_id(&self) -> Option<String> {
                 let $s = self; $inner.store_id()
+            }
+            fn changes(&self) -> Option<crate::feed::ChangeFeed> {
+                let $s = self; $inner.changes()
             }
             async fn initialize(&self) -> Result<()> {
                 let $s = self; $inner.initialize().await

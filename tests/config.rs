@@ -120,6 +120,7 @@ fn a_full_file_parses_into_typed_settings() {
             time_to_live: Some(Duration::from_secs(300)),
             time_to_idle: Some(Duration::from_secs(90)),
             unknown_outcome_window: Some(Duration::from_secs(10)),
+            coherent: None,
         })
     );
     let LayerConfig::Failover(failover) = &config.layers[5] else {
@@ -212,7 +213,7 @@ fn unknown_keys_name_the_key_and_the_allowed_ones() {
     assert_eq!(
         reason,
         "layers[1]: unknown key `max_entriez` for a `cache` layer; allowed keys: type, \
-         max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window"
+         max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window, coherent"
     );
 
     let reason = toml_error(
@@ -498,7 +499,7 @@ fn bad_overrides_name_the_variable_and_the_key() {
     assert_eq!(
         err("AIECS_STORAGE_CACHE__MAX_ENTRIEZ", "5"),
         "AIECS_STORAGE_CACHE__MAX_ENTRIEZ: layers[0]: unknown key `max_entriez` for a \
-         `cache` layer; allowed keys: type, max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window"
+         `cache` layer; allowed keys: type, max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window, coherent"
     );
     assert_eq!(
         err("AIECS_STORAGE_CAHCE__MAX_ENTRIES", "5"),
@@ -728,6 +729,7 @@ fn every_form_of_every_key_answers_as_pinned() {
         ("cache", "time_to_live", DURATIONS),
         ("cache", "time_to_idle", DURATIONS),
         ("cache", "unknown_outcome_window", DURATIONS),
+        ("cache", "coherent", BOOLEANS),
         ("retry", "max_attempts", INTEGERS),
         ("retry", "min_delay", DURATIONS),
         ("retry", "max_delay", DURATIONS),
@@ -873,7 +875,7 @@ fn allowed_keys_are_the_fields_of_each_settings_type() {
             "metrics: backend_label",
             "retry: max_attempts, min_delay, max_delay, max_elapsed, retry_non_idempotent",
             "timeout: timeout",
-            "cache: max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window",
+            "cache: max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window, coherent",
             "failover: fallback, failure_threshold, cooldown, max_pending, primary_timeout",
             "batch: max_batch, linger, max_queue",
         ]

@@ -133,7 +133,7 @@ pub const ENV_PREFIX: &str = "AIECS_STORAGE_";
 ///     err.to_string(),
 ///     "invalid input for `config`: layers[0]: unknown key `max_entriez` for a `cache` \
 ///      layer; allowed keys: type, max_entries, max_bytes, time_to_live, time_to_idle, \
-///      unknown_outcome_window"
+///      unknown_outcome_window, coherent"
 /// );
 /// # Ok(()) }
 /// ```

@@ -363,6 +363,10 @@ impl<B: StorageBackend, P: Policy> StorageBackend for Layered<B, P> {
         self.inner.store_id()
     }
 
+    fn changes(&self) -> Option<crate::feed::ChangeFeed> {
+        self.policy.changes().or_else(|| self.inner.changes())
+    }
+
     async fn initialize(&self) -> Result<()> {
         let call = Call::new(Operation::Initialize, None);
         self.policy.call(call, || self.inner.initialize()).await

@@ -225,4 +225,11 @@ pub trait Policy: Send + Sync + 'static {
     fn figures(&self) -> Metadata {
         Metadata::new()
     }
+
+    /// A change feed the layer offers in place of its inner backend's (`None`: the
+    /// inner backend's); see [`StorageBackend::changes`](crate::StorageBackend::changes).
+    /// A test double uses it to stand for a store other processes write to.
+    fn changes(&self) -> Option<crate::feed::ChangeFeed> {
+        None
+    }
 }

@@ -106,6 +106,8 @@ struct State {
     plan: Mutex<Vec<(Target, u64, ErrorKind)>>,
     calls: Mutex<HashMap<Operation, u64>>,
     failed: AtomicU64,
+    /// A change feed the wrapped backend offers, standing for other processes' writes.
+    feed: Mutex<Option<aiecs_storage::feed::FeedHub>>,
 }
 
 /// The error a fault of `kind` raises.
@@ -137,6 +139,18 @@ pub fn error_of(kind: ErrorKind) -> StorageError {
 }
 
 impl Faults {
+    /// Makes the wrapped backend offer a change feed (down until the test says it is
+    /// up), as a store shared with other processes does, and returns its hub.
+    #[allow(dead_code)]
+    pub fn offer_feed(&self) -> aiecs_storage::feed::FeedHub {
+        self.0
+            .feed
+            .lock()
+            .unwrap()
+            .get_or_insert_with(aiecs_storage::feed::FeedHub::new)
+            .clone()
+    }
+
     /// Wraps `inner`; the returned handle steers its faults.
     pub fn wrap<B>(inner: B) -> (Layered<B, FaultPolicy>, Faults) {
         let faults = Faults::default();
@@ -230,6 +244,16 @@ pub struct FaultPolicy(Faults);
 impl Policy for FaultPolicy {
     fn name(&self) -> &'static str {
         "faults"
+    }
+
+    fn changes(&self) -> Option<aiecs_storage::feed::ChangeFeed> {
+        self.0
+             .0
+            .feed
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|hub| hub.subscribe())
     }
 
     async fn call<'a, T, F, Fut>(&'a self, call: Call<'a>, run: F) -> Result<T>

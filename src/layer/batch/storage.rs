@@ -337,6 +337,10 @@ impl<B: StorageBackend + 'static> StorageBackend for Batched<B> {
         self.inner.store_id()
     }
 
+    fn changes(&self) -> Option<crate::feed::ChangeFeed> {
+        self.inner.changes()
+    }
+
     async fn initialize(&self) -> Result<()> {
         self.inner.initialize().await
     }

@@ -5,6 +5,7 @@
 //! `shared` the state every wrapper of a layer shares and how writes outdate entries;
 //! `storage` the trait implementations.
 
+mod coherence;
 mod entry;
 mod settings;
 mod shared;
@@ -117,6 +118,7 @@ struct CacheConfig {
     time_to_live: Option<Duration>,
     time_to_idle: Option<Duration>,
     unknown_outcome_window: Duration,
+    coherent: bool,
 }
 
 /// A snapshot of a cache's figures, from [`CacheLayer::stats`].
@@ -170,6 +172,7 @@ impl CacheLayer {
                 time_to_live: Some(Duration::from_secs(300)),
                 time_to_idle: None,
                 unknown_outcome_window: Duration::from_secs(30),
+                coherent: true,
             },
             shared: Arc::default(),
         }
@@ -219,6 +222,15 @@ impl CacheLayer {
         self.configured(|c| c.unknown_outcome_window = window)
     }
 
+    /// Whether the cache follows the backend's change feed (default true), so that what
+    /// other processes write to a shared store is dropped from this cache as it commits
+    /// (see [`StorageBackend::changes`](crate::StorageBackend::changes)). While the feed
+    /// is down, reads bypass the cache: a replica may be slower then, never stale. Over
+    /// a backend without a feed (memory) this changes nothing.
+    pub fn with_coherence(self, coherent: bool) -> Self {
+        self.configured(|c| c.coherent = coherent)
+    }
+
     /// The figures of the cache shared by every wrapper of this layer.
     pub fn stats(&self) -> CacheStats {
         self.state().stats()
@@ -248,6 +260,7 @@ impl<B> tower_layer::Layer<B> for CacheLayer {
         Cached {
             inner,
             shared: self.state().clone(),
+            following: Arc::default(),
         }
     }
 }
@@ -257,6 +270,8 @@ impl<B> tower_layer::Layer<B> for CacheLayer {
 pub struct Cached<B> {
     inner: B,
     shared: Arc<Shared>,
+    /// Set once this wrapper subscribed to its backend's change feed (clones share it).
+    following: Arc<OnceLock<()>>,
 }
 
 impl<B: Clone> Clone for Cached<B> {
@@ -264,6 +279,7 @@ impl<B: Clone> Clone for Cached<B> {
         Cached {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            following: self.following.clone(),
         }
     }
 }

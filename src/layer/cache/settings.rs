@@ -8,7 +8,7 @@ use super::CacheLayer;
 use crate::layer::fields::{self, Invalid, LayerSettings, WithSome};
 
 /// Settings of a `cache` layer ([`CacheLayer`]); unset keys keep its defaults (10 000
-/// entries, 5 minutes time to live, a 30 s unknown-outcome window).
+/// entries, 5 minutes time to live, a 30 s unknown-outcome window, coherent).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CacheSettings {
@@ -29,6 +29,9 @@ pub struct CacheSettings {
     /// after a write to it ended with its outcome unknown (`"0s"`: not at all).
     #[serde(with = "fields::AnyDuration")]
     pub unknown_outcome_window: Option<Duration>,
+    /// `coherent`: whether the cache follows the backend's change feed, dropping what
+    /// other processes write (default true; no effect over a backend without a feed).
+    pub coherent: Option<bool>,
 }
 
 impl LayerSettings for CacheSettings {
@@ -58,5 +61,6 @@ impl CacheLayer {
                 CacheLayer::with_unknown_outcome_window,
             )
             .with_some(s.time_to_idle, CacheLayer::with_time_to_idle)
+            .with_some(s.coherent, CacheLayer::with_coherence)
     }
 }

@@ -2,7 +2,7 @@
 //! that outdates entries a write touches.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,6 +23,10 @@ pub(super) struct Counters {
     pub(super) loads: Tally,
     pub(super) stale: Tally,
     pub(super) evictions: Tally,
+    /// Sessions, task contexts and threads the change feed reported written.
+    pub(super) remote_changes: Tally,
+    /// Times the feed went down or missed changes, each emptying the cache.
+    pub(super) feed_losses: Tally,
     pub(super) entries: LazyGauge,
 }
 
@@ -34,6 +38,8 @@ impl Default for Counters {
             loads: Tally::local(),
             stale: Tally::local(),
             evictions: Tally::reported(names::CACHE_EVICTIONS_TOTAL, &[]),
+            remote_changes: Tally::local(),
+            feed_losses: Tally::local(),
             entries: LazyGauge::default(),
         }
     }
@@ -49,9 +55,18 @@ pub(super) struct Shared {
     pub(super) unsettled: Box<[AtomicU64]>,
     pub(super) unsettled_all: AtomicU64,
     pub(super) origin: Instant,
+    /// The change feed's state: [`FEED_NONE`], [`FEED_DOWN`] or [`FEED_UP`].
+    pub(super) feed: AtomicU8,
     pub(super) counters: Arc<Counters>,
     pub(super) config: CacheConfig,
 }
+
+/// No feed followed (none configured, none offered, or not yet subscribed).
+pub(super) const FEED_NONE: u8 = 0;
+/// A feed is followed and down: reads bypass the cache.
+pub(super) const FEED_DOWN: u8 = 1;
+/// A feed is followed and up.
+pub(super) const FEED_UP: u8 = 2;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,6 +105,7 @@ impl Shared {
             unsettled: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             unsettled_all: AtomicU64::new(0),
             origin: Instant::now(),
+            feed: AtomicU8::new(FEED_NONE),
             counters,
             config: config.clone(),
         }
@@ -136,6 +152,27 @@ impl Shared {
         open(&self.unsettled[stripe]) || open(&self.unsettled_all)
     }
 
+    /// The change feed's state as reports show it: `up`, `down` or `none`.
+    pub(super) fn feed_name(&self) -> &'static str {
+        match self.feed.load(Ordering::SeqCst) {
+            FEED_UP => "up",
+            FEED_DOWN => "down",
+            _ => "none",
+        }
+    }
+
+    /// Whether the followed change feed is down, so nothing cached can be trusted.
+    pub(super) fn feed_is_down(&self) -> bool {
+        self.feed.load(Ordering::SeqCst) == FEED_DOWN
+    }
+
+    /// Outdates what a write of another process touched, as a local write does once
+    /// it returns (see [`Invalidation`]).
+    pub(super) fn changed_elsewhere(&self, owner: &str) {
+        self.stripes[stripe_of(owner)].fetch_add(1, Ordering::SeqCst);
+        self.counters.remote_changes.add(1);
+    }
+
     pub(super) fn invalidate_everything(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate_all();
@@ -165,6 +202,12 @@ impl Shared {
         m.insert("evictions".into(), json!(s.evictions));
         m.insert("entries".into(), json!(s.entries));
         m.insert("weighted_size".into(), json!(s.weighted_size));
+        m.insert("feed".into(), json!(self.feed_name()));
+        m.insert(
+            "remote_changes".into(),
+            json!(self.counters.remote_changes.get()),
+        );
+        m.insert("feed_losses".into(), json!(self.counters.feed_losses.get()));
         match self.config.bound {
             Bound::Entries(n) => m.insert("max_entries".into(), json!(n)),
             Bound::Bytes(n) => m.insert("max_bytes".into(), json!(n)),
@@ -201,7 +244,7 @@ impl Shared {
         // outdates what this read loads; one that ended before it opened its window
         // first (see `Invalidation::bump`), and the check below sees it.
         let start = self.stamp(stripe);
-        if self.is_unsettled(stripe) {
+        if self.is_unsettled(stripe) || self.feed_is_down() {
             self.counters.misses.add(1);
             self.counters.loads.add(1);
             return fetch().await;
@@ -222,7 +265,7 @@ impl Shared {
             .set(names::CACHE_ENTRIES, self.cache.entry_count() as f64);
         for _ in 0..ATTEMPTS {
             let stamp = self.stamp(stripe);
-            if self.is_unsettled(stripe) {
+            if self.is_unsettled(stripe) || self.feed_is_down() {
                 break;
             }
             let mut own_error = None;

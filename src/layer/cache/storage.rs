@@ -11,9 +11,9 @@ use super::entry::{stripe_of, Cacheable, Entry, Key};
 use super::Cached;
 use crate::error::Result;
 use crate::model::{
-    now, Checkpoint, CheckpointFilter, HealthReport, IdPage, Message, Metadata, MetricsReport,
-    NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionPage, SessionQuery,
-    SessionUpdate, TaskWrites, WriteInput,
+    now, Checkpoint, CheckpointFilter, HealthReport, HealthStatus, IdPage, Message, Metadata,
+    MetricsReport, NewCheckpoint, NewMessage, NewSession, PendingWrite, Session, SessionPage,
+    SessionQuery, SessionUpdate, TaskWrites, WriteInput,
 };
 use crate::storage::{
     CheckpointStorage, ConversationStorage, SessionStorage, StorageBackend, TaskContextStorage,
@@ -40,6 +40,7 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
+        self.follow();
         self.shared
             .read(Key::Session(session_id.to_owned()), || {
                 self.inner.get_session(session_id)
@@ -101,6 +102,7 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
         if session_ids.is_empty() || validate::session_ids(session_ids).is_err() {
             return self.inner.batch_get_sessions(session_ids).await;
         }
+        self.follow();
         let shared = &self.shared;
         let mut out = Vec::with_capacity(session_ids.len());
         let mut missing = Vec::new();
@@ -108,7 +110,7 @@ impl<B: StorageBackend> SessionStorage for Cached<B> {
             let key = Key::Session(id.clone());
             let stripe = stripe_of(id);
             let start = shared.stamp(stripe);
-            if shared.is_unsettled(stripe) {
+            if shared.is_unsettled(stripe) || shared.feed_is_down() {
                 // Read from the store and not cached, as in `Shared::read`.
                 shared.counters.misses.add(1);
                 out.push(None);
@@ -263,6 +265,7 @@ impl<B: StorageBackend> CheckpointStorage for Cached<B> {
         checkpoint_ns: &str,
         checkpoint_id: Option<&str>,
     ) -> Result<Option<Checkpoint>> {
+        self.follow();
         self.shared
             .read(
                 Key::checkpoint(thread_id, checkpoint_ns, checkpoint_id),
@@ -343,6 +346,7 @@ impl<B: StorageBackend> CheckpointStorage for Cached<B> {
 #[async_trait]
 impl<B: StorageBackend> TaskContextStorage for Cached<B> {
     async fn get_task_context(&self, session_id: &str) -> Result<Option<Value>> {
+        self.follow();
         self.shared
             .read(Key::Context(session_id.to_owned()), || {
                 self.inner.get_task_context(session_id)
@@ -367,6 +371,7 @@ impl<B: StorageBackend> TaskContextStorage for Cached<B> {
 #[async_trait]
 impl<B: StorageBackend> StorageBackend for Cached<B> {
     async fn initialize(&self) -> Result<()> {
+        self.follow();
         // A schema migration may rewrite records.
         let w = self.shared.write_all();
         w.finish(self.inner.initialize().await).await
@@ -378,6 +383,7 @@ impl<B: StorageBackend> StorageBackend for Cached<B> {
     }
 
     async fn health_check(&self) -> Result<HealthReport> {
+        self.follow();
         let started = Instant::now();
         let inner = self.inner.health_check().await?;
         let s = self.shared.stats();
@@ -388,9 +394,20 @@ impl<B: StorageBackend> StorageBackend for Cached<B> {
         details.insert("hits".into(), json!(s.hits));
         details.insert("misses".into(), json!(s.misses));
         details.insert("evictions".into(), json!(s.evictions));
+        details.insert("feed".into(), json!(self.shared.feed_name()));
+        details.insert(
+            "remote_changes".into(),
+            json!(self.shared.counters.remote_changes.get()),
+        );
+        // A cache whose feed is down serves every read from the store: correct, slower.
+        let status = if self.shared.feed_is_down() && inner.status == HealthStatus::Healthy {
+            HealthStatus::Degraded
+        } else {
+            inner.status
+        };
         Ok(HealthReport {
             component: "cache".to_owned(),
-            status: inner.status,
+            status,
             latency: started.elapsed(),
             checked_at: now(),
             details,
@@ -399,6 +416,7 @@ impl<B: StorageBackend> StorageBackend for Cached<B> {
     }
 
     async fn get_metrics(&self) -> Result<MetricsReport> {
+        self.follow();
         let inner = self.inner.get_metrics().await?;
         Ok(MetricsReport {
             component: "cache".to_owned(),
@@ -421,5 +439,9 @@ impl<B: StorageBackend> StorageBackend for Cached<B> {
 
     fn store_id(&self) -> Option<String> {
         self.inner.store_id()
+    }
+
+    fn changes(&self) -> Option<crate::feed::ChangeFeed> {
+        self.inner.changes()
     }
 }

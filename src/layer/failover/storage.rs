@@ -450,4 +450,8 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
     fn store_id(&self) -> Option<String> {
         self.primary.store_id()
     }
+
+    fn changes(&self) -> Option<crate::feed::ChangeFeed> {
+        self.primary.changes()
+    }
 }
