@@ -6,6 +6,11 @@
 //! `storage` the trait implementations.
 
 mod breaker;
+#[cfg(feature = "sqlite")]
+mod journal;
+#[cfg(not(feature = "sqlite"))]
+#[path = "no_journal.rs"]
+mod journal;
 mod replay;
 mod route;
 mod settings;
@@ -119,6 +124,8 @@ struct FailoverConfig {
     cooldown: Duration,
     max_pending: usize,
     primary_timeout: Option<Duration>,
+    journal_max_bytes: u64,
+    journal_lease: Duration,
 }
 
 impl FailoverLayer {
@@ -133,6 +140,8 @@ impl FailoverLayer {
                 cooldown: Duration::from_secs(10),
                 max_pending: 10_000,
                 primary_timeout: Some(Duration::from_secs(1)),
+                journal_max_bytes: 64 * 1024 * 1024,
+                journal_lease: Duration::from_secs(30),
             },
             state: Arc::default(),
         }
@@ -162,6 +171,75 @@ impl FailoverLayer {
     /// counter increment omits the counters.
     pub fn with_primary_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config.primary_timeout = timeout;
+        self
+    }
+
+    /// Keeps the writes waiting for replay in a SQLite file at `path` (created if
+    /// missing) instead of memory, so they outlive the process: a layer opened later
+    /// over the same file (after a crash, too) starts degraded and replays them. Several
+    /// processes may share one file; a lease lets one replay at a time. Replaces any
+    /// counters and breaker state the layer had.
+    ///
+    /// ```
+    /// # fn main() -> aiecs_storage::Result<()> {
+    /// use std::sync::Arc;
+    /// use aiecs_storage::layer::FailoverLayer;
+    /// use aiecs_storage::SqliteBackend;
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let layer = FailoverLayer::new(Arc::new(SqliteBackend::in_memory()))
+    ///     .with_journal(dir.path().join("failover.journal"))?;
+    /// assert_eq!(layer.pending_writes(), 0);
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "sqlite")]
+    pub fn with_journal(mut self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let journal = journal::Journal::open(path.as_ref())?;
+        let (depth, _) = journal.depth()?;
+        let state = FailoverState {
+            journal: Some(journal),
+            ..FailoverState::default()
+        };
+        // Writes a process acknowledged before it stopped: served from the fallback
+        // until they reach the primary, as if this process had acknowledged them.
+        state.queued.store(depth, Ordering::Relaxed);
+        state.degraded.store(depth > 0, Ordering::SeqCst);
+        self.state = Arc::new(state);
+        Ok(self)
+    }
+
+    /// Sets how many bytes of entries a journal ([`with_journal`](Self::with_journal))
+    /// may hold before new writes are refused with
+    /// [`StorageError::Unavailable`](crate::StorageError::Unavailable) (64 MiB by
+    /// default). [`with_max_pending`](Self::with_max_pending) bounds its entries.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use aiecs_storage::layer::FailoverLayer;
+    /// use aiecs_storage::MemoryBackend;
+    ///
+    /// let layer = FailoverLayer::new(Arc::new(MemoryBackend::new())).with_journal_max_bytes(1 << 20);
+    /// ```
+    pub fn with_journal_max_bytes(mut self, bytes: u64) -> Self {
+        self.config.journal_max_bytes = bytes;
+        self
+    }
+
+    /// Sets how long a journal's replay lease lasts unrenewed (30 s by default): a
+    /// process that dies while replaying holds up the others this long. It is also how
+    /// long another process's unacknowledged entry at the front is waited for, before
+    /// it is taken as left by a process that died.
+    ///
+    /// ```
+    /// use std::{sync::Arc, time::Duration};
+    /// use aiecs_storage::layer::FailoverLayer;
+    /// use aiecs_storage::MemoryBackend;
+    ///
+    /// let layer = FailoverLayer::new(Arc::new(MemoryBackend::new()))
+    ///     .with_journal_lease(Duration::from_secs(5));
+    /// ```
+    pub fn with_journal_lease(mut self, lease: Duration) -> Self {
+        self.config.journal_lease = lease.max(Duration::from_millis(1));
         self
     }
 

@@ -361,7 +361,13 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
         };
         let primary = self.primary.close().await;
         let fallback = self.fallback.close().await;
-        if left > 0 {
+        if left > 0 && self.state.journal.is_some() {
+            // Nothing is lost: the next layer over the journal replays them.
+            tracing::warn!(
+                writes = left,
+                "failover: closed with writes the primary never got; the journal keeps them"
+            );
+        } else if left > 0 {
             tracing::error!(
                 writes = left,
                 "failover: closed with writes the primary never got; the fallback holds them"
