@@ -222,14 +222,15 @@ impl Journal {
             // Its writer may still be waiting for the fallback: replaying it now could
             // apply what that caller is about to be told failed.
             tx.commit().map_err(db)?;
-            return Ok(Next::Busy("another process is still writing the oldest entry"));
+            return Ok(Next::Busy(
+                "another process is still writing the oldest entry",
+            ));
         }
-        let mut hint: Hint = serde_json::from_str(&entry).map_err(|e| {
-            StorageError::Serialization {
+        let mut hint: Hint =
+            serde_json::from_str(&entry).map_err(|e| StorageError::Serialization {
                 message: format!("failover journal entry {seq}: {e}"),
                 source: Some(Box::new(e)),
-            }
-        })?;
+            })?;
         // This owner's own intents are seen here only when their caller gave up (the
         // replay holds the queue lock writers hold): replayed whole, as without a journal.
         if row_state == "sending" || foreign_intent {
