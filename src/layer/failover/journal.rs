@@ -140,15 +140,27 @@ impl Journal {
     }
 
     /// Marks an intent acknowledged: from now on its counters are owed to the primary.
+    /// Fails if a replayer already took it as abandoned (its fallback write outlasted a
+    /// lease): its counters were dropped, so the caller must not be told it succeeded.
     pub(super) fn ack(&self, seq: i64) -> Result<()> {
-        self.conn()
+        let changed = self
+            .conn()
             .execute(
                 "UPDATE failover_journal SET state = 'acked', written_at = ?2
                  WHERE seq = ?1 AND state = 'intent'",
                 params![seq, now_ms()],
             )
-            .map_err(db)
-            .map(drop)
+            .map_err(db)?;
+        if changed == 0 {
+            return Err(StorageError::Backend {
+                message: "failover journal: the write outlasted the journal lease and was \
+                          replayed without its counters; it is stored in the fallback"
+                    .into(),
+                transient: true,
+                source: None,
+            });
+        }
+        Ok(())
     }
 
     /// Removes an entry: replayed, refused for good, or never stored by the fallback.

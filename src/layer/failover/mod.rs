@@ -78,10 +78,44 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 /// - **A call dropped after the primary answered** may leave that write out of the
 ///   fallback (as a fallback failure would); the primary has it.
 ///
-/// The queue lives in memory: a process that dies while the primary is down keeps those
-/// writes in the fallback only. [`close`](crate::StorageBackend::close) tries one last
-/// replay and fails (after closing both backends) if writes are left that only the
-/// fallback holds. The primary is assumed to keep what it acknowledged (a Redis without
+/// By default the queue lives in memory: a process that dies while the primary is down
+/// keeps those writes in the fallback only, and
+/// [`close`](crate::StorageBackend::close) tries one last replay and fails (after
+/// closing both backends) if writes are left that only the fallback holds.
+///
+/// # A durable journal
+///
+/// With [`with_journal`](FailoverLayer::with_journal) the queue is a SQLite file of the
+/// layer's own instead, and `close` leaves what is left in it without failing. Each
+/// degraded write is written to the file (synchronously, `synchronous = FULL`) before
+/// the fallback is called, as an *intent*, and marked *acknowledged* before the caller
+/// is told; the replay marks an entry *sending* before it sends it and deletes it once
+/// the primary answered. A layer opened over a file that holds entries (the next process
+/// after a crash, SIGKILL included) starts degraded and replays them in order. What that
+/// guarantees:
+///
+/// - **Acknowledged writes reach the primary**, in the order they were acknowledged, and
+///   each acknowledged counter increment is applied once: messages carry their ids, and
+///   everything else but counters is keyed or an upsert.
+/// - **Outcomes nobody knows lose their counters, never apply them twice.** An entry
+///   found *sending* (its replayer died, or lost its lease, mid-send) and an *intent*
+///   another owner left (its process died, or its caller gave up, before the answer) are
+///   replayed without their counter increments, counted in `unreplayed_increments`.
+///   Such an intent is waited for until it is one lease
+///   ([`with_journal_lease`](FailoverLayer::with_journal_lease)) old, since its writer
+///   may still be waiting for the fallback.
+/// - **One replayer at a time**: processes (and layers) sharing a file take a lease,
+///   renewed with each entry, in the transaction that marks the entry *sending*; the
+///   others find it taken, count a primary failure and look again after a cooldown.
+/// - **Bounded**: by [`with_max_pending`](FailoverLayer::with_max_pending) entries and
+///   [`with_journal_max_bytes`](FailoverLayer::with_journal_max_bytes) bytes; past
+///   either, writes fail with `Unavailable`, not acknowledged.
+/// - **Visible**: `get_metrics` and `health_check` report `journal_depth` and
+///   `journal_oldest_age_seconds`, and a non-empty journal makes the health `degraded`.
+///
+/// Not guaranteed yet: a process routes by what it has seen, so one that never saw the
+/// outage serves reads from the primary while another process's entries wait; and a
+/// replayed upsert does not check whether the primary holds something newer. The primary is assumed to keep what it acknowledged (a Redis without
 /// persistence that restarts empty loses the writes made before its crash). A replayed
 /// write carries the replay's timestamps on the primary.
 ///

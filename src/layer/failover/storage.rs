@@ -407,8 +407,17 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
         let primary = report(self.primary.kind(), primary_check.await)?;
         let fallback = report(self.fallback.kind(), self.fallback.health_check().await)?;
         let healthy = |r: &HealthReport| r.status == HealthStatus::Healthy;
+        // Another process sharing the journal may have left entries this one never saw.
+        let journaled = self
+            .state
+            .journal
+            .as_ref()
+            .is_some_and(|j| match j.depth() {
+                Ok((depth, _)) => depth > 0,
+                Err(_) => true,
+            });
         let status = match (healthy(&primary), healthy(&fallback)) {
-            (true, true) if !self.degraded() => HealthStatus::Healthy,
+            (true, true) if !self.degraded() && !journaled => HealthStatus::Healthy,
             (false, false) => HealthStatus::Unhealthy,
             _ => HealthStatus::Degraded,
         };
