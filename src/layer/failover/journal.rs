@@ -238,6 +238,8 @@ impl Journal {
                 "another process is still writing the oldest entry",
             ));
         }
+        // An entry this build cannot read (a newer version wrote it) stops the replay
+        // rather than be skipped: the layer stays on the fallback, which holds it.
         let mut hint: Hint =
             serde_json::from_str(&entry).map_err(|e| StorageError::Serialization {
                 message: format!("failover journal entry {seq}: {e}"),

@@ -225,11 +225,17 @@ impl<B: StorageBackend + 'static> Failover<B> {
         match (journal, seq) {
             (Some(j), Some(seq)) => {
                 if !keep {
-                    j.remove(seq)?;
-                    let depth = j.depth()?.0;
-                    self.state.queued.store(depth, Ordering::Relaxed);
-                    if depth == 0 {
-                        self.state.degraded.store(false, Ordering::Release);
+                    // Left in the file, the intent is replayed without counters: harmless
+                    // for a write the fallback refused, so the caller keeps its answer.
+                    let depth = j.remove(seq).and_then(|()| j.depth());
+                    match depth {
+                        Ok((depth, _)) => {
+                            self.state.queued.store(depth, Ordering::Relaxed);
+                            if depth == 0 {
+                                self.state.degraded.store(false, Ordering::Release);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "failover: journal entry not removed"),
                     }
                 } else if answer.is_ok() {
                     // Before the caller is told: an entry left an intent is replayed
