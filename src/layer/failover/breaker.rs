@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::journal::Journal;
 use super::replay::Hint;
 use super::FailoverConfig;
 use crate::layer::names::{self, LazyGauge, Tally};
@@ -40,6 +41,9 @@ pub(super) struct FailoverState {
     pub(super) replayed: Tally,
     pub(super) dropped: Tally,
     pub(super) queued: AtomicU64,
+    /// Where writes wait instead of `pending`, when the layer has a journal. `pending`'s
+    /// lock still orders this process's writers and replay.
+    pub(super) journal: Option<Journal>,
     pub(super) breaker_metric: LazyGauge,
 }
 
@@ -65,6 +69,7 @@ impl Default for FailoverState {
             replayed: event(&[("event", "replayed_write")]),
             dropped: event(&[("event", "dropped_write")]),
             queued: AtomicU64::default(),
+            journal: None,
             breaker_metric: LazyGauge::default(),
         }
     }

@@ -6,6 +6,11 @@
 //! `storage` the trait implementations.
 
 mod breaker;
+#[cfg(feature = "sqlite")]
+mod journal;
+#[cfg(not(feature = "sqlite"))]
+#[path = "no_journal.rs"]
+mod journal;
 mod replay;
 mod route;
 mod settings;
@@ -73,10 +78,44 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 /// - **A call dropped after the primary answered** may leave that write out of the
 ///   fallback (as a fallback failure would); the primary has it.
 ///
-/// The queue lives in memory: a process that dies while the primary is down keeps those
-/// writes in the fallback only. [`close`](crate::StorageBackend::close) tries one last
-/// replay and fails (after closing both backends) if writes are left that only the
-/// fallback holds. The primary is assumed to keep what it acknowledged (a Redis without
+/// By default the queue lives in memory: a process that dies while the primary is down
+/// keeps those writes in the fallback only, and
+/// [`close`](crate::StorageBackend::close) tries one last replay and fails (after
+/// closing both backends) if writes are left that only the fallback holds.
+///
+/// # A durable journal
+///
+/// With [`with_journal`](FailoverLayer::with_journal) the queue is a SQLite file of the
+/// layer's own instead, and `close` leaves what is left in it without failing. Each
+/// degraded write is written to the file (synchronously, `synchronous = FULL`) before
+/// the fallback is called, as an *intent*, and marked *acknowledged* before the caller
+/// is told; the replay marks an entry *sending* before it sends it and deletes it once
+/// the primary answered. A layer opened over a file that holds entries (the next process
+/// after a crash, SIGKILL included) starts degraded and replays them in order. What that
+/// guarantees:
+///
+/// - **Acknowledged writes reach the primary**, in the order they were acknowledged, and
+///   each acknowledged counter increment is applied once: messages carry their ids, and
+///   everything else but counters is keyed or an upsert.
+/// - **Outcomes nobody knows lose their counters, never apply them twice.** An entry
+///   found *sending* (its replayer died, or lost its lease, mid-send) and an *intent*
+///   another owner left (its process died, or its caller gave up, before the answer) are
+///   replayed without their counter increments, counted in `unreplayed_increments`.
+///   Such an intent is waited for until it is one lease
+///   ([`with_journal_lease`](FailoverLayer::with_journal_lease)) old, since its writer
+///   may still be waiting for the fallback.
+/// - **One replayer at a time**: processes (and layers) sharing a file take a lease,
+///   renewed with each entry, in the transaction that marks the entry *sending*; the
+///   others find it taken, count a primary failure and look again after a cooldown.
+/// - **Bounded**: by [`with_max_pending`](FailoverLayer::with_max_pending) entries and
+///   [`with_journal_max_bytes`](FailoverLayer::with_journal_max_bytes) bytes; past
+///   either, writes fail with `Unavailable`, not acknowledged.
+/// - **Visible**: `get_metrics` and `health_check` report `journal_depth` and
+///   `journal_oldest_age_seconds`, and a non-empty journal makes the health `degraded`.
+///
+/// Not guaranteed yet: a process routes by what it has seen, so one that never saw the
+/// outage serves reads from the primary while another process's entries wait; and a
+/// replayed upsert does not check whether the primary holds something newer. The primary is assumed to keep what it acknowledged (a Redis without
 /// persistence that restarts empty loses the writes made before its crash). A replayed
 /// write carries the replay's timestamps on the primary.
 ///
@@ -119,6 +158,8 @@ struct FailoverConfig {
     cooldown: Duration,
     max_pending: usize,
     primary_timeout: Option<Duration>,
+    journal_max_bytes: u64,
+    journal_lease: Duration,
 }
 
 impl FailoverLayer {
@@ -133,6 +174,8 @@ impl FailoverLayer {
                 cooldown: Duration::from_secs(10),
                 max_pending: 10_000,
                 primary_timeout: Some(Duration::from_secs(1)),
+                journal_max_bytes: 64 * 1024 * 1024,
+                journal_lease: Duration::from_secs(30),
             },
             state: Arc::default(),
         }
@@ -162,6 +205,75 @@ impl FailoverLayer {
     /// counter increment omits the counters.
     pub fn with_primary_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config.primary_timeout = timeout;
+        self
+    }
+
+    /// Keeps the writes waiting for replay in a SQLite file at `path` (created if
+    /// missing) instead of memory, so they outlive the process: a layer opened later
+    /// over the same file (after a crash, too) starts degraded and replays them. Several
+    /// processes may share one file; a lease lets one replay at a time. Replaces any
+    /// counters and breaker state the layer had.
+    ///
+    /// ```
+    /// # fn main() -> aiecs_storage::Result<()> {
+    /// use std::sync::Arc;
+    /// use aiecs_storage::layer::FailoverLayer;
+    /// use aiecs_storage::SqliteBackend;
+    ///
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let layer = FailoverLayer::new(Arc::new(SqliteBackend::in_memory()))
+    ///     .with_journal(dir.path().join("failover.journal"))?;
+    /// assert_eq!(layer.pending_writes(), 0);
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "sqlite")]
+    pub fn with_journal(mut self, path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let journal = journal::Journal::open(path.as_ref())?;
+        let (depth, _) = journal.depth()?;
+        let state = FailoverState {
+            journal: Some(journal),
+            ..FailoverState::default()
+        };
+        // Writes a process acknowledged before it stopped: served from the fallback
+        // until they reach the primary, as if this process had acknowledged them.
+        state.queued.store(depth, Ordering::Relaxed);
+        state.degraded.store(depth > 0, Ordering::SeqCst);
+        self.state = Arc::new(state);
+        Ok(self)
+    }
+
+    /// Sets how many bytes of entries a journal ([`with_journal`](Self::with_journal))
+    /// may hold before new writes are refused with
+    /// [`StorageError::Unavailable`](crate::StorageError::Unavailable) (64 MiB by
+    /// default). [`with_max_pending`](Self::with_max_pending) bounds its entries.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use aiecs_storage::layer::FailoverLayer;
+    /// use aiecs_storage::MemoryBackend;
+    ///
+    /// let layer = FailoverLayer::new(Arc::new(MemoryBackend::new())).with_journal_max_bytes(1 << 20);
+    /// ```
+    pub fn with_journal_max_bytes(mut self, bytes: u64) -> Self {
+        self.config.journal_max_bytes = bytes;
+        self
+    }
+
+    /// Sets how long a journal's replay lease lasts unrenewed (30 s by default): a
+    /// process that dies while replaying holds up the others this long. It is also how
+    /// long another process's unacknowledged entry at the front is waited for, before
+    /// it is taken as left by a process that died.
+    ///
+    /// ```
+    /// use std::{sync::Arc, time::Duration};
+    /// use aiecs_storage::layer::FailoverLayer;
+    /// use aiecs_storage::MemoryBackend;
+    ///
+    /// let layer = FailoverLayer::new(Arc::new(MemoryBackend::new()))
+    ///     .with_journal_lease(Duration::from_secs(5));
+    /// ```
+    pub fn with_journal_lease(mut self, lease: Duration) -> Self {
+        self.config.journal_lease = lease.max(Duration::from_millis(1));
         self
     }
 

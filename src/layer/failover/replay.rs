@@ -6,16 +6,19 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::breaker::FailoverState;
+use super::journal::{Journal, Next};
 use super::route::{bounded, primary_limit};
 use super::FailoverConfig;
-use crate::error::Result;
+use crate::error::{Result, StorageError};
 use crate::layer::Operation;
 use crate::model::{
     Checkpoint, Message, NewCheckpoint, NewMessage, NewSession, Session, SessionUpdate, TaskWrites,
 };
 use crate::storage::StorageBackend;
 
-/// A write acknowledged from the fallback, kept to replay on the primary.
+/// A write acknowledged from the fallback, kept to replay on the primary. Serialized
+/// into a journal, when the layer has one.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub(super) enum Hint {
     CreateSession(NewSession),
     UpdateSession(String, SessionUpdate),
@@ -133,6 +136,9 @@ pub(super) async fn replay(
 ) -> Result<()> {
     let check = primary.health_check();
     bounded(state, config.primary_timeout, Operation::HealthCheck, check).await?;
+    if let Some(journal) = &state.journal {
+        return replay_journal(primary, state, config, journal).await;
+    }
     loop {
         let mut pending = state.pending.lock().await;
         if state.in_flight.swap(false, Ordering::AcqRel) {
@@ -175,6 +181,53 @@ pub(super) async fn replay(
             pending.pop_front();
             state.queued.fetch_sub(1, Ordering::Relaxed);
             state.in_flight.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// [`replay`] from a journal: the same chunks under the same lock, with the journal's
+/// lease and entry states in place of the in-memory queue and `in_flight`.
+async fn replay_journal(
+    primary: &dyn StorageBackend,
+    state: &FailoverState,
+    config: &FailoverConfig,
+    journal: &Journal,
+) -> Result<()> {
+    loop {
+        let _pending = state.pending.lock().await;
+        for _ in 0..REPLAY_CHUNK {
+            let (seq, mut hint) = match journal.next(state, config.journal_lease)? {
+                Next::Entry { seq, hint } => (seq, hint),
+                Next::Empty => {
+                    state.queued.store(0, Ordering::Relaxed);
+                    state.degraded.store(false, Ordering::SeqCst);
+                    return Ok(());
+                }
+                // Transient: the breaker waits a cooldown and the task tries again.
+                Next::Busy(why) => {
+                    return Err(StorageError::Unavailable {
+                        message: why.to_owned(),
+                    })
+                }
+            };
+            let operation = hint.operation();
+            let limit = primary_limit(config, operation);
+            match bounded(state, limit, operation, hint.apply(primary)).await {
+                Ok(()) => state.replayed.add(1),
+                Err(e) if e.is_transient() => {
+                    if e.may_have_applied() {
+                        hint.settle_unknown(state);
+                    }
+                    journal.put_back(seq, &hint)?;
+                    return Err(e);
+                }
+                Err(e) => {
+                    state.dropped.add(1);
+                    tracing::warn!(error = %e, "failover: primary refused a replayed write");
+                }
+            }
+            journal.remove(seq)?;
+            state.queued.store(journal.depth()?.0, Ordering::Relaxed);
         }
     }
 }

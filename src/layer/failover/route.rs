@@ -187,7 +187,8 @@ impl<B: StorageBackend + 'static> Failover<B> {
             // serves again (queueing would degrade the layer anew, and under steady load
             // it would never leave the fallback).
         };
-        if pending.len() >= self.config.max_pending {
+        let journal = self.state.journal.as_ref();
+        if journal.is_none() && pending.len() >= self.config.max_pending {
             return Err(StorageError::Unavailable {
                 message: format!(
                     "primary is down and {} writes already wait for replay",
@@ -201,7 +202,17 @@ impl<B: StorageBackend + 'static> Failover<B> {
         if maybe_on_primary {
             entry.settle_unknown(&self.state);
         }
-        pending.push_back(entry);
+        let seq = match journal {
+            Some(j) => Some(j.push(
+                &entry,
+                self.config.max_pending,
+                self.config.journal_max_bytes,
+            )?),
+            None => {
+                pending.push_back(entry);
+                None
+            }
+        };
         self.state.queued.fetch_add(1, Ordering::Relaxed);
         self.state.degraded.store(true, Ordering::SeqCst);
         self.start_replay();
@@ -211,12 +222,35 @@ impl<B: StorageBackend + 'static> Failover<B> {
             // The fallback may hold it: keep the entry, as for a dropped call.
             Err(e) => e.may_have_applied(),
         };
-        if !keep {
-            pending.pop_back();
-            self.state.queued.fetch_sub(1, Ordering::Relaxed);
-            if pending.is_empty() {
-                self.state.degraded.store(false, Ordering::Release);
+        match (journal, seq) {
+            (Some(j), Some(seq)) => {
+                if !keep {
+                    // Left in the file, the intent is replayed without counters: harmless
+                    // for a write the fallback refused, so the caller keeps its answer.
+                    let depth = j.remove(seq).and_then(|()| j.depth());
+                    match depth {
+                        Ok((depth, _)) => {
+                            self.state.queued.store(depth, Ordering::Relaxed);
+                            if depth == 0 {
+                                self.state.degraded.store(false, Ordering::Release);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "failover: journal entry not removed"),
+                    }
+                } else if answer.is_ok() {
+                    // Before the caller is told: an entry left an intent is replayed
+                    // without its counters, and this increment is now owed.
+                    j.ack(seq)?;
+                }
             }
+            _ if !keep => {
+                pending.pop_back();
+                self.state.queued.fetch_sub(1, Ordering::Relaxed);
+                if pending.is_empty() {
+                    self.state.degraded.store(false, Ordering::Release);
+                }
+            }
+            _ => {}
         }
         answer
     }
@@ -230,6 +264,21 @@ impl<B: StorageBackend + 'static> Failover<B> {
             "pending_writes".into(),
             json!(s.queued.load(Ordering::Relaxed)),
         );
+        if let Some(j) = &s.journal {
+            // Read from the file: other processes sharing it add and replay entries.
+            match j.depth() {
+                Ok((depth, oldest)) => {
+                    m.insert("journal_depth".into(), json!(depth));
+                    m.insert(
+                        "journal_oldest_age_seconds".into(),
+                        json!(oldest.map_or(0.0, |d| d.as_secs_f64())),
+                    );
+                }
+                Err(e) => {
+                    m.insert("journal_error".into(), json!(e.to_string()));
+                }
+            }
+        }
         for (name, counter) in [
             ("primary_failures", &s.primary_failures),
             ("primary_timeouts", &s.primary_timeouts),

@@ -361,7 +361,13 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
         };
         let primary = self.primary.close().await;
         let fallback = self.fallback.close().await;
-        if left > 0 {
+        if left > 0 && self.state.journal.is_some() {
+            // Nothing is lost: the next layer over the journal replays them.
+            tracing::warn!(
+                writes = left,
+                "failover: closed with writes the primary never got; the journal keeps them"
+            );
+        } else if left > 0 {
             tracing::error!(
                 writes = left,
                 "failover: closed with writes the primary never got; the fallback holds them"
@@ -401,8 +407,17 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
         let primary = report(self.primary.kind(), primary_check.await)?;
         let fallback = report(self.fallback.kind(), self.fallback.health_check().await)?;
         let healthy = |r: &HealthReport| r.status == HealthStatus::Healthy;
+        // Another process sharing the journal may have left entries this one never saw.
+        let journaled = self
+            .state
+            .journal
+            .as_ref()
+            .is_some_and(|j| match j.depth() {
+                Ok((depth, _)) => depth > 0,
+                Err(_) => true,
+            });
         let status = match (healthy(&primary), healthy(&fallback)) {
-            (true, true) if !self.degraded() => HealthStatus::Healthy,
+            (true, true) if !self.degraded() && !journaled => HealthStatus::Healthy,
             (false, false) => HealthStatus::Unhealthy,
             _ => HealthStatus::Degraded,
         };
