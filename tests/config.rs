@@ -421,6 +421,7 @@ fn no_password_in_debug_or_errors() {
             cooldown: None,
             max_pending: None,
             primary_timeout: None,
+            journal: None,
         }),
     );
     let debug = format!("{config:?}");
@@ -519,6 +520,7 @@ fn bad_overrides_name_the_variable_and_the_key() {
             cooldown: None,
             max_pending: None,
             primary_timeout: None,
+            journal: None,
         }));
     let reason = reason(
         with_failover.with_overrides([("AIECS_STORAGE_FAILOVER__FALLBACK", SECRET.to_owned())]),
@@ -619,6 +621,7 @@ fn configurations_built_in_code_are_validated_too() {
             cooldown: None,
             max_pending: None,
             primary_timeout: None,
+            journal: None,
         }));
     let err = config.build().err().unwrap();
     assert!(
@@ -744,6 +747,7 @@ fn every_form_of_every_key_answers_as_pinned() {
         ("failover", "cooldown", DURATIONS),
         ("failover", "max_pending", INTEGERS),
         ("failover", "primary_timeout", DURATIONS),
+        ("failover", "journal", STRINGS),
         ("metrics", "backend_label", STRINGS),
         ("logging", "backend_label", STRINGS),
         ("logging", "slow_threshold", DURATIONS),
@@ -876,7 +880,7 @@ fn allowed_keys_are_the_fields_of_each_settings_type() {
             "retry: max_attempts, min_delay, max_delay, max_elapsed, retry_non_idempotent",
             "timeout: timeout",
             "cache: max_entries, max_bytes, time_to_live, time_to_idle, unknown_outcome_window, coherent",
-            "failover: fallback, failure_threshold, cooldown, max_pending, primary_timeout",
+            "failover: fallback, failure_threshold, cooldown, max_pending, primary_timeout, journal",
             "batch: max_batch, linger, max_queue",
         ]
     );
@@ -901,5 +905,33 @@ fn an_override_keeps_every_other_key_to_the_nanosecond() {
             retry_non_idempotent: Some(true),
             ..retry
         })]
+    );
+}
+
+#[tokio::test]
+async fn a_failover_journal_comes_from_the_stack_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("failover.journal");
+    let text = format!(
+        "url = \"memory://\"\n[[layers]]\ntype = \"failover\"\nfallback = \"memory://\"\njournal = {:?}\n",
+        journal.display().to_string()
+    );
+    let storage = StorageConfig::from_toml_str(&text)
+        .unwrap()
+        .build()
+        .unwrap();
+    storage
+        .create_session("s", "u", &aiecs_storage::Metadata::new())
+        .await
+        .unwrap();
+    let report = storage.health_check().await.unwrap();
+    assert_eq!(
+        report.details["journal_depth"],
+        serde_json::json!(0),
+        "{report:?}"
+    );
+    assert!(
+        journal.exists(),
+        "the journal file is made when the stack is built"
     );
 }

@@ -92,6 +92,7 @@ pub const ENV_PREFIX: &str = "AIECS_STORAGE_";
 /// type = "cache"
 /// max_entries = 10000     # or max_bytes, not both
 /// time_to_live = "5m"
+/// coherent = true         # follow the backend's change feed, if it has one
 ///
 /// [[layers]]
 /// type = "failover"
@@ -99,6 +100,7 @@ pub const ENV_PREFIX: &str = "AIECS_STORAGE_";
 /// failure_threshold = 5
 /// cooldown = "10s"
 /// primary_timeout = "1s"   # a primary call past it counts as failed
+/// journal = "/var/lib/app/failover.journal"   # optional: acknowledged writes survive a restart
 ///
 /// [[layers]]
 /// type = "batch"
@@ -434,7 +436,7 @@ impl LayerConfig {
             LayerConfig::Timeout(s) => Box::new(TimeoutLayer::from_settings(s)),
             LayerConfig::Batch(s) => Box::new(BatchLayer::from_settings(s)),
             LayerConfig::Failover(s) => {
-                Box::new(FailoverLayer::from_settings(s, open(&s.fallback)?))
+                Box::new(FailoverLayer::from_settings(s, open(&s.fallback)?)?)
             }
             LayerConfig::Metrics(s) => Box::new(MetricsLayer::from_settings(s)),
             LayerConfig::Logging(s) => Box::new(LoggingLayer::from_settings(s)),

@@ -41,6 +41,11 @@ pub struct FailoverSettings {
     /// as failed (`"0s"`: no deadline of its own).
     #[serde(default, with = "fields::AnyDuration")]
     pub primary_timeout: Option<Duration>,
+    /// `journal`: a file keeping the writes acknowledged from the fallback until they
+    /// reach the primary, across restarts (see [`FailoverLayer::with_journal`]; needs
+    /// the `sqlite` feature).
+    #[serde(default)]
+    pub journal: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for FailoverSettings {
@@ -51,6 +56,7 @@ impl fmt::Debug for FailoverSettings {
             .field("cooldown", &self.cooldown)
             .field("max_pending", &self.max_pending)
             .field("primary_timeout", &self.primary_timeout)
+            .field("journal", &self.journal)
             .finish()
     }
 }
@@ -79,13 +85,26 @@ impl FailoverLayer {
     /// The layer the settings describe, failing over to `fallback`: the backend the
     /// caller opened from `settings.fallback` (opening URLs is the config's business,
     /// not a layer's). Unset keys keep [`FailoverLayer::new`]'s values.
-    pub(crate) fn from_settings(s: &FailoverSettings, fallback: Arc<dyn StorageBackend>) -> Self {
+    pub(crate) fn from_settings(
+        s: &FailoverSettings,
+        fallback: Arc<dyn StorageBackend>,
+    ) -> crate::error::Result<Self> {
         // `"0s"` is how a file says "no deadline of its own".
         let primary_timeout = s.primary_timeout.map(|d| (!d.is_zero()).then_some(d));
-        FailoverLayer::new(fallback)
+        let layer = FailoverLayer::new(fallback)
             .with_some(s.failure_threshold, FailoverLayer::with_failure_threshold)
             .with_some(s.cooldown, FailoverLayer::with_cooldown)
             .with_some(primary_timeout, FailoverLayer::with_primary_timeout)
-            .with_some(s.max_pending, FailoverLayer::with_max_pending)
+            .with_some(s.max_pending, FailoverLayer::with_max_pending);
+        match &s.journal {
+            None => Ok(layer),
+            #[cfg(feature = "sqlite")]
+            Some(path) => layer.with_journal(path),
+            #[cfg(not(feature = "sqlite"))]
+            Some(_) => Err(crate::error::StorageError::invalid_input(
+                "journal",
+                "a failover journal needs the `sqlite` feature of aiecs-storage",
+            )),
+        }
     }
 }
