@@ -77,6 +77,18 @@ UPDATE sessions SET indexed_at = updated_at;
 DROP INDEX sessions_by_updated_at;
 CREATE INDEX sessions_by_indexed_at ON sessions (indexed_at);
 "#,
+    r#"
+-- The change feed (see feed.rs): every write adds a row per session ('s'), task
+-- context ('c') or thread ('t') it touched, or one 'a' for "anything", in its own
+-- transaction, so other processes learn of a change exactly when it commits.
+-- AUTOINCREMENT: a seq is never reused once trimmed, so a poller can tell a trimmed
+-- row it never read from one not yet written.
+CREATE TABLE changes (
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    id   TEXT NOT NULL
+);
+"#,
 ];
 
 pub(super) const SESSION_COLUMNS: &str =
