@@ -103,6 +103,23 @@ impl Feed {
         self.closed.store(true, Ordering::Release);
     }
 
+    /// The feed's state for a health report, once a poller started moments ago had the
+    /// time to connect (up to `wait`): a cache over this backend reports itself degraded
+    /// while the feed is down, and a poller started by the very call that checks health
+    /// should not make a healthy store look degraded. `"off"` while nobody subscribes.
+    pub(super) async fn settled_state(&self, wait: Duration) -> &'static str {
+        let started = tokio::time::Instant::now();
+        while self.polling.load(Ordering::Acquire) && !self.hub.is_up() && started.elapsed() < wait
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        match (self.polling.load(Ordering::Acquire), self.hub.is_up()) {
+            (_, true) => "up",
+            (true, false) => "down",
+            (false, false) => "off",
+        }
+    }
+
     fn claim(&self) -> bool {
         self.polling
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)

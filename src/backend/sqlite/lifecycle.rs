@@ -17,6 +17,9 @@ use crate::model::{HealthReport, Metadata, MetricsReport};
 use crate::storage::StorageBackend;
 use crate::validate;
 
+/// How long a health check waits for a change feed whose poller is connecting.
+const FEED_WAIT: Duration = Duration::from_secs(2);
+
 /// The most sessions a cleanup reports one by one in the change feed.
 const CLEANUP_ITEMIZED: i64 = 1_000;
 
@@ -93,6 +96,10 @@ impl StorageBackend for SqliteBackend {
             })
             .await?;
         let mut details = Metadata::new();
+        if let Some(feed) = &self.feed {
+            let state = feed.settled_state(self.busy_timeout.min(FEED_WAIT)).await;
+            details.insert("feed".into(), json!(state));
+        }
         details.insert("path".into(), json!(self.location()));
         details.insert("journal_mode".into(), json!(journal_mode));
         details.insert("schema_version".into(), json!(schema_version));
