@@ -66,8 +66,9 @@ impl Touched {
 pub(super) fn record(conn: &rusqlite::Connection, touched: Touched, id: &str) -> Sql<()> {
     conn.prepare_cached("INSERT INTO changes (kind, id) VALUES (?1, ?2)")?
         .execute(params![touched.code(), id])?;
-    // With AUTOINCREMENT the rowid is the seq.
+    // The rowid is the seq.
     let seq = conn.last_insert_rowid();
+    // Always keeps the newest row, so seqs are never reused (see the schema).
     if seq % TRIM_EVERY == 0 {
         conn.prepare_cached("DELETE FROM changes WHERE seq <= ?1")?
             .execute([seq - KEEP])?;
@@ -146,15 +147,11 @@ impl Feed {
     }
 }
 
-/// The newest seq ever allocated, and the poll statement prepared (which fails on a file
-/// not yet migrated).
+/// The newest seq, which fails on a file not yet migrated.
 fn newest(c: &mut rusqlite::Connection) -> rusqlite::Result<i64> {
-    c.prepare_cached(POLL_SQL)?;
-    c.query_row(
-        "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0)",
-        [],
-        |r| r.get(0),
-    )
+    c.query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| {
+        r.get(0)
+    })
 }
 
 const POLL_SQL: &str = "SELECT seq, kind, id FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2";
