@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use rusqlite::{params, TransactionBehavior};
 
 use super::error::Sql;
+use super::feed::{record, Touched};
 use super::rows::{checkpoint_from_row, checkpoint_metadata, decode, ids, micros};
 use super::schema::CHECKPOINT_COLUMNS;
 use super::SqliteBackend;
@@ -49,7 +50,7 @@ impl EncodedWrites {
         for (idx, (channel, value)) in self.writes.iter().enumerate() {
             stmt.execute(params![k[0], k[1], k[2], k[3], idx as i64, channel, value])?;
         }
-        Ok(())
+        record(conn, Touched::Thread, &k[0])
     }
 }
 
@@ -86,6 +87,7 @@ impl CheckpointStorage for SqliteBackend {
             .collect::<Result<Vec<_>>>()?;
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut touched = std::collections::HashSet::new();
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
@@ -106,6 +108,9 @@ impl CheckpointStorage for SqliteBackend {
                         metadata,
                         micros(cp.created_at),
                     ])?;
+                    if touched.insert(&cp.thread_id) {
+                        record(&tx, Touched::Thread, &cp.thread_id)?;
+                    }
                 }
             }
             tx.commit()?;
@@ -153,7 +158,8 @@ impl CheckpointStorage for SqliteBackend {
         let data = serde_json::to_string(&cp.data)?;
         let metadata = serde_json::to_string(&cp.metadata)?;
         self.write(move |c| {
-            c.prepare_cached(
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.prepare_cached(
                 "INSERT INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
                  parent_checkpoint_id, data, metadata, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
@@ -170,6 +176,8 @@ impl CheckpointStorage for SqliteBackend {
                 metadata,
                 micros(now()),
             ])?;
+            record(&tx, Touched::Thread, &cp.thread_id)?;
+            tx.commit()?;
             Ok(())
         })
         .await
@@ -339,6 +347,7 @@ impl CheckpointStorage for SqliteBackend {
                 [&thread],
             )?;
             tx.execute("DELETE FROM checkpoints WHERE thread_id = ?1", [&thread])?;
+            record(&tx, Touched::Thread, &thread)?;
             tx.commit()?;
             Ok(())
         })

@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use rusqlite::{params, TransactionBehavior};
 
 use super::error::{Failure, Sql};
+use super::feed::{record, Touched};
 use super::rows::{decode, micros, timestamp};
 use super::sessions::touch_index;
 use super::SqliteBackend;
@@ -76,6 +77,7 @@ impl ConversationStorage for SqliteBackend {
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let message_id = append_message(&tx, &id, &message, micros(now()))?;
+            record(&tx, Touched::Session, &id)?;
             tx.commit()?;
             Ok(message_id)
         })
@@ -97,6 +99,8 @@ impl ConversationStorage for SqliteBackend {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let at = micros(now());
             let mut out = Vec::with_capacity(items.len());
+            // A batch often appends several messages to one session: one change each.
+            let mut touched = std::collections::HashSet::new();
             for item in items {
                 let (session_id, message) = match item {
                     Ok(valid) => valid,
@@ -106,7 +110,12 @@ impl ConversationStorage for SqliteBackend {
                     }
                 };
                 out.push(match append_message(&tx, &session_id, &message, at) {
-                    Ok(id) => Ok(id),
+                    Ok(id) => {
+                        if touched.insert(session_id.clone()) {
+                            record(&tx, Touched::Session, &session_id)?;
+                        }
+                        Ok(id)
+                    }
                     Err(Failure::Storage(e)) => Err(e),
                     Err(sql) => return Err(sql),
                 });
@@ -169,6 +178,9 @@ impl ConversationStorage for SqliteBackend {
                         metadata
                     ])? as u64;
                 }
+            }
+            if stored > 0 {
+                record(&tx, Touched::Session, &id)?;
             }
             tx.commit()?;
             Ok(stored)

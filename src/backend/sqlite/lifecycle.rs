@@ -5,16 +5,23 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use rusqlite::TransactionBehavior;
+use rusqlite::{params, TransactionBehavior};
 use serde_json::json;
 
 use super::error::sql_error;
-use super::rows::micros;
+use super::feed::{record, Touched};
+use super::rows::{ids, micros};
 use super::SqliteBackend;
 use crate::error::{Result, StorageError};
 use crate::model::{HealthReport, Metadata, MetricsReport};
 use crate::storage::StorageBackend;
 use crate::validate;
+
+/// How long a health check waits for a change feed whose poller is connecting.
+const FEED_WAIT: Duration = Duration::from_secs(2);
+
+/// The most sessions a cleanup reports one by one in the change feed.
+const CLEANUP_ITEMIZED: i64 = 1_000;
 
 #[async_trait]
 impl StorageBackend for SqliteBackend {
@@ -38,12 +45,20 @@ impl StorageBackend for SqliteBackend {
         Some(format!("sqlite:{}", canonical.display()))
     }
 
+    fn changes(&self) -> Option<crate::feed::ChangeFeed> {
+        let (feed, path) = (self.feed.as_ref()?, self.path.clone()?);
+        Some(feed.subscribe(path, self.busy_timeout))
+    }
+
     async fn initialize(&self) -> Result<()> {
         self.connections().await.map(|_| ())
     }
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
+        if let Some(feed) = &self.feed {
+            feed.close();
+        }
         if let Some(conns) = self.state.get() {
             let checkpointer = conns.checkpointer.as_ref().map(|c| {
                 c.task.abort();
@@ -81,6 +96,10 @@ impl StorageBackend for SqliteBackend {
             })
             .await?;
         let mut details = Metadata::new();
+        if let Some(feed) = &self.feed {
+            let state = feed.settled_state(self.busy_timeout.min(FEED_WAIT)).await;
+            details.insert("feed".into(), json!(state));
+        }
         details.insert("path".into(), json!(self.location()));
         details.insert("journal_mode".into(), json!(journal_mode));
         details.insert("schema_version".into(), json!(schema_version));
@@ -122,6 +141,22 @@ impl StorageBackend for SqliteBackend {
         let cutoff = micros(validate::idle_cutoff(max_idle)?);
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            // One change per session removed, up to a point: past it, a single
+            // "everything" is cheaper to write than a change list nobody needs itemized.
+            let doomed = ids(
+                &tx,
+                "SELECT session_id FROM sessions WHERE indexed_at < ?1 AND updated_at < ?1 \
+                 LIMIT ?2",
+                params![cutoff, CLEANUP_ITEMIZED + 1],
+            )?;
+            if doomed.len() > CLEANUP_ITEMIZED as usize {
+                record(&tx, Touched::Everything, "")?;
+            } else {
+                for id in &doomed {
+                    record(&tx, Touched::Session, id)?;
+                    record(&tx, Touched::TaskContext, id)?;
+                }
+            }
             // `indexed_at <= updated_at`, so the index range holds every idle session.
             tx.execute(
                 "DELETE FROM task_contexts WHERE session_id IN (SELECT session_id FROM \

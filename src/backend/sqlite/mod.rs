@@ -7,6 +7,7 @@
 mod checkpoints;
 mod conversation;
 mod error;
+mod feed;
 mod lifecycle;
 mod rows;
 mod schema;
@@ -15,6 +16,7 @@ mod task_context;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::OnceCell;
@@ -42,6 +44,13 @@ use crate::error::{Result, StorageError};
 /// Each connection runs on its own thread (tokio-rusqlite), so calls never block the
 /// async runtime.
 ///
+/// A file database offers a change feed ([`StorageBackend::changes`]) so a cache in
+/// each of several processes sharing the file stays coherent: every write records what
+/// it touched in a `changes` table in its own transaction, and a task polls that table
+/// every 10 ms on a connection of its own while anyone subscribes.
+///
+/// [`StorageBackend::changes`]: crate::StorageBackend::changes
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> aiecs_storage::Result<()> {
 /// use aiecs_storage::{prelude::*, SqliteBackend};
@@ -65,6 +74,8 @@ pub struct SqliteBackend {
     busy_timeout: Duration,
     state: OnceCell<Connections>,
     closed: AtomicBool,
+    /// `None` in memory: one process, nobody else writes.
+    feed: Option<Arc<feed::Feed>>,
 }
 
 #[derive(Debug)]
@@ -151,6 +162,7 @@ impl SqliteBackend {
             busy_timeout: Duration::from_secs(5),
             state: OnceCell::new(),
             closed: AtomicBool::new(false),
+            feed: (path != Path::new(":memory:")).then(Arc::default),
         }
     }
 

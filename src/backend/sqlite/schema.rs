@@ -77,6 +77,20 @@ UPDATE sessions SET indexed_at = updated_at;
 DROP INDEX sessions_by_updated_at;
 CREATE INDEX sessions_by_indexed_at ON sessions (indexed_at);
 "#,
+    r#"
+-- The change feed (see feed.rs): every write adds a row per session ('s'), task
+-- context ('c') or thread ('t') it touched, or one 'a' for "anything", in its own
+-- transaction, so other processes learn of a change exactly when it commits.
+-- seq is the rowid, one above the largest: trimming never removes the newest row, so a
+-- seq is never reused and a poller can tell a trimmed row it never read from one not
+-- yet written. (AUTOINCREMENT would add a write of sqlite_sequence to every commit:
+-- one more WAL page each, for a guarantee the trimming already gives.)
+CREATE TABLE changes (
+    seq  INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    id   TEXT NOT NULL
+);
+"#,
 ];
 
 pub(super) const SESSION_COLUMNS: &str =

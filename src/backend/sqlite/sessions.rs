@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 use super::error::{Failure, Sql};
+use super::feed::{record, Touched};
 use super::rows::{decode, micros, session_from_row};
 use super::schema::SESSION_COLUMNS;
 use super::SqliteBackend;
@@ -44,6 +45,7 @@ pub(super) fn upsert_session(
     if session.created_at.timestamp_micros() != at {
         touch_index(conn, session_id, at)?;
     }
+    record(conn, Touched::Session, session_id)?;
     Ok(session)
 }
 
@@ -78,11 +80,15 @@ impl SessionStorage for SqliteBackend {
             user_id.to_owned(),
             serde_json::to_string(metadata)?,
         );
-        // No transaction: if the process died between the upsert and the index move,
-        // indexed_at would only trail (or lead) until the next touch, which cleanup
-        // tolerates.
-        self.write(move |c| upsert_session(c, &id, &user, &meta, micros(now())))
-            .await
+        // One transaction: the change must commit with the session, or another process's
+        // cache could keep what it read before for good.
+        self.write(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let session = upsert_session(&tx, &id, &user, &meta, micros(now()))?;
+            tx.commit()?;
+            Ok(session)
+        })
+        .await
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
@@ -149,6 +155,7 @@ impl SessionStorage for SqliteBackend {
                 ])?;
             if changed > 0 {
                 touch_index(&tx, &id, at)?;
+                record(&tx, Touched::Session, &id)?;
             }
             tx.commit()?;
             Ok(changed > 0)
@@ -170,6 +177,7 @@ impl SessionStorage for SqliteBackend {
                 .execute(params![id, status, at])?;
             if changed > 0 {
                 touch_index(&tx, &id, at)?;
+                record(&tx, Touched::Session, &id)?;
             }
             tx.commit()?;
             Ok(changed > 0)
@@ -224,9 +232,14 @@ impl SessionStorage for SqliteBackend {
         let id = session_id.to_owned();
         self.write(move |c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.execute("DELETE FROM task_contexts WHERE session_id = ?1", [&id])?;
+            if tx.execute("DELETE FROM task_contexts WHERE session_id = ?1", [&id])? > 0 {
+                record(&tx, Touched::TaskContext, &id)?;
+            }
             // Messages go with their session through ON DELETE CASCADE.
             let removed = tx.execute("DELETE FROM sessions WHERE session_id = ?1", [&id])?;
+            if removed > 0 {
+                record(&tx, Touched::Session, &id)?;
+            }
             tx.commit()?;
             Ok(removed > 0)
         })
@@ -266,6 +279,7 @@ impl SessionStorage for SqliteBackend {
                         s.metrics.total_processing_time,
                         s.metrics.error_count as i64,
                     ])?;
+                    record(&tx, Touched::Session, &s.session_id)?;
                 }
             }
             tx.commit()?;
