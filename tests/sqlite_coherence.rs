@@ -33,7 +33,7 @@ async fn writer_process() {
     let Ok(path) = std::env::var(CHILD) else {
         return;
     };
-    let store = SqliteBackend::new(path);
+    let store = SqliteBackend::new(path).with_change_feed(true);
     store.initialize().await.unwrap();
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
@@ -117,7 +117,7 @@ type Stack = Cached<Arc<SqliteBackend>>;
 
 /// A cache over the file, seeded with a session, a checkpoint and a task context.
 async fn stack(path: &Path, layer: CacheLayer) -> Stack {
-    let storage = layer.layer(Arc::new(SqliteBackend::new(path)));
+    let storage = layer.layer(Arc::new(SqliteBackend::new(path).with_change_feed(true)));
     storage.initialize().await.unwrap();
     storage
         .create_session("s", "u", &Metadata::new())

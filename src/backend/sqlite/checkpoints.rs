@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use rusqlite::{params, TransactionBehavior};
 
 use super::error::Sql;
-use super::feed::{record, Touched};
+use super::feed::{atomic, record, Touched};
 use super::rows::{checkpoint_from_row, checkpoint_metadata, decode, ids, micros};
 use super::schema::CHECKPOINT_COLUMNS;
 use super::SqliteBackend;
@@ -158,27 +158,26 @@ impl CheckpointStorage for SqliteBackend {
         let data = serde_json::to_string(&cp.data)?;
         let metadata = serde_json::to_string(&cp.metadata)?;
         self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached(
-                "INSERT INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
+            atomic(c, |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
                  parent_checkpoint_id, data, metadata, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
                  ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET \
                  parent_checkpoint_id = excluded.parent_checkpoint_id, data = excluded.data, \
                  metadata = excluded.metadata",
-            )?
-            .execute(params![
-                cp.thread_id,
-                cp.checkpoint_ns,
-                cp.checkpoint_id,
-                cp.parent_checkpoint_id,
-                data,
-                metadata,
-                micros(now()),
-            ])?;
-            record(&tx, Touched::Thread, &cp.thread_id)?;
-            tx.commit()?;
-            Ok(())
+                )?
+                .execute(params![
+                    cp.thread_id,
+                    cp.checkpoint_ns,
+                    cp.checkpoint_id,
+                    cp.parent_checkpoint_id,
+                    data,
+                    metadata,
+                    micros(now()),
+                ])?;
+                record(tx, Touched::Thread, &cp.thread_id)
+            })
         })
         .await
     }

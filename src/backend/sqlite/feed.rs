@@ -62,8 +62,39 @@ impl Touched {
     }
 }
 
-/// Records a change inside the caller's transaction, and trims the table now and then.
+thread_local! {
+    /// Whether the connection whose thread this is records changes (its backend offers
+    /// a feed). tokio-rusqlite runs each connection on a thread of its own.
+    static RECORDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes the connection of the calling thread record changes.
+pub(super) fn set_recording(on: bool) {
+    RECORDING.with(|r| r.set(on));
+}
+
+/// Runs a write of one statement in a transaction when its change is recorded, so the
+/// change commits with it; otherwise alone, as a statement commits by itself, at no cost
+/// to a backend without a feed.
+pub(super) fn atomic<R>(
+    conn: &mut rusqlite::Connection,
+    write: impl FnOnce(&rusqlite::Connection) -> Sql<R>,
+) -> Sql<R> {
+    if !RECORDING.with(|r| r.get()) {
+        return write(conn);
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let answer = write(&tx)?;
+    tx.commit()?;
+    Ok(answer)
+}
+
+/// Records a change inside the caller's transaction, and trims the table now and then;
+/// nothing when the connection's backend offers no feed.
 pub(super) fn record(conn: &rusqlite::Connection, touched: Touched, id: &str) -> Sql<()> {
+    if !RECORDING.with(|r| r.get()) {
+        return Ok(());
+    }
     conn.prepare_cached("INSERT INTO changes (kind, id) VALUES (?1, ?2)")?
         .execute(params![touched.code(), id])?;
     // The rowid is the seq.
@@ -268,7 +299,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_is_published_and_closing_takes_the_feed_down() {
         let dir = tempfile::tempdir().unwrap();
-        let backend = SqliteBackend::new(dir.path().join("f.db"));
+        let backend = SqliteBackend::new(dir.path().join("f.db")).with_change_feed(true);
         backend.initialize().await.unwrap();
         let mut feed = backend.changes().unwrap();
         assert_eq!(next(&mut feed).await, FeedEvent::Down);
@@ -290,7 +321,7 @@ mod tests {
     async fn changes_trimmed_before_the_poller_read_them_are_reported_missed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.db");
-        let backend = SqliteBackend::new(&path);
+        let backend = SqliteBackend::new(&path).with_change_feed(true);
         backend.initialize().await.unwrap();
         let mut feed = backend.changes().unwrap();
         assert_eq!(next(&mut feed).await, FeedEvent::Down);
@@ -300,6 +331,8 @@ mod tests {
         // the oldest are trimmed before the poller could read them.
         let written = KEEP + TRIM_EVERY;
         let mut other = rusqlite::Connection::open(&path).unwrap();
+        // As on a writer connection's thread.
+        set_recording(true);
         let tx = other.transaction().unwrap();
         for i in 1..=written {
             assert!(record(&tx, Touched::Thread, &format!("t{i}")).is_ok());

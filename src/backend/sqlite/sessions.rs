@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 use super::error::{Failure, Sql};
-use super::feed::{record, Touched};
+use super::feed::{atomic, record, Touched};
 use super::rows::{decode, micros, session_from_row};
 use super::schema::SESSION_COLUMNS;
 use super::SqliteBackend;
@@ -82,13 +82,8 @@ impl SessionStorage for SqliteBackend {
         );
         // One transaction: the change must commit with the session, or another process's
         // cache could keep what it read before for good.
-        self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let session = upsert_session(&tx, &id, &user, &meta, micros(now()))?;
-            tx.commit()?;
-            Ok(session)
-        })
-        .await
+        self.write(move |c| atomic(c, |tx| upsert_session(tx, &id, &user, &meta, micros(now()))))
+            .await
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {

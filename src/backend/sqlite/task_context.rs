@@ -1,10 +1,10 @@
 //! Task contexts on SQLite: one JSON value per session id.
 
 use async_trait::async_trait;
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, OptionalExtension};
 use serde_json::Value;
 
-use super::feed::{record, Touched};
+use super::feed::{atomic, record, Touched};
 use super::rows::{decode, ids, micros};
 use super::SqliteBackend;
 use crate::error::Result;
@@ -47,16 +47,15 @@ impl TaskContextStorage for SqliteBackend {
         validate::task_context(session_id, context)?;
         let (id, text) = (session_id.to_owned(), serde_json::to_string(context)?);
         self.write(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            tx.prepare_cached(
-                "INSERT INTO task_contexts (session_id, context, updated_at) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (session_id) DO UPDATE SET context = excluded.context, \
-                 updated_at = excluded.updated_at",
-            )?
-            .execute(params![id, text, micros(now())])?;
-            record(&tx, Touched::TaskContext, &id)?;
-            tx.commit()?;
-            Ok(())
+            atomic(c, |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO task_contexts (session_id, context, updated_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (session_id) DO UPDATE SET context = excluded.context, \
+                     updated_at = excluded.updated_at",
+                )?
+                .execute(params![id, text, micros(now())])?;
+                record(tx, Touched::TaskContext, &id)
+            })
         })
         .await
     }
