@@ -9,6 +9,7 @@ mod checkpoints;
 mod conn;
 mod connect;
 mod conversation;
+mod feed;
 mod lifecycle;
 mod rows;
 mod schema;
@@ -54,6 +55,17 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 /// name; `disable` and `prefer` connect in plain text. The password is never shown:
 /// `Debug`, errors and health reports use the URL with the password replaced by `***`.
 ///
+/// [`changes`](crate::StorageBackend::changes) is this store's change feed, for a cache that
+/// other processes write behind: triggers on every table `NOTIFY` the schema's channel
+/// (`aiecs_changes_<schema>`) with the session, task context or thread written, which
+/// PostgreSQL delivers exactly when the write commits. The first subscription starts one
+/// listener with a connection of its own, outside the pool (same URL, same TLS); it
+/// reports the feed down while that connection is lost, reconnecting with backoff (50 ms
+/// doubling to 2 s), and stops with the backend or its last subscription. A connection
+/// cut without a word is noticed within 10 s (a check every 5 s, answered within 5 s).
+/// Only writers of this library version notify: a process of an older version still
+/// writing to the schema is not reported.
+///
 /// Timestamps are `timestamptz` (microseconds, as [`now`](crate::model::now) produces);
 /// JSON is `jsonb`, which keeps values but not the key order of objects (metadata is a
 /// map, so nothing observable changes) nor the spelling of numbers: a float written as
@@ -84,6 +96,7 @@ pub struct PostgresBackend {
     acquire_timeout: Duration,
     state: OnceCell<State>,
     closed: AtomicBool,
+    feed: feed::Feed,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -124,6 +137,7 @@ impl PostgresBackend {
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             state: OnceCell::new(),
             closed: AtomicBool::new(false),
+            feed: feed::Feed::default(),
         };
         match schema {
             Some(schema) => backend.with_schema(schema),
