@@ -212,6 +212,9 @@ impl Child {
     }
 }
 
+/// Whether a view shows a write.
+type Fresh = dyn Fn(&View) -> bool;
+
 /// Reads through `storage` until `fresh` holds for what it sees; the time it took.
 async fn until_fresh(storage: &dyn StorageBackend, fresh: impl Fn(&View) -> bool) -> Duration {
     let started = Instant::now();
@@ -253,7 +256,7 @@ async fn a_write_by_another_process_reaches_the_cache() {
     );
 
     let mut child = Child::start(&url);
-    let steps: [(&str, &dyn Fn(&View) -> bool); 3] = [
+    let steps: [(&str, &Fresh); 3] = [
         ("session", &|v| v.requests == 1),
         ("checkpoint 1", &|v| v.latest == "c1"),
         ("context 1", &|v| v.context == json!({"step": 1})),
