@@ -63,7 +63,9 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 /// reports the feed down while that connection is lost, reconnecting with backoff (50 ms
 /// doubling to 2 s), and stops with the backend or its last subscription. A connection
 /// cut without a word is noticed within 10 s (a check every 5 s, answered within 5 s).
-/// Only writers of this library version notify: a process of an older version still
+/// Notifying costs writes: PostgreSQL commits notifying transactions one at a time,
+/// which caps concurrent writers near one commit per WAL flush. Only writers of this
+/// library version notify: a process of an older version still
 /// writing to the schema is not reported.
 ///
 /// Timestamps are `timestamptz` (microseconds, as [`now`](crate::model::now) produces);

@@ -110,6 +110,11 @@ ALTER TABLE {s}.messages DROP CONSTRAINT messages_pkey,
     // PostgreSQL sends a notification when its transaction commits, never if it rolls
     // back, and drops duplicate payloads within one, so a session touched by a message
     // and its append is reported once.
+    // The price is PostgreSQL's, not the triggers': a transaction that notifies takes a
+    // cluster-wide lock on the notification queue at commit and holds it until the commit
+    // is flushed, so notifying commits no longer share a WAL flush. Measured on loopback
+    // (fsync on): one writer pays 7-11% per write, 32 writers lose about 70% of their
+    // throughput (16 000 to 4 500 writes/s).
     // Messages go away only with their session, whose own delete reports it: no DELETE
     // trigger there, or deleting a long conversation would run one call per message.
     r#"
