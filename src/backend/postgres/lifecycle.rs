@@ -9,6 +9,7 @@ use serde_json::json;
 use super::rows::{count, get};
 use super::PostgresBackend;
 use crate::error::Result;
+use crate::feed::ChangeFeed;
 use crate::model::{HealthReport, Metadata, MetricsReport};
 use crate::storage::StorageBackend;
 use crate::validate;
@@ -33,12 +34,23 @@ impl StorageBackend for PostgresBackend {
         ))
     }
 
+    fn changes(&self) -> Option<ChangeFeed> {
+        if !self.feed_enabled {
+            return None;
+        }
+        Some(
+            self.feed
+                .subscribe(&self.options, &super::schema::channel(&self.schema)),
+        )
+    }
+
     async fn initialize(&self) -> Result<()> {
         self.state().await.map(|_| ())
     }
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
+        self.feed.close();
         if let Some(state) = self.state.get() {
             // Idle connections close now; busy ones when their call finishes.
             state.pool.close();

@@ -9,6 +9,7 @@ mod checkpoints;
 mod conn;
 mod connect;
 mod conversation;
+mod feed;
 mod lifecycle;
 mod rows;
 mod schema;
@@ -54,6 +55,19 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 /// name; `disable` and `prefer` connect in plain text. The password is never shown:
 /// `Debug`, errors and health reports use the URL with the password replaced by `***`.
 ///
+/// With [`with_change_feed`](PostgresBackend::with_change_feed), [`changes`](crate::StorageBackend::changes) is this store's change feed, for a cache that
+/// other processes write behind: triggers on every table `NOTIFY` the schema's channel
+/// (`aiecs_changes_<schema>`) with the session, task context or thread written, which
+/// PostgreSQL delivers exactly when the write commits. The first subscription starts one
+/// listener with a connection of its own, outside the pool (same URL, same TLS); it
+/// reports the feed down while that connection is lost, reconnecting with backoff (50 ms
+/// doubling to 2 s), and stops with the backend or its last subscription. A connection
+/// cut without a word is noticed within 10 s (a check every 5 s, answered within 5 s).
+/// Notifying costs writes: PostgreSQL commits notifying transactions one at a time,
+/// which caps concurrent writers near one commit per WAL flush. Only writers of this
+/// library version notify: a process of an older version still
+/// writing to the schema is not reported.
+///
 /// Timestamps are `timestamptz` (microseconds, as [`now`](crate::model::now) produces);
 /// JSON is `jsonb`, which keeps values but not the key order of objects (metadata is a
 /// map, so nothing observable changes) nor the spelling of numbers: a float written as
@@ -84,6 +98,10 @@ pub struct PostgresBackend {
     acquire_timeout: Duration,
     state: OnceCell<State>,
     closed: AtomicBool,
+    feed: feed::Feed,
+    /// Whether writes notify and [`changes`](crate::StorageBackend::changes) offers a
+    /// feed; see [`PostgresBackend::with_change_feed`].
+    feed_enabled: bool,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -124,11 +142,27 @@ impl PostgresBackend {
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             state: OnceCell::new(),
             closed: AtomicBool::new(false),
+            feed: feed::Feed::default(),
+            feed_enabled: false,
         };
         match schema {
             Some(schema) => backend.with_schema(schema),
             None => Ok(backend),
         }
+    }
+
+    /// Makes every write to the schema notify its channel, and offers the notifications
+    /// as a change feed ([`StorageBackend::changes`](crate::StorageBackend::changes)) so
+    /// a cache in each process writing the schema stays coherent (default off).
+    /// `initialize()` adds the triggers, which stay: from then on every writer of the
+    /// schema notifies, whatever its settings.
+    ///
+    /// Off by default: PostgreSQL commits notifying transactions one at a time, so 32
+    /// concurrent writers fell from about 16 000 to 4 500 writes/s here (one writer:
+    /// 7-11%).
+    pub fn with_change_feed(mut self, on: bool) -> Self {
+        self.feed_enabled = on;
+        self
     }
 
     /// Sets the schema that holds the tables (default `aiecs`), created at `initialize()`
@@ -259,7 +293,7 @@ impl PostgresBackend {
                 .transaction()
                 .await
                 .map_err(|e| connect::pg_error(e, target))?;
-            match schema::migrate(&tx, &self.schema).await {
+            match schema::migrate(&tx, &self.schema, self.feed_enabled).await {
                 Ok(m) => {
                     tx.commit()
                         .await
