@@ -168,7 +168,7 @@ impl SqliteBackend {
     }
 
     /// Records every write's touched sessions, task contexts and threads, and offers
-    /// them as a change feed ([`StorageBackend::changes`]), so a cache in each of several
+    /// them as a change feed ([`StorageBackend::changes`](crate::StorageBackend::changes)), so a cache in each of several
     /// processes sharing the file stays coherent (default off; ignored in memory). Every
     /// process that writes the file must turn it on, or its writes go unreported.
     ///
