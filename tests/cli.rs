@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::pg::drop_schema;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -125,17 +127,6 @@ async fn seed(path: &Path) {
 
 fn stats(url: &str) -> Value {
     json_of(&run(&["stats", "--json", url]))
-}
-
-async fn drop_schema(pg: &str, schema: &str) {
-    let (client, conn) = tokio_postgres::connect(pg, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

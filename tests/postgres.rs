@@ -19,27 +19,12 @@ use serde_json::json;
 
 mod common;
 
+use common::pg::{drop_schema, raw};
+
 const PASSWORD: &str = "s3cr3t-hunter2";
 
 fn server() -> Option<String> {
     common::server_url("AIECS_TEST_POSTGRES_URL", "postgres")
-}
-
-/// A plain connection for inspecting the server, outside the backend under test.
-async fn raw(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("raw connection to the test server");
-    tokio::spawn(connection);
-    client
-}
-
-async fn drop_schema(url: &str, schema: &str) {
-    raw(url)
-        .await
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
 }
 
 fn backend(url: &str, schema: &str) -> PostgresBackend {

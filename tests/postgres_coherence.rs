@@ -21,6 +21,8 @@ use tower::Layer;
 
 mod common;
 
+use common::pg::{drop_schema, raw};
+
 /// Set in the child process: the URL (schema included) it writes to.
 const CHILD_URL: &str = "AIECS_TEST_COHERENCE_CHILD_URL";
 /// How long a change may take to reach the cache before the test fails. The issue
@@ -38,22 +40,6 @@ fn with_params(url: &str, pairs: &[(&str, &str)]) -> String {
         u.query_pairs_mut().append_pair(k, v);
     }
     u.to_string()
-}
-
-async fn raw(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("raw connection to the test server");
-    tokio::spawn(connection);
-    client
-}
-
-async fn drop_schema(url: &str, schema: &str) {
-    raw(url)
-        .await
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
 }
 
 fn backend(url: &str) -> Arc<PostgresBackend> {

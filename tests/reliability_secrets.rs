@@ -16,6 +16,8 @@
 
 mod common;
 
+use common::pg::drop_schema_and_disconnect as drop_schema;
+
 use std::error::Error as _;
 use std::fmt::Debug;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -501,19 +503,6 @@ fn pg_url(base: &str, user: &str, password: &str, db: Option<&str>, schema: &str
     let url = u.to_string().replace("PLACEHOLDER", password);
     assert!(url.contains(password), "{url}");
     url
-}
-
-async fn drop_schema(base: &str, schema: &str) {
-    let (client, connection) = tokio_postgres::connect(base, tokio_postgres::NoTls)
-        .await
-        .expect("raw connection to the test server");
-    let task = tokio::spawn(connection);
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
-    drop(client);
-    let _ = task.await;
 }
 
 #[tokio::test]

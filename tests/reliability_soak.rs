@@ -19,6 +19,8 @@
 
 mod common;
 
+use common::pg::drop_schema_and_disconnect as drop_schema;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -330,19 +332,6 @@ async fn redis_keys_left(url: &str, prefix: &str) -> u64 {
         }
         cursor = next;
     }
-}
-
-async fn drop_schema(url: &str, schema: &str) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("raw connection to the test server");
-    let task = tokio::spawn(connection);
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
-    drop(client);
-    let _ = task.await;
 }
 
 async fn soak_backend(name: &'static str, secs: u64, warmup: u64, concurrency: u64) {

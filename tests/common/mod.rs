@@ -24,3 +24,6 @@ pub fn unique_name(kind: &str) -> String {
 
 pub mod capture;
 pub mod fault;
+#[cfg(feature = "postgres")]
+#[allow(dead_code)]
+pub mod pg;
