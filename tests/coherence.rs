@@ -50,6 +50,16 @@ async fn requests(storage: &dyn StorageBackend, id: &str) -> u64 {
         .request_count
 }
 
+/// Waits until the cache reads `n` requests for `id`: the feed's events are applied a
+/// moment after they are sent.
+async fn until_requests(storage: &dyn StorageBackend, id: &str, n: u64, why: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while requests(storage, id).await != n {
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn increment_behind(store: &MemoryBackend, id: &str) {
     let inc = SessionUpdate::new().increment_requests();
     assert!(store.update_session(id, &inc).await.unwrap());
@@ -75,14 +85,13 @@ async fn a_change_the_feed_reports_drops_the_cached_value() {
         "a hit, as before the feed"
     );
     hub.changed(Change::Session("s".into()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while requests(&*storage, "s").await != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the reported change never reached the cache"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until_requests(
+        &*storage,
+        "s",
+        1,
+        "the reported change never reached the cache",
+    )
+    .await;
     assert_eq!(figure(&*storage, "remote_changes").await, json!(1));
     // Cached again, and hit.
     let hits = figure(&*storage, "hits").await;
@@ -157,14 +166,7 @@ async fn missed_changes_empty_the_cache() {
     assert_eq!(requests(&*storage, "s").await, 0);
     increment_behind(&store, "s").await;
     hub.missed();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while requests(&*storage, "s").await != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "missed changes never emptied the cache"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until_requests(&*storage, "s", 1, "missed changes never emptied the cache").await;
     assert_eq!(figure(&*storage, "feed_losses").await, json!(1));
 }
 

@@ -925,16 +925,7 @@ async fn assert_empty(target: &dyn StorageBackend, why: &str) {
 #[tokio::test]
 async fn a_truncated_export_is_refused_naming_the_last_line_and_writes_nothing() {
     let source = MemoryBackend::new();
-    source
-        .create_session("s1", "u", &Metadata::new())
-        .await
-        .unwrap();
-    for i in 0..250 {
-        source
-            .add_conversation_message("s1", &NewMessage::new("user", format!("m{i}")))
-            .await
-            .unwrap();
-    }
+    session_with_messages(&source, "s1", 250).await;
     source
         .store_task_context("s1", &json!({"k": 1}))
         .await
@@ -969,16 +960,7 @@ async fn a_truncated_export_is_refused_naming_the_last_line_and_writes_nothing()
 #[tokio::test]
 async fn reordered_or_missing_message_lines_are_refused_naming_the_line() {
     let source = MemoryBackend::new();
-    source
-        .create_session("s1", "u", &Metadata::new())
-        .await
-        .unwrap();
-    for i in 0..50 {
-        source
-            .add_conversation_message("s1", &NewMessage::new("user", format!("m{i}")))
-            .await
-            .unwrap();
-    }
+    session_with_messages(&source, "s1", 50).await;
     let text = export_text(&source, 10).await;
     let lines: Vec<&str> = text.lines().collect();
     // Lines 3 and 4 (1-based) hold the first two pieces of the history (the session
@@ -1366,17 +1348,7 @@ async fn version_1_exports_are_imported_only_with_accept_v1() {
 async fn a_one_pass_import_of_a_truncated_file_says_it_is_incomplete() {
     let source = MemoryBackend::new();
     for s in 0..5 {
-        let id = format!("s{s}");
-        source
-            .create_session(&id, "u", &Metadata::new())
-            .await
-            .unwrap();
-        for i in 0..20 {
-            source
-                .add_conversation_message(&id, &NewMessage::new("user", format!("m{i}")))
-                .await
-                .unwrap();
-        }
+        session_with_messages(&source, &format!("s{s}"), 20).await;
     }
     let options = TransferOptions {
         batch_size: 10,
@@ -2027,4 +1999,14 @@ async fn export_text(source: &dyn StorageBackend, batch_size: usize) -> String {
         .await
         .unwrap();
     String::from_utf8(out).unwrap()
+}
+
+/// Creates session `id` holding `messages` user messages `m0`, `m1`, ...
+async fn session_with_messages(b: &dyn StorageBackend, id: &str, messages: usize) {
+    b.create_session(id, "u", &Metadata::new()).await.unwrap();
+    for i in 0..messages {
+        b.add_conversation_message(id, &NewMessage::new("user", format!("m{i}")))
+            .await
+            .unwrap();
+    }
 }
