@@ -23,7 +23,11 @@ pub fn unique_name(kind: &str) -> String {
 }
 
 pub mod capture;
+#[allow(dead_code)]
+pub mod coherence;
 pub mod fault;
 #[cfg(feature = "postgres")]
 #[allow(dead_code)]
 pub mod pg;
+#[allow(dead_code)]
+pub mod proxy;

@@ -31,6 +31,8 @@
 
 use std::borrow::Cow;
 
+use crate::feed::Change;
+
 /// Buckets of the cleanup index: spread over slots, hence over every cluster master.
 pub const INDEX_BUCKETS: u32 = 16;
 
@@ -59,6 +61,21 @@ pub fn unescape(escaped: &str) -> String {
         .replace("%7D", "}")
         .replace("%3A", ":")
         .replace("%25", "%")
+}
+
+/// What a write to `key` touched: the session, task context or thread whose hash tag
+/// it carries; `None` for any other key (an index, another prefix's). Escaped ids hold
+/// no `}` or `:`, so the first `}` ends the tag.
+pub fn change_of(prefix: &str, key: &str) -> Option<Change> {
+    let tag = key.strip_prefix(prefix)?.strip_prefix('{')?;
+    let (tag, rest) = tag.split_once('}')?;
+    let (kind, escaped) = tag.split_once(':')?;
+    match (kind, rest) {
+        ("s", ":context") => Some(Change::TaskContext(unescape(escaped))),
+        ("s", _) => Some(Change::Session(unescape(escaped))),
+        ("t", _) => Some(Change::Thread(unescape(escaped))),
+        _ => None,
+    }
 }
 
 /// The four keys of a session, in the order the Lua scripts expect them.

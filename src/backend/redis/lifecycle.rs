@@ -9,8 +9,9 @@ use serde_json::json;
 
 use super::connection::evalsha;
 use super::decode::from_value;
-use super::{RedisBackend, Target, CLEANUP_PAGE};
+use super::{feed, RedisBackend, Target, CLEANUP_PAGE};
 use crate::error::Result;
+use crate::feed::ChangeFeed;
 use crate::model::{HealthReport, Metadata, MetricsReport};
 use crate::storage::StorageBackend;
 use crate::validate;
@@ -53,6 +54,19 @@ impl StorageBackend for RedisBackend {
         }
     }
 
+    fn changes(&self) -> Option<ChangeFeed> {
+        Some(self.feed.subscribe(|| feed::Source {
+            urls: match &self.target {
+                Target::Node(url) => vec![url.clone()],
+                Target::Cluster(nodes) => nodes.clone(),
+            },
+            cluster: self.is_cluster(),
+            root_certificate: self.root_certificate.clone(),
+            prefix: self.prefix.clone(),
+            redacted: self.redacted.clone(),
+        }))
+    }
+
     async fn initialize(&self) -> Result<()> {
         self.conn().await.map(|_| ())
     }
@@ -61,6 +75,7 @@ impl StorageBackend for RedisBackend {
         // The multiplexed connections close when the last clone is dropped; refusing new
         // calls is what close() must guarantee.
         self.closed.store(true, Ordering::Release);
+        self.feed.close();
         Ok(())
     }
 

@@ -11,6 +11,7 @@ mod commands;
 mod connection;
 mod conversation;
 mod decode;
+mod feed;
 mod keys;
 mod lifecycle;
 mod scripts;
@@ -76,6 +77,7 @@ pub struct RedisBackend {
     response_timeout: Duration,
     conn: OnceCell<Conn>,
     closed: AtomicBool,
+    feed: feed::Feed,
 }
 
 enum Target {
@@ -191,6 +193,7 @@ impl RedisBackend {
             response_timeout: Duration::from_secs(10),
             conn: OnceCell::new(),
             closed: AtomicBool::new(false),
+            feed: feed::Feed::default(),
         })
     }
 
