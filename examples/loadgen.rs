@@ -3,7 +3,7 @@
 //! correctness properties under load, and removes what it wrote.
 //!
 //! ```text
-//! cargo run --release --example loadgen --all-features -- --url URL [--layers LIST] [--ops LIST] [--n N] [--concurrency C] [--cache-bytes B] [--keep]
+//! cargo run --release --example loadgen --all-features -- --url URL [--layers LIST] [--ops LIST] [--n N] [--concurrency C] [--cache-bytes B] [--coherence on|off] [--followers K] [--keep]
 //! cargo run --release --example loadgen --all-features -- --url memory:// --n 2000 --concurrency 8
 //! cargo run --release --example loadgen --all-features -- --url sqlite:///tmp/lg.db --layers cache,retry,timeout,batch
 //! cargo run --release --example loadgen --all-features -- --url redis://127.0.0.1:6379/?prefix=lg:
@@ -23,6 +23,13 @@
 //! - `--n`: calls per operation (default 10 000); `--concurrency`: tokio tasks sharing
 //!   them (default 32); `--cache-bytes`: bound the `cache` layer to B bytes of heap
 //!   (default: 10 000 entries); `--keep`: leave the data behind.
+//! - `--coherence`: whether the `cache` layer follows the backend's change feed (`on`,
+//!   the default) or not (`off`). With it on, the run waits until the feed is up.
+//! - `--followers K`: starts K more processes (this program with `--follow URL`) that
+//!   each subscribe to the backend's change feed and take every event, as K other
+//!   replicas with coherent caches would; the run starts once each reports its feed up.
+//!   What writes cost with coherence on against off is a run with `--followers` against
+//!   one without (README's Performance section).
 //!
 //! Each operation is measured on its own: what it reads is written first (up to 1 000
 //! sessions or task contexts, 50 threads of 20 checkpoints, one session of 200
@@ -109,11 +116,13 @@ struct Args {
     n: usize,
     concurrency: usize,
     cache_bytes: Option<u64>,
+    coherence: bool,
+    followers: usize,
     keep: bool,
 }
 
 const USAGE: &str =
-    "use --url URL --layers LIST --ops LIST --n N --concurrency C --cache-bytes B --keep (see the doc comment)";
+    "use --url URL --layers LIST --ops LIST --n N --concurrency C --cache-bytes B --coherence on|off --followers K --keep (see the doc comment)";
 
 fn args() -> Result<Args, String> {
     let mut a = Args {
@@ -126,6 +135,8 @@ fn args() -> Result<Args, String> {
         n: 10_000,
         concurrency: 32,
         cache_bytes: None,
+        coherence: true,
+        followers: 0,
         keep: false,
     };
     let mut it = std::env::args().skip(1);
@@ -190,6 +201,16 @@ fn args() -> Result<Args, String> {
                 }
                 a.cache_bytes = Some(bytes);
             }
+            "--coherence" => {
+                a.coherence = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => return Err(format!("--coherence: `{other}`; use on or off")),
+                }
+            }
+            "--followers" => {
+                a.followers = value()?.parse().map_err(|e| format!("--followers: {e}"))?;
+            }
             "--keep" => a.keep = true,
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other}; {USAGE}")),
@@ -206,10 +227,13 @@ fn build_stack(
     let mut stack = StackBuilder::new();
     for name in &args.layers {
         stack = match name.as_str() {
-            "cache" => stack.layer(match args.cache_bytes {
-                Some(bytes) => CacheLayer::new().with_max_bytes(bytes),
-                None => CacheLayer::new(),
-            }),
+            "cache" => stack.layer(
+                match args.cache_bytes {
+                    Some(bytes) => CacheLayer::new().with_max_bytes(bytes),
+                    None => CacheLayer::new(),
+                }
+                .with_coherence(args.coherence),
+            ),
             "retry" => stack.layer(RetryLayer::new()),
             "timeout" => stack.layer(TimeoutLayer::new(Duration::from_secs(5))),
             "batch" => stack.layer(batch.clone()),
@@ -632,8 +656,71 @@ fn peak_rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// `--follow URL`: a follower process. Subscribes to the backend's change feed, prints
+/// `FOLLOWER up` once it is, and takes every event until its stdin closes.
+async fn follow(url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let backend = aiecs_storage::open(url)?;
+    backend.initialize().await?;
+    let mut feed = backend
+        .changes()
+        .ok_or("--followers: this backend offers no change feed")?;
+    let mut said = false;
+    let stdin_closed = tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin().read_line(&mut sink).is_ok_and(|n| n > 0) {}
+    });
+    tokio::pin!(stdin_closed);
+    loop {
+        tokio::select! {
+            event = feed.next() => match event {
+                Some(aiecs_storage::feed::FeedEvent::Up) if !said => {
+                    println!("FOLLOWER up");
+                    said = true;
+                }
+                Some(_) => {}
+                None => return Ok(()),
+            },
+            _ = &mut stdin_closed => return Ok(()),
+        }
+    }
+}
+
+/// Starts `k` follower processes over `url` and waits until each reports its feed up;
+/// they end when the returned handles (their stdin) are dropped.
+fn start_followers(url: &str, k: usize) -> Result<Vec<std::process::Child>, String> {
+    use std::io::BufRead;
+    let mut children = Vec::new();
+    for _ in 0..k {
+        let mut child =
+            std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+                .args(["--follow", url])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("--followers: cannot start a follower: {e}"))?;
+        let out = child.stdout.take().expect("piped");
+        let up = std::io::BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line == "FOLLOWER up");
+        if !up {
+            return Err("--followers: a follower ended before its feed was up".into());
+        }
+        children.push(child);
+    }
+    Ok(children)
+}
+
 #[tokio::main]
 async fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.len() == 3 && argv[1] == "--follow" {
+        if let Err(e) = follow(&argv[2]).await {
+            eprintln!("loadgen follower: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
     match run().await {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
@@ -658,6 +745,23 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
     } else {
         args.layers.join(",")
     };
+
+    let followers = start_followers(&args.url, args.followers)?;
+    if args.followers > 0 {
+        eprintln!(
+            "{} follower processes subscribed to the change feed",
+            followers.len()
+        );
+    }
+    if args.coherence && args.layers.iter().any(|l| l == "cache") && storage.changes().is_some() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while storage.get_metrics().await?.values.get("feed") != Some(&json!("up")) {
+            if Instant::now() > deadline {
+                return Err("the cache's change feed did not come up in 10 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 
     let uuid = uuid::Uuid::now_v7().simple().to_string();
     // The last 8 hex digits are random; the first 8 of a v7 UUID are a clock that

@@ -13,8 +13,10 @@
 //! no routing of messages between shards. README's Performance section has the cost.
 //!
 //! A cluster is followed node by node: one connection to every node, masters and
-//! replicas alike, since a replica reports the writes it replicates and so is already
-//! followed when a failover promotes it. The node list is read with `CLUSTER NODES`
+//! replicas alike. A replica reports nothing of what it replicates (Redis 7 sends no
+//! invalidation for writes that arrive from its master; each write is reported once,
+//! by the master that ran it), but it is followed already when a failover promotes it,
+//! so the first write it takes as a master is reported. The node list is read with `CLUSTER NODES`
 //! every [`TOPOLOGY_EVERY`]; nodes the cluster marks failed are left out, and a node
 //! that appears is followed at once. The feed is up only while every node's connection
 //! is: a node not followed could take writes nobody reports.
@@ -501,6 +503,9 @@ fn publish(hub: &FeedHub, prefix: &str, data: Vec<Value>) {
         hub.missed();
         return;
     };
+    // The server lists the keys of one push in order, so the keys of one session or
+    // thread (one write touches several) are neighbours: report each once.
+    let mut last = None;
     for name in names {
         let change = match &name {
             Value::BulkString(bytes) => std::str::from_utf8(bytes)
@@ -510,7 +515,11 @@ fn publish(hub: &FeedHub, prefix: &str, data: Vec<Value>) {
             _ => None,
         };
         match change {
-            Some(change) => hub.changed(change),
+            Some(change) if last.as_ref() == Some(&change) => {}
+            Some(change) => {
+                hub.changed(change.clone());
+                last = Some(change);
+            }
             None => hub.missed(),
         }
     }
@@ -563,6 +572,8 @@ g7 ::1:7107@17107 slave,fail? a1 0 1 1 connected
             &hub,
             "p:",
             vec![Value::Array(vec![
+                key("p:{s:a%3Ab}:message_ids"),
+                key("p:{s:a%3Ab}:messages"),
                 key("p:{s:a%3Ab}:session"),
                 key("p:{s:x}:context"),
                 key("p:{t:t1}:ns::order"),
