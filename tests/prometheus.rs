@@ -7,6 +7,25 @@ use aiecs_storage::layer::{names, CacheLayer, MetricsLayer, RetryLayer, StackBui
 use aiecs_storage::{prelude::*, MemoryBackend, Metadata, NewMessage, SessionUpdate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod common;
+
+/// Serves the exporter on a free port; its address once it accepts.
+async fn serve() -> std::net::SocketAddr {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    aiecs_storage::prometheus::serve(addr).unwrap();
+    // The listener starts on the runtime; wait until it accepts.
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    addr
+}
+
 async fn scrape(addr: std::net::SocketAddr) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
@@ -30,18 +49,7 @@ fn sample(text: &str, parts: &[&str]) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scraped_metrics_count_operations_with_buckets_and_no_ids() {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    aiecs_storage::prometheus::serve(addr).unwrap();
-    // The listener starts on the runtime; wait until it accepts.
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let addr = serve().await;
 
     let storage = StackBuilder::new()
         .layer(MetricsLayer::new().with_backend_label("primary"))
@@ -142,4 +150,56 @@ async fn scraped_metrics_count_operations_with_buckets_and_no_ids() {
             "a label carries an id or content: {line}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_feed_state_and_what_it_reported_are_exported() {
+    use aiecs_storage::feed::Change;
+    let addr = serve().await;
+    let (store, faults) = common::fault::Faults::wrap(MemoryBackend::new());
+    let hub = faults.offer_feed();
+    let storage = StackBuilder::new()
+        .layer(CacheLayer::new())
+        .build(std::sync::Arc::new(store));
+    storage
+        .create_session("s", "u", &Metadata::new())
+        .await
+        .unwrap();
+    let feed = async |state: &str| {
+        for _ in 0..1000 {
+            let values = storage.get_metrics().await.unwrap().values;
+            if values["feed"] == serde_json::json!(state) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("the feed never read {state}");
+    };
+    feed("down").await;
+    hub.up();
+    feed("up").await;
+    hub.changed(Change::Session("s".into()));
+    hub.changed(Change::Thread("t".into()));
+    hub.missed();
+    let mut tries = 0;
+    let text = loop {
+        let text = scrape(addr).await;
+        if sample(&text, &[names::CACHE_FEED_LOSSES_TOTAL]) == Some(1.0) {
+            break text;
+        }
+        tries += 1;
+        assert!(tries < 500, "the losses never reached 1:\n{text}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert_eq!(sample(&text, &[names::CACHE_FEED_UP]), Some(1.0));
+    assert_eq!(
+        sample(&text, &[names::CACHE_REMOTE_CHANGES_TOTAL]),
+        Some(2.0)
+    );
+    hub.down();
+    feed("down").await;
+    let text = scrape(addr).await;
+    assert_eq!(sample(&text, &[names::CACHE_FEED_UP]), Some(0.0));
+    assert_eq!(sample(&text, &[names::CACHE_FEED_LOSSES_TOTAL]), Some(2.0));
+    assert!(text.contains("# HELP aiecs_storage_cache_feed_up"));
 }

@@ -19,6 +19,14 @@ pub const CACHE_MISSES_TOTAL: &str = "aiecs_storage_cache_misses_total";
 pub const CACHE_EVICTIONS_TOTAL: &str = "aiecs_storage_cache_evictions_total";
 /// Gauge of cache entries.
 pub const CACHE_ENTRIES: &str = "aiecs_storage_cache_entries";
+/// Gauge of the cache's change feed: 1 up, 0 down (reads bypass the cache). Absent
+/// when the cache follows no feed.
+pub const CACHE_FEED_UP: &str = "aiecs_storage_cache_feed_up";
+/// Counter of sessions, task contexts and threads the change feed reported written.
+pub const CACHE_REMOTE_CHANGES_TOTAL: &str = "aiecs_storage_cache_remote_changes_total";
+/// Counter of times the change feed went down or missed changes, each emptying the
+/// cache.
+pub const CACHE_FEED_LOSSES_TOTAL: &str = "aiecs_storage_cache_feed_losses_total";
 /// Counter of retries made (attempts after the first).
 pub const RETRIES_TOTAL: &str = "aiecs_storage_retries_total";
 /// Counter of failover events, label `event`: `primary_failure`, `fallback_read`,
@@ -62,6 +70,18 @@ pub fn describe() {
         "Cache entries evicted for size or age."
     );
     describe_gauge!(CACHE_ENTRIES, "Entries held by the cache.");
+    describe_gauge!(
+        CACHE_FEED_UP,
+        "Whether the cache's change feed is up (1) or down (0, reads bypass the cache)."
+    );
+    describe_counter!(
+        CACHE_REMOTE_CHANGES_TOTAL,
+        "Sessions, task contexts and threads the change feed reported written."
+    );
+    describe_counter!(
+        CACHE_FEED_LOSSES_TOTAL,
+        "Times the change feed went down or missed changes, each emptying the cache."
+    );
     describe_counter!(RETRIES_TOTAL, "Attempts made after a first one failed.");
     describe_counter!(FAILOVER_EVENTS_TOTAL, "Failover events by kind.");
     describe_gauge!(

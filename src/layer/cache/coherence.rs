@@ -7,6 +7,7 @@ use std::sync::{Arc, Weak};
 use super::shared::{Shared, FEED_DOWN, FEED_UP};
 use super::Cached;
 use crate::feed::{Change, ChangeFeed, FeedEvent};
+use crate::layer::names;
 use crate::storage::StorageBackend;
 
 impl<B: StorageBackend> Cached<B> {
@@ -23,7 +24,7 @@ impl<B: StorageBackend> Cached<B> {
         };
         self.following.get_or_init(|| {
             if let Some(feed) = self.inner.changes() {
-                self.shared.feed.store(FEED_DOWN, Ordering::SeqCst);
+                self.shared.feed_state(FEED_DOWN);
                 runtime.spawn(consume(feed, Arc::downgrade(&self.shared)));
             }
         });
@@ -44,12 +45,16 @@ async fn consume(mut feed: ChangeFeed, shared: Weak<Shared>) {
             // be stale: empty the cache, then trust it again.
             FeedEvent::Up => {
                 shared.invalidate_everything();
-                shared.feed.store(FEED_UP, Ordering::SeqCst);
+                shared.feed_state(FEED_UP);
             }
             FeedEvent::Down => {
-                shared.feed.store(FEED_DOWN, Ordering::SeqCst);
+                // A feed that starts down has lost nothing yet.
+                let was_up = shared.feed.load(Ordering::SeqCst) == FEED_UP;
+                shared.feed_state(FEED_DOWN);
                 shared.invalidate_everything();
-                shared.counters.feed_losses.add(1);
+                if was_up {
+                    shared.counters.feed_losses.add(1);
+                }
             }
             FeedEvent::Missed => {
                 shared.invalidate_everything();
@@ -59,7 +64,16 @@ async fn consume(mut feed: ChangeFeed, shared: Weak<Shared>) {
     }
     // The backend dropped its feed (it closed): never trust the cache again.
     if let Some(shared) = shared.upgrade() {
-        shared.feed.store(FEED_DOWN, Ordering::SeqCst);
+        shared.feed_state(FEED_DOWN);
         shared.invalidate_everything();
+    }
+}
+
+impl Shared {
+    /// Sets the feed's state, and its gauge.
+    fn feed_state(&self, state: u8) {
+        self.feed.store(state, Ordering::SeqCst);
+        let up = if state == FEED_UP { 1.0 } else { 0.0 };
+        self.counters.feed_up.set(names::CACHE_FEED_UP, up);
     }
 }

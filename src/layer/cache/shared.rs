@@ -28,6 +28,7 @@ pub(super) struct Counters {
     /// Times the feed went down or missed changes, each emptying the cache.
     pub(super) feed_losses: Tally,
     pub(super) entries: LazyGauge,
+    pub(super) feed_up: LazyGauge,
 }
 
 impl Default for Counters {
@@ -38,9 +39,10 @@ impl Default for Counters {
             loads: Tally::local(),
             stale: Tally::local(),
             evictions: Tally::reported(names::CACHE_EVICTIONS_TOTAL, &[]),
-            remote_changes: Tally::local(),
-            feed_losses: Tally::local(),
+            remote_changes: Tally::reported(names::CACHE_REMOTE_CHANGES_TOTAL, &[]),
+            feed_losses: Tally::reported(names::CACHE_FEED_LOSSES_TOTAL, &[]),
             entries: LazyGauge::default(),
+            feed_up: LazyGauge::default(),
         }
     }
 }
