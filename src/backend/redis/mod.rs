@@ -55,6 +55,13 @@ const CLEANUP_PAGE: usize = 256;
 /// index of sessions by last update (16 sorted sets spread over the cluster's masters),
 /// never `KEYS` or `SCAN`.
 ///
+/// It offers a change feed ([`StorageBackend::changes`](crate::StorageBackend::changes)),
+/// so a cache in each of several processes stays coherent: one connection per node
+/// asks the server to report every key under the prefix that changes (`CLIENT TRACKING
+/// ON BCAST`, RESP3), whoever wrote it, and a cluster's nodes are found with `CLUSTER
+/// NODES` every second. Writers pay nothing for it; the server sends each follower one
+/// message per pass of its event loop.
+///
 /// The password never appears in errors or `Debug` output.
 ///
 /// ```no_run
