@@ -6,6 +6,7 @@ mod common;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use aiecs_storage::layer::{
@@ -340,6 +341,42 @@ async fn close_during_an_outage_replays_or_says_what_is_left() {
     let err = p.storage.close().await.unwrap_err();
     assert!(!err.is_transient());
     assert!(err.to_string().contains("fallback only"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_dropped_while_its_journal_entry_is_written_counts_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("failover.journal");
+    let p = pair(|l| l.with_journal(&journal).unwrap());
+    p.storage
+        .create_session("s", "u", &Metadata::new())
+        .await
+        .unwrap();
+    p.outage().await;
+
+    // Polled once, the call has handed its intent to the journal's thread and waits for
+    // the answer when its caller gives up: before the fallback saw anything.
+    let update = SessionUpdate::new()
+        .increment_requests()
+        .metadata_entry("k", 1);
+    {
+        let mut call = std::pin::pin!(p.storage.update_session("s", &update));
+        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        assert!(first.is_pending(), "the call ended at once: {first:?}");
+    }
+    assert_eq!(p.fallback_faults.calls(Operation::UpdateSession), 0);
+    // A write acknowledged next is queued behind the dropped one.
+    let later = SessionUpdate::new().metadata_entry("k", 2);
+    assert!(p.storage.update_session("s", &later).await.unwrap());
+
+    p.recover().await;
+    let s = p.primary.get_session("s").await.unwrap().unwrap();
+    assert!(s.metrics.request_count <= 1, "an increment counted twice");
+    assert_eq!(
+        s.metadata["k"],
+        json!(2),
+        "the later write was replayed first"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,32 +17,45 @@
 //! The lease is one row (owner, expiry) taken in the same `BEGIN IMMEDIATE` transaction
 //! that marks the next entry `sending`, so two replayers never both mark an entry.
 //!
-//! The calls are synchronous: each is a short local transaction, made while the
-//! layer's async queue lock is held, and never held across an await.
+//! The file is written with `synchronous = FULL`, an fsync per transaction, so its calls
+//! run on a thread of the journal's own rather than on the async runtime, which would
+//! stall every task sharing that worker for the length of an fsync. The thread takes
+//! the calls in the order they were made: writers make them while holding the layer's
+//! queue lock, so the file sees the order the lock gives. A call whose caller gives up
+//! still runs to the end on that thread, like a write a server received: an intent
+//! whose caller dropped is in the file, and is replayed as an unknown outcome.
 
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::breaker::FailoverState;
 use super::replay::Hint;
 use crate::error::{Result, StorageError};
 
 /// A durable, leased replay queue.
 pub(super) struct Journal {
-    conn: Mutex<Connection>,
-    /// This layer instance: rows it wrote and leases it holds carry it.
-    owner: String,
+    /// To the thread that owns the connection; it ends when this is dropped, after the
+    /// calls already sent.
+    jobs: mpsc::Sender<Job>,
 }
+
+/// One call, run on the journal's thread with its connection and this instance's owner
+/// id (rows it wrote and leases it holds carry it).
+type Job = Box<dyn FnOnce(&mut Connection, &str) + Send>;
+
+/// Entries waiting, and the age of the oldest.
+pub(super) type Depth = (u64, Option<Duration>);
 
 /// What a replay finds at the front of the journal.
 pub(super) enum Next {
     /// Nothing waits; the lease is released.
     Empty,
-    /// The entry to send next, marked `sending`.
-    Entry { seq: i64, hint: Hint },
+    /// The entry to send next, marked `sending`. `unknown`: its counter increments were
+    /// dropped, since an earlier attempt may have applied them.
+    Entry { seq: i64, hint: Hint, unknown: bool },
     /// Another process holds the lease, or is still writing the front entry.
     Busy(&'static str),
 }
@@ -59,6 +72,21 @@ fn db(e: rusqlite::Error) -> StorageError {
     }
 }
 
+fn encode(hint: &Hint) -> Result<String> {
+    serde_json::to_string(hint).map_err(|e| StorageError::Serialization {
+        message: e.to_string(),
+        source: Some(Box::new(e)),
+    })
+}
+
+fn gone() -> StorageError {
+    StorageError::Backend {
+        message: "failover journal: its thread has stopped".into(),
+        transient: false,
+        source: None,
+    }
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -66,8 +94,10 @@ fn now_ms() -> i64 {
 }
 
 impl Journal {
-    pub(super) fn open(path: &Path) -> Result<Journal> {
-        let conn = Connection::open(path).map_err(db)?;
+    /// Opens (creates) the file and starts the journal's thread; also returns what the
+    /// file holds, so a layer knows at once whether it starts degraded.
+    pub(super) fn open(path: &Path) -> Result<(Journal, Depth)> {
+        let mut conn = Connection::open(path).map_err(db)?;
         // FULL: a row must survive a power cut once the caller is told the write is
         // kept, not only a process crash.
         conn.execute_batch(
@@ -89,191 +119,234 @@ impl Journal {
              );",
         )
         .map_err(db)?;
-        Ok(Journal {
-            conn: Mutex::new(conn),
-            owner: uuid::Uuid::now_v7().to_string(),
-        })
+        let depth = depth(&conn)?;
+        let owner = uuid::Uuid::now_v7().to_string();
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("aiecs-failover-journal".into())
+            .spawn(move || {
+                for job in queue {
+                    // A panicking call loses its answer (its caller sees `gone`), not
+                    // the thread: a transaction it left open is rolled back on unwind.
+                    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut conn, &owner)));
+                }
+            })
+            .map_err(|e| StorageError::Backend {
+                message: format!("failover journal: could not start its thread: {e}"),
+                transient: false,
+                source: Some(Box::new(e)),
+            })?;
+        Ok((Journal { jobs }, depth))
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// Runs `job` on the journal's thread. The job is handed over on the first poll, so
+    /// calls reach the file in the order they are first awaited.
+    async fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Connection, &str) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn, owner| {
+                // Nobody waits when the caller gave up: the call is done all the same.
+                let _ = answer.send(job(conn, owner));
+            }))
+            .map_err(|_| gone())?;
+        answered.await.map_err(|_| gone())?
     }
 
     /// Records `hint` as an intent, or refuses with `Unavailable` past the bounds.
-    pub(super) fn push(&self, hint: &Hint, max_entries: usize, max_bytes: u64) -> Result<i64> {
-        let entry = serde_json::to_string(hint).map_err(|e| StorageError::Serialization {
-            message: e.to_string(),
-            source: Some(Box::new(e)),
-        })?;
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let (count, bytes): (i64, i64) = tx
-            .query_row(
-                "SELECT count(*), coalesce(sum(bytes), 0) FROM failover_journal",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(db)?;
-        if count as u64 >= max_entries as u64 {
-            return Err(StorageError::Unavailable {
-                message: format!("primary is down and {count} writes already wait for replay"),
-            });
-        }
-        if bytes as u64 + entry.len() as u64 > max_bytes {
-            return Err(StorageError::Unavailable {
-                message: format!(
-                    "primary is down and {bytes} bytes of writes already wait for replay"
-                ),
-            });
-        }
-        tx.execute(
-            "INSERT INTO failover_journal (entry, bytes, written_at, owner, state)
-             VALUES (?1, ?2, ?3, ?4, 'intent')",
-            params![entry, entry.len() as i64, now_ms(), self.owner],
-        )
-        .map_err(db)?;
-        let seq = tx.last_insert_rowid();
-        tx.commit().map_err(db)?;
-        Ok(seq)
+    /// Returns its sequence number and the journal's depth with it.
+    pub(super) async fn push(
+        &self,
+        hint: &Hint,
+        max_entries: usize,
+        max_bytes: u64,
+    ) -> Result<(i64, Depth)> {
+        let entry = encode(hint)?;
+        self.run(move |conn, owner| push(conn, owner, &entry, max_entries, max_bytes))
+            .await
     }
 
     /// Marks an intent acknowledged: from now on its counters are owed to the primary.
     /// Fails if a replayer already took it as abandoned (its fallback write outlasted a
     /// lease): its counters were dropped, so the caller must not be told it succeeded.
-    pub(super) fn ack(&self, seq: i64) -> Result<()> {
-        let changed = self
-            .conn()
-            .execute(
-                "UPDATE failover_journal SET state = 'acked', written_at = ?2
-                 WHERE seq = ?1 AND state = 'intent'",
-                params![seq, now_ms()],
-            )
-            .map_err(db)?;
-        if changed == 0 {
-            return Err(StorageError::Backend {
-                message: "failover journal: the write outlasted the journal lease and was \
-                          replayed without its counters; it is stored in the fallback"
-                    .into(),
-                transient: true,
-                source: None,
-            });
-        }
-        Ok(())
+    pub(super) async fn ack(&self, seq: i64) -> Result<()> {
+        self.run(move |conn, _| ack(conn, seq)).await
     }
 
     /// Removes an entry: replayed, refused for good, or never stored by the fallback.
-    pub(super) fn remove(&self, seq: i64) -> Result<()> {
-        self.conn()
-            .execute("DELETE FROM failover_journal WHERE seq = ?1", [seq])
-            .map_err(db)
-            .map(drop)
+    /// Returns the depth left.
+    pub(super) async fn remove(&self, seq: i64) -> Result<Depth> {
+        self.run(move |conn, _| {
+            conn.execute("DELETE FROM failover_journal WHERE seq = ?1", [seq])
+                .map_err(db)?;
+            depth(conn)
+        })
+        .await
     }
 
     /// Puts back an entry whose send failed, as `hint` (which the caller may have
     /// settled), for the next replay.
-    pub(super) fn put_back(&self, seq: i64, hint: &Hint) -> Result<()> {
-        let entry = serde_json::to_string(hint).map_err(|e| StorageError::Serialization {
-            message: e.to_string(),
-            source: Some(Box::new(e)),
-        })?;
-        self.conn()
-            .execute(
+    pub(super) async fn put_back(&self, seq: i64, hint: &Hint) -> Result<()> {
+        let entry = encode(hint)?;
+        self.run(move |conn, _| {
+            conn.execute(
                 "UPDATE failover_journal SET state = 'acked', entry = ?2 WHERE seq = ?1",
                 params![seq, entry],
             )
             .map_err(db)
             .map(drop)
+        })
+        .await
     }
 
     /// Takes or renews the lease and marks the front entry `sending`. `lease` is how
     /// long the lease lasts without renewal, and how long another owner's unacknowledged
     /// entry is taken to be a write still in progress.
-    pub(super) fn next(&self, state: &FailoverState, lease: Duration) -> Result<Next> {
-        let now = now_ms();
-        let mut conn = self.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(db)?;
-        let holder: Option<(String, i64)> = tx
-            .query_row(
-                "SELECT owner, expires_at FROM failover_journal_lease WHERE id = 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(db)?;
-        if matches!(&holder, Some((o, until)) if *o != self.owner && *until > now) {
-            return Ok(Next::Busy("another process replays the failover journal"));
-        }
-        let front: Option<(i64, String, i64, String, String)> = tx
-            .query_row(
-                "SELECT seq, entry, written_at, owner, state FROM failover_journal
-                 ORDER BY seq LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .optional()
-            .map_err(db)?;
-        let Some((seq, entry, written_at, owner, row_state)) = front else {
-            tx.execute("DELETE FROM failover_journal_lease", [])
-                .map_err(db)?;
-            tx.commit().map_err(db)?;
-            return Ok(Next::Empty);
-        };
-        let lease_ms = lease.as_millis() as i64;
-        tx.execute(
-            "INSERT INTO failover_journal_lease (id, owner, expires_at) VALUES (1, ?1, ?2)
-             ON CONFLICT (id) DO UPDATE SET owner = ?1, expires_at = ?2",
-            params![self.owner, now + lease_ms],
-        )
-        .map_err(db)?;
-        let foreign_intent = row_state == "intent" && owner != self.owner;
-        if foreign_intent && written_at + lease_ms > now {
-            // Its writer may still be waiting for the fallback: replaying it now could
-            // apply what that caller is about to be told failed.
-            tx.commit().map_err(db)?;
-            return Ok(Next::Busy(
-                "another process is still writing the oldest entry",
-            ));
-        }
-        // An entry this build cannot read (a newer version wrote it) stops the replay
-        // rather than be skipped: the layer stays on the fallback, which holds it.
-        let mut hint: Hint =
-            serde_json::from_str(&entry).map_err(|e| StorageError::Serialization {
-                message: format!("failover journal entry {seq}: {e}"),
-                source: Some(Box::new(e)),
-            })?;
-        // This owner's own intents are seen here only when their caller gave up (the
-        // replay holds the queue lock writers hold): replayed whole, as without a journal.
-        if row_state == "sending" || foreign_intent {
-            hint.settle_unknown(state);
-        }
-        let entry = serde_json::to_string(&hint).map_err(|e| StorageError::Serialization {
-            message: e.to_string(),
-            source: Some(Box::new(e)),
-        })?;
-        tx.execute(
-            "UPDATE failover_journal SET state = 'sending', entry = ?2 WHERE seq = ?1",
-            params![seq, entry],
-        )
-        .map_err(db)?;
-        tx.commit().map_err(db)?;
-        Ok(Next::Entry { seq, hint })
+    pub(super) async fn next(&self, lease: Duration) -> Result<Next> {
+        self.run(move |conn, owner| next(conn, owner, lease)).await
     }
 
-    /// Entries waiting, and the age of the oldest.
-    pub(super) fn depth(&self) -> Result<(u64, Option<Duration>)> {
-        let (count, oldest): (i64, Option<i64>) = self
-            .conn()
-            .query_row(
-                "SELECT count(*), min(written_at) FROM failover_journal",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(db)?;
-        let age = oldest.map(|t| Duration::from_millis(now_ms().saturating_sub(t).max(0) as u64));
-        Ok((count as u64, age))
+    /// Entries waiting, and the age of the oldest. Read from the file: other processes
+    /// sharing it add and replay entries.
+    pub(super) async fn depth(&self) -> Result<Depth> {
+        self.run(|conn, _| depth(conn)).await
     }
+}
+
+fn push(
+    conn: &mut Connection,
+    owner: &str,
+    entry: &str,
+    max_entries: usize,
+    max_bytes: u64,
+) -> Result<(i64, Depth)> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
+    let (count, bytes): (i64, i64) = tx
+        .query_row(
+            "SELECT count(*), coalesce(sum(bytes), 0) FROM failover_journal",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(db)?;
+    if count as u64 >= max_entries as u64 {
+        return Err(StorageError::Unavailable {
+            message: format!("primary is down and {count} writes already wait for replay"),
+        });
+    }
+    if bytes as u64 + entry.len() as u64 > max_bytes {
+        return Err(StorageError::Unavailable {
+            message: format!("primary is down and {bytes} bytes of writes already wait for replay"),
+        });
+    }
+    tx.execute(
+        "INSERT INTO failover_journal (entry, bytes, written_at, owner, state)
+         VALUES (?1, ?2, ?3, ?4, 'intent')",
+        params![entry, entry.len() as i64, now_ms(), owner],
+    )
+    .map_err(db)?;
+    let seq = tx.last_insert_rowid();
+    let depth = depth(&tx)?;
+    tx.commit().map_err(db)?;
+    Ok((seq, depth))
+}
+
+fn ack(conn: &mut Connection, seq: i64) -> Result<()> {
+    let changed = conn
+        .execute(
+            "UPDATE failover_journal SET state = 'acked', written_at = ?2
+             WHERE seq = ?1 AND state = 'intent'",
+            params![seq, now_ms()],
+        )
+        .map_err(db)?;
+    if changed == 0 {
+        return Err(StorageError::Backend {
+            message: "failover journal: the write outlasted the journal lease and was \
+                      replayed without its counters; it is stored in the fallback"
+                .into(),
+            transient: true,
+            source: None,
+        });
+    }
+    Ok(())
+}
+
+fn next(conn: &mut Connection, me: &str, lease: Duration) -> Result<Next> {
+    let now = now_ms();
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
+    let holder: Option<(String, i64)> = tx
+        .query_row(
+            "SELECT owner, expires_at FROM failover_journal_lease WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(db)?;
+    if matches!(&holder, Some((o, until)) if o != me && *until > now) {
+        return Ok(Next::Busy("another process replays the failover journal"));
+    }
+    let front: Option<(i64, String, i64, String, String)> = tx
+        .query_row(
+            "SELECT seq, entry, written_at, owner, state FROM failover_journal
+             ORDER BY seq LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()
+        .map_err(db)?;
+    let Some((seq, entry, written_at, owner, row_state)) = front else {
+        tx.execute("DELETE FROM failover_journal_lease", [])
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        return Ok(Next::Empty);
+    };
+    let lease_ms = lease.as_millis() as i64;
+    tx.execute(
+        "INSERT INTO failover_journal_lease (id, owner, expires_at) VALUES (1, ?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET owner = ?1, expires_at = ?2",
+        params![me, now + lease_ms],
+    )
+    .map_err(db)?;
+    let foreign_intent = row_state == "intent" && owner != me;
+    if foreign_intent && written_at + lease_ms > now {
+        // Its writer may still be waiting for the fallback: replaying it now could
+        // apply what that caller is about to be told failed.
+        tx.commit().map_err(db)?;
+        return Ok(Next::Busy(
+            "another process is still writing the oldest entry",
+        ));
+    }
+    // An entry this build cannot read (a newer version wrote it) stops the replay
+    // rather than be skipped: the layer stays on the fallback, which holds it.
+    let mut hint: Hint = serde_json::from_str(&entry).map_err(|e| StorageError::Serialization {
+        message: format!("failover journal entry {seq}: {e}"),
+        source: Some(Box::new(e)),
+    })?;
+    // This owner's own intents are seen here only when their caller gave up (the
+    // replay holds the queue lock writers hold): replayed whole, as without a journal.
+    let unknown = (row_state == "sending" || foreign_intent) && hint.drop_increments();
+    tx.execute(
+        "UPDATE failover_journal SET state = 'sending', entry = ?2 WHERE seq = ?1",
+        params![seq, encode(&hint)?],
+    )
+    .map_err(db)?;
+    tx.commit().map_err(db)?;
+    Ok(Next::Entry { seq, hint, unknown })
+}
+
+fn depth(conn: &Connection) -> Result<Depth> {
+    let (count, oldest): (i64, Option<i64>) = conn
+        .query_row(
+            "SELECT count(*), min(written_at) FROM failover_journal",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(db)?;
+    let age = oldest.map(|t| Duration::from_millis(now_ms().saturating_sub(t).max(0) as u64));
+    Ok((count as u64, age))
 }

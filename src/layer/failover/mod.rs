@@ -87,10 +87,14 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 ///
 /// With [`with_journal`](FailoverLayer::with_journal) the queue is a SQLite file of the
 /// layer's own instead, and `close` leaves what is left in it without failing. Each
-/// degraded write is written to the file (synchronously, `synchronous = FULL`) before
-/// the fallback is called, as an *intent*, and marked *acknowledged* before the caller
-/// is told; the replay marks an entry *sending* before it sends it and deletes it once
-/// the primary answered. A layer opened over a file that holds entries (the next process
+/// degraded write is written to the file (`synchronous = FULL`: an fsync per write, made
+/// on a thread of the journal's own, never on the async runtime) before the fallback is
+/// called, as an *intent*, and marked *acknowledged* before the caller is told; the
+/// replay marks an entry *sending* before it sends it and deletes it once the primary
+/// answered. The thread takes the file's calls in the order they were made, so the
+/// file keeps the order of the layer's queue; a call whose caller gives up still runs to
+/// its end there (a caller dropped while its intent is written leaves the intent, whose
+/// write is then replayed as one whose outcome the caller never learned). A layer opened over a file that holds entries (the next process
 /// after a crash, SIGKILL included) starts degraded and replays them in order. What that
 /// guarantees:
 ///
@@ -228,8 +232,7 @@ impl FailoverLayer {
     /// ```
     #[cfg(feature = "sqlite")]
     pub fn with_journal(mut self, path: impl AsRef<std::path::Path>) -> Result<Self> {
-        let journal = journal::Journal::open(path.as_ref())?;
-        let (depth, _) = journal.depth()?;
+        let (journal, (depth, _)) = journal::Journal::open(path.as_ref())?;
         let state = FailoverState {
             journal: Some(journal),
             ..FailoverState::default()

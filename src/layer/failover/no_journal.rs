@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use super::breaker::FailoverState;
 use super::replay::Hint;
 use crate::error::Result;
 
@@ -13,32 +12,34 @@ pub(super) enum Journal {}
 #[allow(dead_code)]
 pub(super) enum Next {
     Empty,
-    Entry { seq: i64, hint: Hint },
+    Entry { seq: i64, hint: Hint, unknown: bool },
     Busy(&'static str),
 }
 
+pub(super) type Depth = (u64, Option<Duration>);
+
 impl Journal {
-    pub(super) fn push(&self, _: &Hint, _: usize, _: u64) -> Result<i64> {
+    pub(super) async fn push(&self, _: &Hint, _: usize, _: u64) -> Result<(i64, Depth)> {
         match *self {}
     }
 
-    pub(super) fn ack(&self, _: i64) -> Result<()> {
+    pub(super) async fn ack(&self, _: i64) -> Result<()> {
         match *self {}
     }
 
-    pub(super) fn remove(&self, _: i64) -> Result<()> {
+    pub(super) async fn remove(&self, _: i64) -> Result<Depth> {
         match *self {}
     }
 
-    pub(super) fn put_back(&self, _: i64, _: &Hint) -> Result<()> {
+    pub(super) async fn put_back(&self, _: i64, _: &Hint) -> Result<()> {
         match *self {}
     }
 
-    pub(super) fn next(&self, _: &FailoverState, _: Duration) -> Result<Next> {
+    pub(super) async fn next(&self, _: Duration) -> Result<Next> {
         match *self {}
     }
 
-    pub(super) fn depth(&self) -> Result<(u64, Option<Duration>)> {
+    pub(super) async fn depth(&self) -> Result<Depth> {
         match *self {}
     }
 }

@@ -43,17 +43,31 @@ impl Hint {
     /// everything but a counter increment is keyed or an upsert, and an increment is
     /// dropped from it (metadata and status stay), so no count is applied twice.
     pub(super) fn settle_unknown(&mut self, state: &FailoverState) {
-        if let Hint::UpdateSession(id, u) = self {
-            if u.add_requests > 0 || u.add_errors > 0 || u.add_processing_time != 0.0 {
-                u.add_requests = 0;
-                u.add_errors = 0;
-                u.add_processing_time = 0.0;
-                state.unreplayed_increments.add(1);
-                tracing::warn!(
-                    session_id = %id,
-                    "failover: a counter increment may already be on the primary; it is not replayed"
-                );
-            }
+        if self.drop_increments() {
+            self.count_unreplayed(state);
+        }
+    }
+
+    /// Drops the counter increments from the hint; whether it had any.
+    pub(super) fn drop_increments(&mut self) -> bool {
+        let Hint::UpdateSession(_, u) = self else {
+            return false;
+        };
+        let had = u.add_requests > 0 || u.add_errors > 0 || u.add_processing_time != 0.0;
+        u.add_requests = 0;
+        u.add_errors = 0;
+        u.add_processing_time = 0.0;
+        had
+    }
+
+    /// Counts and logs the increments [`drop_increments`](Self::drop_increments) dropped.
+    pub(super) fn count_unreplayed(&self, state: &FailoverState) {
+        state.unreplayed_increments.add(1);
+        if let Hint::UpdateSession(id, _) = self {
+            tracing::warn!(
+                session_id = %id,
+                "failover: a counter increment may already be on the primary; it is not replayed"
+            );
         }
     }
 
@@ -196,8 +210,13 @@ async fn replay_journal(
     loop {
         let _pending = state.pending.lock().await;
         for _ in 0..REPLAY_CHUNK {
-            let (seq, mut hint) = match journal.next(state, config.journal_lease)? {
-                Next::Entry { seq, hint } => (seq, hint),
+            let (seq, mut hint) = match journal.next(config.journal_lease).await? {
+                Next::Entry { seq, hint, unknown } => {
+                    if unknown {
+                        hint.count_unreplayed(state);
+                    }
+                    (seq, hint)
+                }
                 Next::Empty => {
                     state.queued.store(0, Ordering::Relaxed);
                     state.degraded.store(false, Ordering::SeqCst);
@@ -218,7 +237,7 @@ async fn replay_journal(
                     if e.may_have_applied() {
                         hint.settle_unknown(state);
                     }
-                    journal.put_back(seq, &hint)?;
+                    journal.put_back(seq, &hint).await?;
                     return Err(e);
                 }
                 Err(e) => {
@@ -226,8 +245,8 @@ async fn replay_journal(
                     tracing::warn!(error = %e, "failover: primary refused a replayed write");
                 }
             }
-            journal.remove(seq)?;
-            state.queued.store(journal.depth()?.0, Ordering::Relaxed);
+            let (depth, _) = journal.remove(seq).await?;
+            state.queued.store(depth, Ordering::Relaxed);
         }
     }
 }

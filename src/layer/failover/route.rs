@@ -203,19 +203,25 @@ impl<B: StorageBackend + 'static> Failover<B> {
             entry.settle_unknown(&self.state);
         }
         let seq = match journal {
-            Some(j) => Some(j.push(
-                &entry,
-                self.config.max_pending,
-                self.config.journal_max_bytes,
-            )?),
+            Some(j) => {
+                // Degraded before the intent is written: a caller who gives up while the
+                // journal's thread writes it leaves an entry there all the same, which a
+                // degraded layer's replay finds (and clears the flag if there is none).
+                self.state.degraded.store(true, Ordering::SeqCst);
+                self.start_replay();
+                let max_bytes = self.config.journal_max_bytes;
+                let (seq, (depth, _)) = j.push(&entry, self.config.max_pending, max_bytes).await?;
+                self.state.queued.store(depth, Ordering::Relaxed);
+                Some(seq)
+            }
             None => {
                 pending.push_back(entry);
+                self.state.queued.fetch_add(1, Ordering::Relaxed);
+                self.state.degraded.store(true, Ordering::SeqCst);
+                self.start_replay();
                 None
             }
         };
-        self.state.queued.fetch_add(1, Ordering::Relaxed);
-        self.state.degraded.store(true, Ordering::SeqCst);
-        self.start_replay();
         let answer = run(self.fallback()).await;
         let keep = match &answer {
             Ok(v) => keep(v),
@@ -227,8 +233,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
                 if !keep {
                     // Left in the file, the intent is replayed without counters: harmless
                     // for a write the fallback refused, so the caller keeps its answer.
-                    let depth = j.remove(seq).and_then(|()| j.depth());
-                    match depth {
+                    match j.remove(seq).await {
                         Ok((depth, _)) => {
                             self.state.queued.store(depth, Ordering::Relaxed);
                             if depth == 0 {
@@ -240,7 +245,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
                 } else if answer.is_ok() {
                     // Before the caller is told: an entry left an intent is replayed
                     // without its counters, and this increment is now owed.
-                    j.ack(seq)?;
+                    j.ack(seq).await?;
                 }
             }
             _ if !keep => {
@@ -255,7 +260,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
         answer
     }
 
-    pub(super) fn figures(&self) -> Metadata {
+    pub(super) async fn figures(&self) -> Metadata {
         let s = &self.state;
         let mut m = Metadata::new();
         m.insert("breaker".into(), json!(s.breaker_name()));
@@ -265,8 +270,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
             json!(s.queued.load(Ordering::Relaxed)),
         );
         if let Some(j) = &s.journal {
-            // Read from the file: other processes sharing it add and replay entries.
-            match j.depth() {
+            match j.depth().await {
                 Ok((depth, oldest)) => {
                     m.insert("journal_depth".into(), json!(depth));
                     m.insert(

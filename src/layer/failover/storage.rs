@@ -408,14 +408,10 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
         let fallback = report(self.fallback.kind(), self.fallback.health_check().await)?;
         let healthy = |r: &HealthReport| r.status == HealthStatus::Healthy;
         // Another process sharing the journal may have left entries this one never saw.
-        let journaled = self
-            .state
-            .journal
-            .as_ref()
-            .is_some_and(|j| match j.depth() {
-                Ok((depth, _)) => depth > 0,
-                Err(_) => true,
-            });
+        let journaled = match &self.state.journal {
+            Some(j) => j.depth().await.map_or(true, |(depth, _)| depth > 0),
+            None => false,
+        };
         let status = match (healthy(&primary), healthy(&fallback)) {
             (true, true) if !self.degraded() && !journaled => HealthStatus::Healthy,
             (false, false) => HealthStatus::Unhealthy,
@@ -426,7 +422,7 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
             status,
             latency: started.elapsed(),
             checked_at: now(),
-            details: self.figures(),
+            details: self.figures().await,
             components: vec![primary, fallback],
         })
     }
@@ -442,7 +438,7 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
         components.push(self.fallback.get_metrics().await?);
         Ok(MetricsReport {
             component: "failover".to_owned(),
-            values: self.figures(),
+            values: self.figures().await,
             components,
         })
     }
