@@ -29,8 +29,10 @@ pub const CACHE_REMOTE_CHANGES_TOTAL: &str = "aiecs_storage_cache_remote_changes
 pub const CACHE_FEED_LOSSES_TOTAL: &str = "aiecs_storage_cache_feed_losses_total";
 /// Counter of retries made (attempts after the first).
 pub const RETRIES_TOTAL: &str = "aiecs_storage_retries_total";
-/// Counter of failover events, label `event`: `primary_failure`, `fallback_read`,
-/// `fallback_write_failure`, `queued_write`, `replayed_write`, `dropped_write`.
+/// Counter of failover events, label `event`: `primary_failure`, `primary_timeout`,
+/// `fallback_read`, `fallback_write_failure`, `replayed_write`, `dropped_write`,
+/// `unreplayed_increment`, `replay_skipped_newer` (a replayed record left out because
+/// the primary held a newer version of it).
 pub const FAILOVER_EVENTS_TOTAL: &str = "aiecs_storage_failover_events_total";
 /// Gauge of the failover breaker: 0 closed, 1 half open, 2 open.
 pub const BREAKER_STATE: &str = "aiecs_storage_breaker_state";

@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::journal::Journal;
-use super::replay::Hint;
+use super::newer::Marks;
+use super::replay::Queued;
 use super::FailoverConfig;
 use crate::layer::names::{self, LazyGauge, Tally};
 
@@ -19,7 +20,10 @@ pub(super) struct FailoverState {
     /// Writes acknowledged from the fallback, waiting for replay to the primary. An
     /// async lock: degraded writes and the replay hold it across their awaits, so a
     /// write queued during the replay is never reordered before an older one.
-    pub(super) pending: tokio::sync::Mutex<VecDeque<Hint>>,
+    pub(super) pending: tokio::sync::Mutex<VecDeque<Queued>>,
+    /// The in-memory queue's replay marks (a journal keeps its own): see
+    /// [`newer`](super::newer). Emptied with the queue.
+    pub(super) marks: Mutex<Marks>,
     /// Set while writes are pending; reads and writes then go to the fallback.
     pub(super) degraded: AtomicBool,
     /// Held while a replay runs (by the replay task, or by `close`), so only one does.
@@ -40,6 +44,8 @@ pub(super) struct FailoverState {
     pub(super) fallback_write_failures: Tally,
     pub(super) replayed: Tally,
     pub(super) dropped: Tally,
+    /// Records a replay left out because the primary held a newer version of them.
+    pub(super) skipped_newer: Tally,
     pub(super) queued: AtomicU64,
     /// Where writes wait instead of `pending`, when the layer has a journal. `pending`'s
     /// lock still orders this process's writers and replay.
@@ -56,6 +62,7 @@ impl Default for FailoverState {
             breaker: Mutex::default(),
             tripped: AtomicBool::default(),
             pending: tokio::sync::Mutex::default(),
+            marks: Mutex::default(),
             degraded: AtomicBool::default(),
             replay: tokio::sync::Mutex::default(),
             replayer: AtomicBool::default(),
@@ -68,6 +75,7 @@ impl Default for FailoverState {
             fallback_write_failures: event(&[("event", "fallback_write_failure")]),
             replayed: event(&[("event", "replayed_write")]),
             dropped: event(&[("event", "dropped_write")]),
+            skipped_newer: event(&[("event", "replay_skipped_newer")]),
             queued: AtomicU64::default(),
             journal: None,
             breaker_metric: LazyGauge::default(),

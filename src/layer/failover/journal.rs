@@ -2,7 +2,9 @@
 //! process at a time replays it.
 //!
 //! Each row is one [`Hint`] in JSON, with its sequence number (the replay order), its
-//! size, when it was written, its owner (the layer instance that wrote it) and a state:
+//! size, when it was written, when it was acknowledged (in the contract's microseconds,
+//! which the replay compares with the primary's timestamps: see [`newer`](super::newer)),
+//! its owner (the layer instance that wrote it) and a state:
 //!
 //! - `intent`: written before the fallback is called, not yet acknowledged. A row left
 //!   in this state by another owner (a process that died, or a caller that gave up) is
@@ -15,7 +17,10 @@
 //!   an upsert, so sending it again changes nothing).
 //!
 //! The lease is one row (owner, expiry) taken in the same `BEGIN IMMEDIATE` transaction
-//! that marks the next entry `sending`, so two replayers never both mark an entry.
+//! that marks the next entry `sending`, so two replayers never both mark an entry. The
+//! replay's marks (see [`newer`](super::newer)) are rows too, written in the transaction
+//! that removes the entry they come from, so a replay another process takes over knows
+//! them; they are cleared when the journal is found empty.
 //!
 //! The file is written with `synchronous = FULL`, an fsync per transaction, so its calls
 //! run on a thread of the journal's own rather than on the async runtime, which would
@@ -32,6 +37,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::newer::{now_us, prefix_end, Mark, Marks, Micros};
 use super::replay::Hint;
 use crate::error::{Result, StorageError};
 
@@ -54,8 +60,15 @@ pub(super) enum Next {
     /// Nothing waits; the lease is released.
     Empty,
     /// The entry to send next, marked `sending`. `unknown`: its counter increments were
-    /// dropped, since an earlier attempt may have applied them.
-    Entry { seq: i64, hint: Hint, unknown: bool },
+    /// dropped, since an earlier attempt may have applied them. `acked`: when it was
+    /// acknowledged. `marks`: the replay's marks of the records it writes.
+    Entry {
+        seq: i64,
+        hint: Hint,
+        unknown: bool,
+        acked: Micros,
+        marks: Marks,
+    },
     /// Another process holds the lease, or is still writing the front entry.
     Busy(&'static str),
 }
@@ -116,9 +129,16 @@ impl Journal {
                  id INTEGER PRIMARY KEY CHECK (id = 1),
                  owner TEXT NOT NULL,
                  expires_at INTEGER NOT NULL
-             );",
+             );
+             CREATE TABLE IF NOT EXISTS failover_journal_marks (
+                 key TEXT PRIMARY KEY,
+                 from_us INTEGER NOT NULL,
+                 to_us INTEGER NOT NULL,
+                 as_of INTEGER NOT NULL
+             ) WITHOUT ROWID;",
         )
         .map_err(db)?;
+        add_acked_at(&mut conn)?;
         let depth = depth(&conn)?;
         let owner = uuid::Uuid::now_v7().to_string();
         let (jobs, queue) = mpsc::channel::<Job>();
@@ -178,10 +198,29 @@ impl Journal {
     /// Removes an entry: replayed, refused for good, or never stored by the fallback.
     /// Returns the depth left.
     pub(super) async fn remove(&self, seq: i64) -> Result<Depth> {
+        self.complete(seq, Vec::new()).await
+    }
+
+    /// Removes a replayed entry and keeps the marks its send left, in one transaction.
+    /// Returns the depth left.
+    pub(super) async fn complete(&self, seq: i64, marks: Vec<(String, Mark)>) -> Result<Depth> {
         self.run(move |conn, _| {
-            conn.execute("DELETE FROM failover_journal WHERE seq = ?1", [seq])
+            let tx = conn.transaction().map_err(db)?;
+            tx.execute("DELETE FROM failover_journal WHERE seq = ?1", [seq])
                 .map_err(db)?;
-            depth(conn)
+            for (key, m) in &marks {
+                tx.execute(
+                    "INSERT INTO failover_journal_marks (key, from_us, to_us, as_of)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (key) DO UPDATE SET
+                         from_us = excluded.from_us, to_us = excluded.to_us, as_of = excluded.as_of",
+                    params![key, m.from, m.to, m.as_of],
+                )
+                .map_err(db)?;
+            }
+            let depth = depth(&tx)?;
+            tx.commit().map_err(db)?;
+            Ok(depth)
         })
         .await
     }
@@ -243,9 +282,9 @@ fn push(
         });
     }
     tx.execute(
-        "INSERT INTO failover_journal (entry, bytes, written_at, owner, state)
-         VALUES (?1, ?2, ?3, ?4, 'intent')",
-        params![entry, entry.len() as i64, now_ms(), owner],
+        "INSERT INTO failover_journal (entry, bytes, written_at, acked_at, owner, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'intent')",
+        params![entry, entry.len() as i64, now_ms(), now_us(), owner],
     )
     .map_err(db)?;
     let seq = tx.last_insert_rowid();
@@ -257,9 +296,9 @@ fn push(
 fn ack(conn: &mut Connection, seq: i64) -> Result<()> {
     let changed = conn
         .execute(
-            "UPDATE failover_journal SET state = 'acked', written_at = ?2
+            "UPDATE failover_journal SET state = 'acked', written_at = ?2, acked_at = ?3
              WHERE seq = ?1 AND state = 'intent'",
-            params![seq, now_ms()],
+            params![seq, now_ms(), now_us()],
         )
         .map_err(db)?;
     if changed == 0 {
@@ -290,17 +329,28 @@ fn next(conn: &mut Connection, me: &str, lease: Duration) -> Result<Next> {
     if matches!(&holder, Some((o, until)) if o != me && *until > now) {
         return Ok(Next::Busy("another process replays the failover journal"));
     }
-    let front: Option<(i64, String, i64, String, String)> = tx
+    let front: Option<(i64, String, i64, Option<i64>, String, String)> = tx
         .query_row(
-            "SELECT seq, entry, written_at, owner, state FROM failover_journal
+            "SELECT seq, entry, written_at, acked_at, owner, state FROM failover_journal
              ORDER BY seq LIMIT 1",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
         )
         .optional()
         .map_err(db)?;
-    let Some((seq, entry, written_at, owner, row_state)) = front else {
+    let Some((seq, entry, written_at, acked_at, owner, row_state)) = front else {
         tx.execute("DELETE FROM failover_journal_lease", [])
+            .map_err(db)?;
+        tx.execute("DELETE FROM failover_journal_marks", [])
             .map_err(db)?;
         tx.commit().map_err(db)?;
         return Ok(Next::Empty);
@@ -335,8 +385,64 @@ fn next(conn: &mut Connection, me: &str, lease: Duration) -> Result<Next> {
         params![seq, encode(&hint)?],
     )
     .map_err(db)?;
+    let mut marks = Marks::new();
+    {
+        let mut select = tx
+            .prepare_cached(
+                "SELECT key, from_us, to_us, as_of FROM failover_journal_marks
+                 WHERE key >= ?1 AND key < ?2",
+            )
+            .map_err(db)?;
+        for prefix in hint.mark_prefixes() {
+            let rows = select
+                .query_map(params![prefix, prefix_end(&prefix)], |r| {
+                    let mark = Mark {
+                        from: r.get(1)?,
+                        to: r.get(2)?,
+                        as_of: r.get(3)?,
+                    };
+                    Ok((r.get::<_, String>(0)?, mark))
+                })
+                .map_err(db)?;
+            for row in rows {
+                let (key, mark) = row.map_err(db)?;
+                marks.insert(key, mark);
+            }
+        }
+    }
     tx.commit().map_err(db)?;
-    Ok(Next::Entry { seq, hint, unknown })
+    // A row from before the column (its file written by an older build): its write time.
+    let acked = acked_at.unwrap_or(written_at.saturating_mul(1000));
+    Ok(Next::Entry {
+        seq,
+        hint,
+        unknown,
+        acked,
+        marks,
+    })
+}
+
+/// Adds the `acked_at` column to a file made before it existed.
+fn add_acked_at(conn: &mut Connection) -> Result<()> {
+    // Immediate: two processes opening one old file must not both add it.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db)?;
+    let has: bool = tx
+        .query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info('failover_journal') WHERE name = 'acked_at'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db)?;
+    if !has {
+        tx.execute(
+            "ALTER TABLE failover_journal ADD COLUMN acked_at INTEGER",
+            [],
+        )
+        .map_err(db)?;
+    }
+    tx.commit().map_err(db)
 }
 
 fn depth(conn: &Connection) -> Result<Depth> {

@@ -2,8 +2,9 @@
 //!
 //! `mod.rs` holds the layer, its options and the wrapper type; `settings` its table in
 //! a stack file; `breaker` the circuit breaker and its counters; `replay` the queue of
-//! writes acknowledged from the fallback and their replay; `route` where each call goes;
-//! `storage` the trait implementations.
+//! writes acknowledged from the fallback and their replay; `journal` that queue kept in
+//! a file; `newer` what a replay leaves out because the primary holds newer data;
+//! `route` where each call goes; `storage` the trait implementations.
 
 mod breaker;
 #[cfg(feature = "sqlite")]
@@ -11,6 +12,7 @@ mod journal;
 #[cfg(not(feature = "sqlite"))]
 #[path = "no_journal.rs"]
 mod journal;
+mod newer;
 mod replay;
 mod route;
 mod settings;
@@ -118,10 +120,46 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 ///   `journal_oldest_age_seconds`, and a non-empty journal makes the health `degraded`.
 ///
 /// Not guaranteed yet: a process routes by what it has seen, so one that never saw the
-/// outage serves reads from the primary while another process's entries wait; and a
-/// replayed upsert does not check whether the primary holds something newer. The primary is assumed to keep what it acknowledged (a Redis without
-/// persistence that restarts empty loses the writes made before its crash). A replayed
-/// write carries the replay's timestamps on the primary.
+/// outage serves reads from the primary while another process's entries wait. The
+/// primary is assumed to keep what it acknowledged (a Redis without persistence that
+/// restarts empty loses the writes made before its crash). A replayed write carries the
+/// replay's timestamps on the primary.
+///
+/// # Replay over newer data
+///
+/// Other processes may write to the primary once it is back, before a replay reaches
+/// the same records. Each queued write (journal or memory) carries when it was
+/// acknowledged, and just before sending it the replay reads the record's timestamp on
+/// the primary: where the contract gives one that says the record was written after
+/// the entry, the entry's keyed part is left out and counted in `replay_skipped_newer`
+/// (with a warning naming the operation and id). What that covers:
+///
+/// - **Sessions** (`updated_at`): `create_session`, the metadata and status of
+///   `update_session`, `end_session`, `delete_session` and the sessions of
+///   `batch_create_sessions` and `restore_sessions` are left out when the session was
+///   written after them. The counter increments of an update are still sent: counts add
+///   up whatever else was written. `updated_at` moves on every write to a session,
+///   messages included, so a newer message also counts as newer data.
+/// - **Checkpoints** (`created_at`): a `store_checkpoint` (or restored checkpoint) of an
+///   id the primary first stored after the entry is left out; a `delete_thread` is left
+///   out when a namespace's newest checkpoint was stored after it (the thread's older
+///   checkpoints then stay).
+/// - **`cleanup_expired_sessions`** removes what was idle when it was acknowledged, not
+///   when it is replayed: sessions written since are kept.
+///
+/// What it cannot tell, and sends as it is: messages (appended once by id, never
+/// overwriting), pending writes and task contexts (the contract gives them no time), a
+/// checkpoint id stored again in place after the entry (its `created_at` stays), and a
+/// new checkpoint id, which becomes its thread's newest even when another process stored
+/// a newer one since. A record another process deleted after the entry is written
+/// again. The check and the send are two calls: a write another process makes between
+/// them can still be overwritten. The replay's own writes stamp the replay's time, so it
+/// remembers, for each record it wrote, the window of its write and the time the data
+/// stands for, and a later entry for that record is compared with the latter (with a
+/// journal this survives a replayer's restart; a replayer killed between a send and its
+/// bookkeeping makes that record look newer, so later entries for it are left out, not
+/// overwritten). Timestamps are compared across processes: their clocks are assumed in
+/// step, as the backends stamp records with the writing process's clock.
 ///
 /// Put a cache outside failover to keep serving hits however the backends fare; inside,
 /// it only caches the primary's reads.

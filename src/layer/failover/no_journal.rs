@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::newer::{Mark, Marks, Micros};
 use super::replay::Hint;
 use crate::error::Result;
 
@@ -12,7 +13,13 @@ pub(super) enum Journal {}
 #[allow(dead_code)]
 pub(super) enum Next {
     Empty,
-    Entry { seq: i64, hint: Hint, unknown: bool },
+    Entry {
+        seq: i64,
+        hint: Hint,
+        unknown: bool,
+        acked: Micros,
+        marks: Marks,
+    },
     Busy(&'static str),
 }
 
@@ -28,6 +35,10 @@ impl Journal {
     }
 
     pub(super) async fn remove(&self, _: i64) -> Result<Depth> {
+        match *self {}
+    }
+
+    pub(super) async fn complete(&self, _: i64, _: Vec<(String, Mark)>) -> Result<Depth> {
         match *self {}
     }
 

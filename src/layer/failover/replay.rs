@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::breaker::FailoverState;
 use super::journal::{Journal, Next};
+use super::newer::{marks_under, now_us, plan, Micros, Payload, Plan};
 use super::route::{bounded, primary_limit};
 use super::FailoverConfig;
 use crate::error::{Result, StorageError};
@@ -126,6 +127,33 @@ impl Hint {
     }
 }
 
+/// A write waiting in the in-memory queue.
+pub(super) struct Queued {
+    pub(super) hint: Hint,
+    /// When it was acknowledged (until then, when it was queued).
+    pub(super) acked: Micros,
+}
+
+/// Sends what `plan` says of `hint`; whether anything was sent.
+async fn send(
+    primary: &dyn StorageBackend,
+    state: &FailoverState,
+    config: &FailoverConfig,
+    hint: &Hint,
+    plan: &Plan,
+) -> Result<bool> {
+    let hint = match &plan.send {
+        Payload::Whole => hint,
+        Payload::Part(part) => part,
+        Payload::Nothing => return Ok(false),
+    };
+    let operation = hint.operation();
+    let limit = primary_limit(config, operation);
+    bounded(state, limit, operation, hint.apply(primary))
+        .await
+        .map(|()| true)
+}
+
 /// Writes a replay sends with the queue held, before it lets waiting writers in.
 pub(super) const REPLAY_CHUNK: usize = 128;
 
@@ -158,27 +186,36 @@ pub(super) async fn replay(
         if state.in_flight.swap(false, Ordering::AcqRel) {
             // The last replay was cut short while this write was on its way.
             if let Some(front) = pending.front_mut() {
-                front.settle_unknown(state);
+                front.hint.settle_unknown(state);
             }
         }
         for _ in 0..REPLAY_CHUNK {
-            let Some(hint) = pending.front() else {
+            let Some(front) = pending.front() else {
+                lock(&state.marks).clear();
                 state.degraded.store(false, Ordering::SeqCst);
                 return Ok(());
             };
-            let operation = hint.operation();
-            let limit = primary_limit(config, operation);
+            let marks = marks_under(&lock(&state.marks), &front.hint.mark_prefixes());
+            let plan = plan(primary, state, config, &front.hint, front.acked, &marks).await?;
             // Set while the write may be on the primary and still queued: cut short
             // here, the next replay treats it as possibly applied.
             state.in_flight.store(true, Ordering::Release);
-            let result = bounded(state, limit, operation, hint.apply(primary)).await;
+            let from = now_us();
+            let result = send(primary, state, config, &front.hint, &plan).await;
+            let to = now_us();
             match result {
-                Ok(()) => state.replayed.add(1),
+                Ok(sent) => {
+                    if sent {
+                        state.replayed.add(1);
+                    }
+                    state.skipped_newer.add(plan.skipped);
+                    lock(&state.marks).extend(plan.marks(from, to));
+                }
                 Err(e) if e.is_transient() => {
                     state.in_flight.store(false, Ordering::Release);
                     if e.may_have_applied() {
                         if let Some(front) = pending.front_mut() {
-                            front.settle_unknown(state);
+                            front.hint.settle_unknown(state);
                         }
                     }
                     return Err(e);
@@ -199,6 +236,10 @@ pub(super) async fn replay(
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// [`replay`] from a journal: the same chunks under the same lock, with the journal's
 /// lease and entry states in place of the in-memory queue and `in_flight`.
 async fn replay_journal(
@@ -210,12 +251,18 @@ async fn replay_journal(
     loop {
         let _pending = state.pending.lock().await;
         for _ in 0..REPLAY_CHUNK {
-            let (seq, mut hint) = match journal.next(config.journal_lease).await? {
-                Next::Entry { seq, hint, unknown } => {
+            let (seq, mut hint, acked, marks) = match journal.next(config.journal_lease).await? {
+                Next::Entry {
+                    seq,
+                    hint,
+                    unknown,
+                    acked,
+                    marks,
+                } => {
                     if unknown {
                         hint.count_unreplayed(state);
                     }
-                    (seq, hint)
+                    (seq, hint, acked, marks)
                 }
                 Next::Empty => {
                     state.queued.store(0, Ordering::Relaxed);
@@ -229,10 +276,25 @@ async fn replay_journal(
                     })
                 }
             };
-            let operation = hint.operation();
-            let limit = primary_limit(config, operation);
-            match bounded(state, limit, operation, hint.apply(primary)).await {
-                Ok(()) => state.replayed.add(1),
+            let plan = match plan(primary, state, config, &hint, acked, &marks).await {
+                Ok(plan) => plan,
+                Err(e) => {
+                    // Nothing was sent: the entry waits as it was.
+                    journal.put_back(seq, &hint).await?;
+                    return Err(e);
+                }
+            };
+            let from = now_us();
+            let result = send(primary, state, config, &hint, &plan).await;
+            let to = now_us();
+            let marks = match result {
+                Ok(sent) => {
+                    if sent {
+                        state.replayed.add(1);
+                    }
+                    state.skipped_newer.add(plan.skipped);
+                    plan.marks(from, to)
+                }
                 Err(e) if e.is_transient() => {
                     if e.may_have_applied() {
                         hint.settle_unknown(state);
@@ -243,9 +305,10 @@ async fn replay_journal(
                 Err(e) => {
                     state.dropped.add(1);
                     tracing::warn!(error = %e, "failover: primary refused a replayed write");
+                    Vec::new()
                 }
-            }
-            let (depth, _) = journal.remove(seq).await?;
+            };
+            let (depth, _) = journal.complete(seq, marks).await?;
             state.queued.store(depth, Ordering::Relaxed);
         }
     }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::breaker::FailoverState;
-use super::replay::{replay_while_degraded, Hint, ReplayEnd};
+use super::newer::now_us;
+use super::replay::{replay_while_degraded, Hint, Queued, ReplayEnd};
 use super::{Failover, FailoverConfig, Fut};
 use crate::error::{Result, StorageError};
 use crate::layer::Operation;
@@ -215,7 +216,10 @@ impl<B: StorageBackend + 'static> Failover<B> {
                 Some(seq)
             }
             None => {
-                pending.push_back(entry);
+                pending.push_back(Queued {
+                    hint: entry,
+                    acked: now_us(),
+                });
                 self.state.queued.fetch_add(1, Ordering::Relaxed);
                 self.state.degraded.store(true, Ordering::SeqCst);
                 self.start_replay();
@@ -255,7 +259,12 @@ impl<B: StorageBackend + 'static> Failover<B> {
                     self.state.degraded.store(false, Ordering::Release);
                 }
             }
-            _ => {}
+            _ => {
+                // Still this call's entry: the queue has been held since it was queued.
+                if let Some(back) = pending.back_mut().filter(|_| answer.is_ok()) {
+                    back.acked = now_us();
+                }
+            }
         }
         answer
     }
@@ -291,6 +300,7 @@ impl<B: StorageBackend + 'static> Failover<B> {
             ("fallback_write_failures", &s.fallback_write_failures),
             ("replayed_writes", &s.replayed),
             ("dropped_writes", &s.dropped),
+            ("replay_skipped_newer", &s.skipped_newer),
         ] {
             m.insert(name.into(), json!(counter.get()));
         }
