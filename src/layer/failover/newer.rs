@@ -49,27 +49,34 @@ pub(super) struct Mark {
 /// Marks by record key, ordered so that a thread's marks are found by prefix.
 pub(super) type Marks = BTreeMap<String, Mark>;
 
-/// Keys end with a NUL (which ids cannot hold), so a key is never a prefix of another
-/// record's and a thread's prefix matches its namespaces only.
+// Each id in a key is preceded by its length, so no key is a prefix of another
+// record's, and a thread's prefix matches its own namespaces only.
 fn session_key(id: &str) -> String {
-    format!("s\0{id}\0")
+    format!("s:{}:{id}", id.len())
 }
 
 fn checkpoint_key(thread: &str, ns: &str, id: &str) -> String {
-    format!("c\0{thread}\0{ns}\0{id}\0")
+    format!(
+        "c:{}:{thread}:{}:{ns}:{}:{id}",
+        thread.len(),
+        ns.len(),
+        id.len()
+    )
+}
+
+fn thread_prefix(thread: &str) -> String {
+    format!("l:{}:{thread}:", thread.len())
 }
 
 /// The newest checkpoint of a thread's namespace: what a `delete_thread` would remove.
 fn latest_key(thread: &str, ns: &str) -> String {
-    format!("l\0{thread}\0{ns}\0")
+    format!("{}{}:{ns}", thread_prefix(thread), ns.len())
 }
 
-/// The end of the key range starting with `prefix` (which ends with a NUL).
+/// The end of the key range starting with `prefix`: what follows a prefix is a digit
+/// (a length) or nothing, never the last character.
 pub(super) fn prefix_end(prefix: &str) -> String {
-    let mut end = prefix.to_owned();
-    end.pop();
-    end.push('\u{1}');
-    end
+    format!("{prefix}\u{10FFFF}")
 }
 
 impl Hint {
@@ -92,7 +99,7 @@ impl Hint {
                 .iter()
                 .map(|c| checkpoint_key(&c.thread_id, &c.checkpoint_ns, &c.checkpoint_id))
                 .collect(),
-            Hint::DeleteThread(t) => vec![format!("l\0{t}\0")],
+            Hint::DeleteThread(t) => vec![thread_prefix(t)],
             Hint::PutWrites(_)
             | Hint::BatchPutWrites(_)
             | Hint::StoreTaskContext(..)
