@@ -1,22 +1,46 @@
 //! The Prometheus exporter over real HTTP: counters, histogram buckets, bounded labels.
 #![cfg(feature = "prometheus")]
 
-use std::time::Duration;
-
-use aiecs_storage::layer::{names, CacheLayer, MetricsLayer, RetryLayer, StackBuilder};
-use aiecs_storage::{prelude::*, MemoryBackend, Metadata, NewMessage, SessionUpdate};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 mod common;
 
-/// Serves the exporter on a free port; its address once it accepts.
-async fn serve() -> std::net::SocketAddr {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    aiecs_storage::prometheus::serve(addr).unwrap();
-    // The listener starts on the runtime; wait until it accepts.
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use aiecs_storage::layer::{
+    names, CacheLayer, FailoverLayer, MetricsLayer, RetryLayer, StackBuilder,
+};
+use aiecs_storage::{prelude::*, MemoryBackend, Metadata, NewMessage, SessionUpdate};
+use common::fault::Faults;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::Layer;
+
+/// The exporter, installed once for the tests of this process (the recorder is
+/// global), on a runtime of its own (each test's runtime ends with the test); its
+/// address once it accepts.
+async fn serve() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    let addr = *ADDR.get_or_init(|| {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (installed, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                aiecs_storage::prometheus::serve(addr).unwrap();
+                installed.send(()).unwrap();
+                std::future::pending::<()>().await
+            })
+        });
+        done.recv().unwrap();
+        addr
+    });
+    // The listener starts on that runtime; wait until it accepts.
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             break;
@@ -55,7 +79,7 @@ async fn scraped_metrics_count_operations_with_buckets_and_no_ids() {
         .layer(MetricsLayer::new().with_backend_label("primary"))
         .layer(CacheLayer::new())
         .layer(RetryLayer::new())
-        .build(std::sync::Arc::new(MemoryBackend::new()));
+        .build(Arc::new(MemoryBackend::new()));
     let ids: Vec<String> = (0..20).map(|i| format!("session-id-{i:04}")).collect();
     for id in &ids {
         storage
@@ -160,7 +184,7 @@ async fn the_cache_feed_state_and_what_it_reported_are_exported() {
     let hub = faults.offer_feed();
     let storage = StackBuilder::new()
         .layer(CacheLayer::new())
-        .build(std::sync::Arc::new(store));
+        .build(Arc::new(store));
     storage
         .create_session("s", "u", &Metadata::new())
         .await
@@ -202,4 +226,52 @@ async fn the_cache_feed_state_and_what_it_reported_are_exported() {
     assert_eq!(sample(&text, &[names::CACHE_FEED_UP]), Some(0.0));
     assert_eq!(sample(&text, &[names::CACHE_FEED_LOSSES_TOTAL]), Some(2.0));
     assert!(text.contains("# HELP aiecs_storage_cache_feed_up"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_journal_exports_its_depth_and_the_age_of_its_oldest_write() {
+    let addr = serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, faults) = Faults::wrap(MemoryBackend::new());
+    faults.set_down(true);
+    let layer = FailoverLayer::new(Arc::new(MemoryBackend::new()))
+        .with_failure_threshold(1)
+        .with_cooldown(Duration::from_millis(50))
+        .with_journal(dir.path().join("failover.journal"))
+        .unwrap();
+    let storage = layer.layer(primary);
+    storage
+        .create_session("s", "u", &Metadata::new())
+        .await
+        .unwrap();
+    storage
+        .update_session("s", &SessionUpdate::new().increment_requests())
+        .await
+        .unwrap();
+
+    // The age grows while the primary stays down: the replay's attempts refresh it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let text = scrape(addr).await;
+    assert_eq!(sample(&text, &[names::FAILOVER_JOURNAL_DEPTH]), Some(2.0));
+    let age = sample(&text, &[names::FAILOVER_JOURNAL_OLDEST_AGE_SECONDS]);
+    assert!(
+        age.is_some_and(|a| a >= 0.2),
+        "oldest age {age:?} in:\n{text}"
+    );
+    assert!(text.contains(&format!("# HELP {}", names::FAILOVER_JOURNAL_DEPTH)));
+
+    faults.set_down(false);
+    for _ in 0..500 {
+        if !layer.is_degraded() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!layer.is_degraded(), "the journal was not replayed");
+    let text = scrape(addr).await;
+    assert_eq!(sample(&text, &[names::FAILOVER_JOURNAL_DEPTH]), Some(0.0));
+    assert_eq!(
+        sample(&text, &[names::FAILOVER_JOURNAL_OLDEST_AGE_SECONDS]),
+        Some(0.0)
+    );
 }

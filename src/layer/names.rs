@@ -36,6 +36,16 @@ pub const RETRIES_TOTAL: &str = "aiecs_storage_retries_total";
 pub const FAILOVER_EVENTS_TOTAL: &str = "aiecs_storage_failover_events_total";
 /// Gauge of the failover breaker: 0 closed, 1 half open, 2 open.
 pub const BREAKER_STATE: &str = "aiecs_storage_breaker_state";
+/// Gauge of writes waiting in a failover journal
+/// ([`FailoverLayer::with_journal`](crate::layer::FailoverLayer::with_journal)) for
+/// replay to the primary, other processes' included. Refreshed on each journal write,
+/// each replayed entry, each replay attempt (every cooldown while entries wait) and
+/// each `get_metrics` or `health_check` of the layer.
+pub const FAILOVER_JOURNAL_DEPTH: &str = "aiecs_storage_failover_journal_depth";
+/// Gauge of the age in seconds of the oldest write waiting in a failover journal (0
+/// when it is empty); refreshed as [`FAILOVER_JOURNAL_DEPTH`] is.
+pub const FAILOVER_JOURNAL_OLDEST_AGE_SECONDS: &str =
+    "aiecs_storage_failover_journal_oldest_age_seconds";
 /// Histogram of items per batch written by the batching layer; buckets
 /// [`BATCH_SIZE_BUCKETS`].
 pub const BATCH_SIZE: &str = "aiecs_storage_batch_size";
@@ -89,6 +99,15 @@ pub fn describe() {
     describe_gauge!(
         BREAKER_STATE,
         "Failover circuit breaker: 0 closed, 1 half open, 2 open."
+    );
+    describe_gauge!(
+        FAILOVER_JOURNAL_DEPTH,
+        "Writes in the failover journal waiting for replay to the primary."
+    );
+    describe_gauge!(
+        FAILOVER_JOURNAL_OLDEST_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest write in the failover journal (0 when empty)."
     );
     describe_histogram!(BATCH_SIZE, "Items per batch written.");
     describe_gauge!(BATCH_QUEUE_DEPTH, "Items waiting in the batching queue.");

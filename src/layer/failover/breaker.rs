@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::journal::Journal;
+use super::journal::{Depth, Journal};
 use super::newer::Marks;
 use super::replay::Queued;
 use super::FailoverConfig;
@@ -51,6 +51,8 @@ pub(super) struct FailoverState {
     /// lock still orders this process's writers and replay.
     pub(super) journal: Option<Journal>,
     pub(super) breaker_metric: LazyGauge,
+    pub(super) journal_depth_metric: LazyGauge,
+    pub(super) journal_age_metric: LazyGauge,
 }
 
 impl Default for FailoverState {
@@ -79,6 +81,8 @@ impl Default for FailoverState {
             queued: AtomicU64::default(),
             journal: None,
             breaker_metric: LazyGauge::default(),
+            journal_depth_metric: LazyGauge::default(),
+            journal_age_metric: LazyGauge::default(),
         }
     }
 }
@@ -122,6 +126,17 @@ impl<S: Deref<Target = FailoverState>> Drop for Verdict<S> {
 }
 
 impl FailoverState {
+    /// Takes in what the journal holds, as just read from it: the writes waiting, and
+    /// the gauges that export them.
+    pub(super) fn journal_seen(&self, (depth, oldest): Depth) {
+        self.queued.store(depth, Ordering::Relaxed);
+        self.journal_depth_metric
+            .set(names::FAILOVER_JOURNAL_DEPTH, depth as f64);
+        let age = oldest.map_or(0.0, |d| d.as_secs_f64());
+        self.journal_age_metric
+            .set(names::FAILOVER_JOURNAL_OLDEST_AGE_SECONDS, age);
+    }
+
     /// Leave to call the primary, or `None` while the breaker keeps it out.
     pub(super) fn admit<S>(state: S, config: &FailoverConfig) -> Option<Verdict<S>>
     where

@@ -31,7 +31,7 @@
 //! whose caller dropped is in the file, and is replayed as an unknown outcome.
 
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +46,7 @@ pub(super) struct Journal {
     /// To the thread that owns the connection; it ends when this is dropped, after the
     /// calls already sent.
     jobs: mpsc::Sender<Job>,
+    path: PathBuf,
 }
 
 /// One call, run on the journal's thread with its connection and this instance's owner
@@ -156,7 +157,16 @@ impl Journal {
                 transient: false,
                 source: Some(Box::new(e)),
             })?;
-        Ok((Journal { jobs }, depth))
+        let journal = Journal {
+            jobs,
+            path: path.to_owned(),
+        };
+        Ok((journal, depth))
+    }
+
+    /// Where the file is.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Runs `job` on the journal's thread. The job is handed over on the first poll, so

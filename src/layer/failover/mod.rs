@@ -116,8 +116,13 @@ type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 /// - **Bounded**: by [`with_max_pending`](FailoverLayer::with_max_pending) entries and
 ///   [`with_journal_max_bytes`](FailoverLayer::with_journal_max_bytes) bytes; past
 ///   either, writes fail with `Unavailable`, not acknowledged.
-/// - **Visible**: `get_metrics` and `health_check` report `journal_depth` and
-///   `journal_oldest_age_seconds`, and a non-empty journal makes the health `degraded`.
+/// - **Visible**: `get_metrics` and `health_check` report `journal_depth`,
+///   `journal_oldest_age_seconds` and `journal_path`, and a non-empty journal makes the
+///   health `degraded` (`aiecs-storage health` and `diagnose` name it). The gauges
+///   [`aiecs_storage_failover_journal_depth`](crate::layer::names::FAILOVER_JOURNAL_DEPTH)
+///   and
+///   [`aiecs_storage_failover_journal_oldest_age_seconds`](crate::layer::names::FAILOVER_JOURNAL_OLDEST_AGE_SECONDS)
+///   export the same figures (one journal per process: a second one shares them).
 ///
 /// Not guaranteed yet: a process routes by what it has seen, so one that never saw the
 /// outage serves reads from the primary while another process's entries wait. The

@@ -176,6 +176,11 @@ pub(super) async fn replay(
     state: &FailoverState,
     config: &FailoverConfig,
 ) -> Result<()> {
+    if let Some(journal) = &state.journal {
+        // Each attempt, so the gauges follow the oldest entry's age while the primary
+        // stays down, and other processes' entries.
+        state.journal_seen(journal.depth().await?);
+    }
     let check = primary.health_check();
     bounded(state, config.primary_timeout, Operation::HealthCheck, check).await?;
     if let Some(journal) = &state.journal {
@@ -265,7 +270,7 @@ async fn replay_journal(
                     (seq, hint, acked, marks)
                 }
                 Next::Empty => {
-                    state.queued.store(0, Ordering::Relaxed);
+                    state.journal_seen((0, None));
                     state.degraded.store(false, Ordering::SeqCst);
                     return Ok(());
                 }
@@ -308,8 +313,8 @@ async fn replay_journal(
                     Vec::new()
                 }
             };
-            let (depth, _) = journal.complete(seq, marks).await?;
-            state.queued.store(depth, Ordering::Relaxed);
+            let depth = journal.complete(seq, marks).await?;
+            state.journal_seen(depth);
         }
     }
 }

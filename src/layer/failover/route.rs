@@ -15,6 +15,7 @@ use super::{Failover, FailoverConfig, Fut};
 use crate::error::{Result, StorageError};
 use crate::layer::Operation;
 use crate::model::Metadata;
+use crate::redact::redact_url;
 use crate::storage::StorageBackend;
 
 /// The primary's deadline for `operation`: none for the bulk operations (a cleanup
@@ -211,8 +212,8 @@ impl<B: StorageBackend + 'static> Failover<B> {
                 self.state.degraded.store(true, Ordering::SeqCst);
                 self.start_replay();
                 let max_bytes = self.config.journal_max_bytes;
-                let (seq, (depth, _)) = j.push(&entry, self.config.max_pending, max_bytes).await?;
-                self.state.queued.store(depth, Ordering::Relaxed);
+                let (seq, depth) = j.push(&entry, self.config.max_pending, max_bytes).await?;
+                self.state.journal_seen(depth);
                 Some(seq)
             }
             None => {
@@ -238,9 +239,9 @@ impl<B: StorageBackend + 'static> Failover<B> {
                     // Left in the file, the intent is replayed without counters: harmless
                     // for a write the fallback refused, so the caller keeps its answer.
                     match j.remove(seq).await {
-                        Ok((depth, _)) => {
-                            self.state.queued.store(depth, Ordering::Relaxed);
-                            if depth == 0 {
+                        Ok(depth) => {
+                            self.state.journal_seen(depth);
+                            if depth.0 == 0 {
                                 self.state.degraded.store(false, Ordering::Release);
                             }
                         }
@@ -274,12 +275,23 @@ impl<B: StorageBackend + 'static> Failover<B> {
         let mut m = Metadata::new();
         m.insert("breaker".into(), json!(s.breaker_name()));
         m.insert("degraded".into(), json!(self.degraded()));
+        let journal = match &s.journal {
+            Some(j) => Some((j, j.depth().await)),
+            None => None,
+        };
+        if let Some((_, Ok(depth))) = &journal {
+            s.journal_seen(*depth);
+        }
         m.insert(
             "pending_writes".into(),
             json!(s.queued.load(Ordering::Relaxed)),
         );
-        if let Some(j) = &s.journal {
-            match j.depth().await {
+        if let Some((j, depth)) = journal {
+            m.insert(
+                "journal_path".into(),
+                json!(redact_url(&j.path().display().to_string())),
+            );
+            match depth {
                 Ok((depth, oldest)) => {
                     m.insert("journal_depth".into(), json!(depth));
                     m.insert(

@@ -409,7 +409,13 @@ impl<B: StorageBackend + 'static> StorageBackend for Failover<B> {
         let healthy = |r: &HealthReport| r.status == HealthStatus::Healthy;
         // Another process sharing the journal may have left entries this one never saw.
         let journaled = match &self.state.journal {
-            Some(j) => j.depth().await.map_or(true, |(depth, _)| depth > 0),
+            Some(j) => match j.depth().await {
+                Ok(depth) => {
+                    self.state.journal_seen(depth);
+                    depth.0 > 0
+                }
+                Err(_) => true,
+            },
             None => false,
         };
         let status = match (healthy(&primary), healthy(&fallback)) {
