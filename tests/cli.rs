@@ -666,3 +666,102 @@ fn with_one_session(url: &str) {
         a.close().await.unwrap();
     });
 }
+
+/// Writes `create_session` and an increment through a failover stack whose primary is
+/// down: two entries in the journal at `journal`, the fallback a SQLite file.
+async fn journal_two_writes(journal: &Path, fallback: &Path) {
+    use aiecs_storage::layer::FailoverLayer;
+    use tower::Layer;
+    let (primary, faults) = common::fault::Faults::wrap(aiecs_storage::MemoryBackend::new());
+    faults.set_down(true);
+    let layer = FailoverLayer::new(std::sync::Arc::new(SqliteBackend::new(fallback)))
+        .with_failure_threshold(1)
+        .with_journal(journal)
+        .unwrap();
+    let storage = layer.layer(primary);
+    storage
+        .create_session("j", "u", &Metadata::new())
+        .await
+        .unwrap();
+    let increment = aiecs_storage::SessionUpdate::new().increment_requests();
+    assert!(storage.update_session("j", &increment).await.unwrap());
+    assert_eq!(layer.pending_writes(), 2);
+}
+
+#[tokio::test]
+async fn health_and_diagnose_warn_of_a_failover_journal_holding_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("failover.journal");
+    let fallback = dir.path().join("fallback.db");
+    let stack = dir.path().join("stack.toml");
+    std::fs::write(
+        &stack,
+        format!(
+            "url = \"memory://\"\n[[layers]]\ntype = \"failover\"\nfallback = \"sqlite://{}\"\njournal = {:?}\n",
+            fallback.display(),
+            journal.display().to_string()
+        ),
+    )
+    .unwrap();
+    let stack = stack.to_str().unwrap();
+    let journal_path = journal.display().to_string();
+
+    // Each command's `close` replays the journal to the (memory) primary, which is up:
+    // the journal is filled again before each.
+    journal_two_writes(&journal, &fallback).await;
+    let report = json_of(&run(&["health", "--json", "--config", stack]));
+    assert_eq!(report["status"], "degraded", "{report}");
+    let issues: Vec<&str> = report["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let issue = issues
+        .iter()
+        .find(|i| i.contains("journal"))
+        .unwrap_or_else(|| panic!("no journal issue in {issues:?}"));
+    assert!(issue.starts_with("failover: "), "{issue}");
+    assert!(issue.contains("holds 2 write(s)"), "{issue}");
+    assert!(issue.contains(&journal_path), "{issue}");
+    assert_eq!(
+        issues.len(),
+        1,
+        "the journal explains the degraded failover: {issues:?}"
+    );
+
+    journal_two_writes(&journal, &fallback).await;
+    let out = run(&["health", "--config", stack]);
+    assert!(out.status.success(), "degraded is not a failure");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("status: degraded"), "{text}");
+    assert!(
+        text.contains("issue: failover: the failover journal"),
+        "{text}"
+    );
+
+    journal_two_writes(&journal, &fallback).await;
+    let report = json_of(&run(&["diagnose", "--json", "--config", stack]));
+    let findings = report["layers"]["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 1, "{report}");
+    let finding = &findings[0];
+    assert_eq!(finding["severity"], "warning");
+    assert_eq!(finding["component"], "failover");
+    assert_eq!(finding["details"]["journal_depth"], 2);
+    assert_eq!(finding["details"]["journal_path"], journal_path.as_str());
+    assert!(
+        finding["details"]["journal_oldest_age_seconds"]
+            .as_f64()
+            .unwrap()
+            >= 0.0
+    );
+    assert_eq!(report["consistency"]["ok"], true, "{report}");
+
+    journal_two_writes(&journal, &fallback).await;
+    let out = run(&["diagnose", "--config", stack]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warning: failover: the failover journal"),
+        "{text}"
+    );
+}

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, StorageError};
 use crate::model::{now, HealthReport, HealthStatus};
+use crate::ops::diagnose::{journal_finding, side_name};
 use crate::storage::StorageBackend;
 
 /// Checks that a backend (or a stack of layers around one) works, and says how well.
@@ -26,7 +27,9 @@ use crate::storage::StorageBackend;
 ///
 /// The overall status is the worst of the two checks, and at least `degraded` when any
 /// component nested in the backend's report (a layer, either backend of a failover pair)
-/// is not healthy. So: any check failing gives `unhealthy`; a slow check or an unhealthy
+/// is not healthy. A failover journal holding writes not yet replayed to the primary is
+/// an issue of its own (its depth, oldest age and path), and makes the failover layer
+/// report itself degraded. So: any check failing gives `unhealthy`; a slow check or an unhealthy
 /// inner component gives `degraded`; everything else is `healthy`.
 ///
 /// The result is logged with `tracing`: `WARN` when unhealthy or degraded (with the
@@ -301,13 +304,23 @@ fn worst_nested(report: &HealthReport) -> HealthStatus {
 /// Adds an issue for each component of `report` (itself included) that is not healthy
 /// and whose state none of its own components explains: the deepest cause, named by its
 /// path from the outermost layer. The two components of a `failover` report (primary
-/// first, then fallback) are named `primary <kind>` and `fallback <kind>`.
+/// first, then fallback) are named `primary <kind>` and `fallback <kind>`. A failover
+/// journal holding writes adds an issue of its own.
 fn nested_issues(report: &HealthReport, path: &mut Vec<String>, issues: &mut Vec<String>) {
     let explained = report
         .components
         .iter()
         .any(|c| rank(c.status) >= rank(report.status));
-    if report.status != HealthStatus::Healthy && !explained {
+    // A failover journal holding writes is worth saying whatever else explains the
+    // status, and says more than "failover is degraded" when nothing else does.
+    let journal = match report.component.as_str() {
+        "failover" => journal_finding(&report.details, &path.join(" > ")),
+        _ => None,
+    };
+    if let Some(j) = &journal {
+        issues.push(format!("{}: {}", j.component, j.message));
+    }
+    if report.status != HealthStatus::Healthy && !explained && journal.is_none() {
         let mut issue = format!("{} is {}", path.join(" > "), status_str(report.status));
         if let Some(error) = report.details.get("error").and_then(|e| e.as_str()) {
             issue.push_str(": ");
@@ -317,12 +330,7 @@ fn nested_issues(report: &HealthReport, path: &mut Vec<String>, issues: &mut Vec
     }
     let failover = report.component == "failover" && report.components.len() == 2;
     for (i, child) in report.components.iter().enumerate() {
-        let name = match (failover, i) {
-            (true, 0) => format!("primary {}", child.component),
-            (true, _) => format!("fallback {}", child.component),
-            _ => child.component.clone(),
-        };
-        path.push(name);
+        path.push(side_name(failover, i, &child.component));
         nested_issues(child, path, issues);
         path.pop();
     }

@@ -56,7 +56,8 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
-    /// Tell apart refused, timed out, auth and TLS failures, then round-trip a record.
+    /// Tell apart refused, timed out, auth and TLS failures, then round-trip a record;
+    /// warn of what the layers report (a failover journal holding writes).
     Diagnose {
         #[command(flatten)]
         target: Target,

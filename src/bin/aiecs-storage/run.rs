@@ -76,24 +76,40 @@ pub async fn run(command: Command) -> aiecs_storage::Result<Outcome> {
                 (None, None) => String::new(),
             };
             let connection = Some(aiecs_storage::ops::diagnose_connection(&url, timeout).await);
+            // Before the round trip, whose writes a degraded failover would journal too.
+            let layers =
+                aiecs_storage::ops::diagnose_layers(storage.as_ref(), Duration::from_secs(10))
+                    .await;
             let consistency = aiecs_storage::ops::diagnose_consistency(storage.as_ref()).await;
             let _ = storage.close().await;
             let conn_json = serde_json::to_value(&connection)?;
             let cons_json = serde_json::to_value(&consistency)?;
+            let layers_json = serde_json::to_value(&layers)?;
             let conn_ok = conn_json.get("ok").and_then(Value::as_bool).unwrap_or(true);
             let cons_ok = cons_json
                 .get("ok")
                 .and_then(Value::as_bool)
                 .unwrap_or(false);
-            let text = format!(
+            let mut text = format!(
                 "connection: {}\nconsistency: {}\n",
                 serde_json::to_string_pretty(&conn_json)?,
                 serde_json::to_string_pretty(&cons_json)?
             );
+            // Warnings: the store works, and something in the stack needs watching.
+            for f in &layers.findings {
+                text.push_str(&format!("{}: {}: {}\n", f.severity, f.component, f.message));
+            }
+            if let Some(e) = &layers.error {
+                text.push_str(&format!("layers: could not read their figures: {e}\n"));
+            }
             Ok(Outcome {
                 ok: conn_ok && cons_ok,
                 text,
-                json: json!({ "connection": conn_json, "consistency": cons_json }),
+                json: json!({
+                    "connection": conn_json,
+                    "consistency": cons_json,
+                    "layers": layers_json,
+                }),
             })
         }
         Command::Migrate {

@@ -5,8 +5,10 @@
 //!   does not resolve, refused credentials and a failed TLS handshake.
 //! - [`diagnose_consistency`] writes a session, a message, a checkpoint with a pending
 //!   write and a task context, reads each back, compares, and cleans up after itself.
+//! - [`diagnose_layers`] reads the figures of a stack's layers and reports what needs
+//!   an operator: a failover journal holding writes the primary has not got.
 //!
-//! Both return a serializable report and never fail; neither shows a password.
+//! Each returns a serializable report and never fails; none shows a password.
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,12 +19,15 @@ mod checks;
 mod connection;
 mod consistency;
 mod endpoint;
+mod layers;
 
 pub use connection::{diagnose_connection, ConnectionDiagnosis, ConnectionOutcome, DiagnosisStep};
 pub use consistency::{
     diagnose_consistency, diagnose_consistency_within, CheckOutcome, ConsistencyCheck,
     ConsistencyDiagnosis,
 };
+pub use layers::{diagnose_layers, Finding, LayerDiagnosis};
+pub(crate) use layers::{journal_finding, side_name};
 
 /// The prefix of the session and thread ids [`diagnose_consistency`] writes.
 pub const DIAGNOSE_PREFIX: &str = "aiecs-diagnose-";
