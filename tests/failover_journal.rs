@@ -548,3 +548,58 @@ async fn a_journal_replay_never_overwrites_what_another_replica_wrote_after_it()
 async fn an_in_memory_replay_never_overwrites_what_another_replica_wrote_after_it() {
     newer_primary_data_survives_the_replay(false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_taking_over_a_replay_knows_what_the_first_one_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("failover.journal");
+    let primary = Arc::new(MemoryBackend::new());
+    let fallback = Arc::new(MemoryBackend::new());
+    {
+        let (p, faults) = Faults::wrap(primary.clone());
+        faults.set_down(true);
+        let layer = FailoverLayer::new(fallback.clone())
+            .with_failure_threshold(1)
+            .with_cooldown(Duration::from_secs(600))
+            .with_journal(&journal)
+            .unwrap();
+        let storage = layer.layer(p);
+        storage.get_session("fresh").await.unwrap();
+        storage
+            .create_session("fresh", "u", &Metadata::new())
+            .await
+            .unwrap();
+        let update = SessionUpdate::new().metadata_entry("n", 1);
+        assert!(storage.update_session("fresh", &update).await.unwrap());
+    }
+
+    // The first replayer sends the create, then hangs sending the update...
+    let lease = Duration::from_millis(100);
+    let (p, faults) = Faults::wrap(primary.clone());
+    let gate = faults.gate(Target::Op(Operation::UpdateSession), Point::Before);
+    let first_layer = FailoverLayer::new(fallback.clone())
+        .with_journal_lease(lease)
+        .with_journal(&journal)
+        .unwrap();
+    let first = first_layer.layer(p);
+    first.get_session("fresh").await.unwrap();
+    gate.arrived(1).await;
+    assert!(primary.get_session("fresh").await.unwrap().is_some());
+
+    // ...and a second takes over once its lease ran out. The session's `updated_at` is
+    // the first replayer's clock, later than the update was acknowledged: only the
+    // first one's mark, kept in the file, shows the update is not older than the data.
+    let (p, _faults) = Faults::wrap(primary.clone());
+    let second_layer = FailoverLayer::new(fallback.clone())
+        .with_cooldown(Duration::from_millis(20))
+        .with_journal_lease(lease)
+        .with_journal(&journal)
+        .unwrap();
+    let second = second_layer.layer(p);
+    second.get_session("fresh").await.unwrap();
+    drained(&second_layer).await;
+    let fresh = primary.get_session("fresh").await.unwrap().unwrap();
+    assert_eq!(fresh.metadata["n"], 1, "the update was taken as older");
+    assert_eq!(figure(&second, "replay_skipped_newer").await, 0);
+    gate.open();
+}
