@@ -680,9 +680,27 @@ async fn follow(url: &str) -> Result<(), Box<dyn std::error::Error>> {
                 Some(_) => {}
                 None => return Ok(()),
             },
-            _ = &mut stdin_closed => return Ok(()),
+            _ = &mut stdin_closed => {
+                // What following cost this process, for README's coherence figures.
+                if let Some(cpu) = cpu_seconds() {
+                    eprintln!("follower cpu_s={cpu:.2}");
+                }
+                return Ok(());
+            }
         }
     }
+}
+
+/// This process's CPU time (user + system) in seconds, from /proc/self/stat (Linux;
+/// clock ticks taken as 100 per second).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (in parentheses, which may hold spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Starts `k` follower processes over `url` and waits until each reports its feed up;
@@ -907,6 +925,11 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
         }
     }
     storage.close().await?;
+    for mut follower in followers {
+        // Closing its stdin ends it; it reports its CPU time first.
+        drop(follower.stdin.take());
+        let _ = follower.wait();
+    }
 
     match peak_rss_kib() {
         Some(kib) => println!("peak_rss_kib={kib}"),
