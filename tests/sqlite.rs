@@ -31,7 +31,7 @@ async fn data_survives_reopening_the_file() {
     assert_eq!(history[0].content, "kept");
     let health = second.health_check().await.unwrap();
     assert_eq!(health.details["journal_mode"], "wal");
-    assert_eq!(health.details["schema_version"], 3);
+    assert_eq!(health.details["schema_version"], 4);
 }
 
 #[tokio::test]
@@ -63,7 +63,7 @@ async fn initialize_migrates_an_empty_file_once() {
     let version: i64 = raw(&path)
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
 }
 
 #[tokio::test]
@@ -280,7 +280,14 @@ async fn a_version_1_file_is_upgraded_with_its_data() {
     }
     let b = SqliteBackend::new(&path);
     b.initialize().await.unwrap();
-    assert_eq!(b.health_check().await.unwrap().details["schema_version"], 3);
+    assert_eq!(b.health_check().await.unwrap().details["schema_version"], 4);
+    // The change feed's tables came with the upgrade.
+    for table in ["changes", "feed_followers"] {
+        let rows: i64 = raw(&path)
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0, "{table}");
+    }
     let live = b.get_session("live").await.unwrap().unwrap();
     assert_eq!(live.metrics.request_count, 7);
     assert_eq!(live.metadata["k"], serde_json::json!(1));

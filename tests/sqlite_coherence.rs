@@ -4,7 +4,8 @@
 //! binary again with [`CHILD`] set, and only the `writer_process` test acts on it. It
 //! reads one command a line from stdin and acknowledges it once the write committed;
 //! the parent, a coherent [`CacheLayer`] over [`SqliteBackend`], then reads until its
-//! cached value is fresh, and prints how long that took.
+//! cached value is fresh, and prints how long that took. Both use the backend's default
+//! settings: the change feed is on by default.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -33,7 +34,7 @@ async fn writer_process() {
     let Ok(path) = std::env::var(CHILD) else {
         return;
     };
-    let store = SqliteBackend::new(path).with_change_feed(true);
+    let store = SqliteBackend::new(path);
     store.initialize().await.unwrap();
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
@@ -117,7 +118,7 @@ type Stack = Cached<Arc<SqliteBackend>>;
 
 /// A cache over the file, seeded with a session, a checkpoint and a task context.
 async fn stack(path: &Path, layer: CacheLayer) -> Stack {
-    let storage = layer.layer(Arc::new(SqliteBackend::new(path).with_change_feed(true)));
+    let storage = layer.layer(Arc::new(SqliteBackend::new(path)));
     storage.initialize().await.unwrap();
     storage
         .create_session("s", "u", &Metadata::new())
@@ -258,4 +259,95 @@ async fn without_the_feed_the_cache_stays_stale() {
     assert_eq!(context(&storage).await, Some(json!({"step": 1})));
     writer.quit();
     storage.close().await.unwrap();
+}
+
+/// How many rows of the `changes` table name session `s`: what the writer recorded.
+fn recorded(path: &Path) -> i64 {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.query_row(
+        "SELECT count(*) FROM changes WHERE kind = 's' AND id = 's'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+fn followers(path: &Path) -> i64 {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.query_row("SELECT count(*) FROM feed_followers", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// Writers record only while someone follows, and look whether anyone does at most
+/// every 100 ms. So a writer that wrote while nobody followed, and writes again a few
+/// milliseconds after this process started following, records nothing the second time
+/// either. This process's cache must still see that write: its feed comes up only once
+/// every write that may have been made on the old answer has committed, and until then
+/// nothing is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_made_on_an_outdated_nobody_follows_still_reaches_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let seed = SqliteBackend::new(&path);
+    seed.create_session("s", "u", &Metadata::new())
+        .await
+        .unwrap();
+    seed.close().await.unwrap();
+    let mut writer = Writer::spawn(&path);
+    // The second write must come within the writer's 100 ms: on a loaded machine it
+    // may not, and then the scenario is played again.
+    for attempt in 1.. {
+        assert!(
+            attempt <= 10,
+            "the second write never came within 100 ms of the first"
+        );
+        // A write while nobody follows records nothing; the writer now knows nobody does.
+        let before = recorded(&path);
+        writer.run("increment s");
+        assert_eq!(recorded(&path), before, "recorded while nobody followed");
+
+        // This process follows, and caches the moment its feed allows.
+        let storage = CacheLayer::new().layer(Arc::new(SqliteBackend::new(&path)));
+        let old = requests(&storage).await.unwrap();
+        let started = Instant::now();
+        let hits = figure(&storage, "hits").await.as_u64().unwrap();
+        while started.elapsed() < Duration::from_millis(40)
+            && figure(&storage, "hits").await.as_u64().unwrap() == hits
+        {
+            requests(&storage).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+
+        // The writer writes on what it knew before this process followed.
+        let before = recorded(&path);
+        writer.run("increment s");
+        let exercised = recorded(&path) == before;
+        settle("a write made on an outdated answer", || async {
+            requests(&storage).await == Some(old + 1)
+        })
+        .await;
+        // And once the feed is up, the cache serves that value, not the one before.
+        let started = Instant::now();
+        while figure(&storage, "feed").await != json!("up") {
+            assert!(started.elapsed() < DEADLINE, "the feed never came up");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let hits = figure(&storage, "hits").await.as_u64().unwrap();
+        assert_eq!(requests(&storage).await, Some(old + 1));
+        assert_eq!(requests(&storage).await, Some(old + 1));
+        assert!(figure(&storage, "hits").await.as_u64().unwrap() > hits);
+        storage.close().await.unwrap();
+        if exercised {
+            break;
+        }
+        println!("attempt {attempt}: the writer had looked again; once more");
+        // Nobody follows again, and the writer's answer is outdated.
+        let started = Instant::now();
+        while followers(&path) > 0 {
+            assert!(started.elapsed() < DEADLINE, "the follower never left");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    writer.quit();
 }

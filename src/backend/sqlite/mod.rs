@@ -44,11 +44,12 @@ use crate::error::{Result, StorageError};
 /// Each connection runs on its own thread (tokio-rusqlite), so calls never block the
 /// async runtime.
 ///
-/// With [`with_change_feed`](SqliteBackend::with_change_feed), a file database offers a
-/// change feed ([`StorageBackend::changes`]) so a cache in each of several processes
-/// sharing the file stays coherent: every write records what it touched in a `changes`
-/// table in its own transaction, and a task polls that table every 10 ms on a
-/// connection of its own while anyone subscribes.
+/// A file database offers a change feed ([`StorageBackend::changes`]), so a cache in
+/// each of several processes sharing the file stays coherent: while a process follows
+/// the feed, a task of its polls a `changes` table every 10 ms on a connection of its
+/// own, and every write of every process records what it touched there, in its own
+/// transaction. While nobody follows, writes record nothing and cost what they cost
+/// without a feed; see [`with_change_feed`](SqliteBackend::with_change_feed).
 ///
 /// [`StorageBackend::changes`]: crate::StorageBackend::changes
 ///
@@ -163,17 +164,27 @@ impl SqliteBackend {
             busy_timeout: Duration::from_secs(5),
             state: OnceCell::new(),
             closed: AtomicBool::new(false),
-            feed: None,
+            // In memory there is no other process to hear from.
+            feed: (path != Path::new(":memory:")).then(Arc::default),
         }
     }
 
-    /// Records every write's touched sessions, task contexts and threads, and offers
-    /// them as a change feed ([`StorageBackend::changes`](crate::StorageBackend::changes)), so a cache in each of several
-    /// processes sharing the file stays coherent (default off; ignored in memory). Every
-    /// process that writes the file must turn it on, or its writes go unreported.
+    /// Turns the change feed ([`StorageBackend::changes`](crate::StorageBackend::changes))
+    /// on or off (default on; a database in memory has none).
     ///
-    /// Off by default for now: recording costs writes 12-27% of their throughput here
-    /// (create_session the most), more than a store used by one process should pay.
+    /// With the feed on, this backend's writes record the sessions, task contexts and
+    /// threads they touch in a `changes` table while any process sharing the file
+    /// follows the feed, and a subscription to [`changes`](crate::StorageBackend::changes)
+    /// (a coherent cache makes one) follows it: one task polls the table every 10 ms and
+    /// registers the process in a `feed_followers` table. Each writer looks at that
+    /// table at most every 100 ms, so while nobody follows, writes pay nothing
+    /// measurable; while someone does, they pay 12-27% of their throughput here
+    /// (create_session the most). A new subscription reports the feed up about 120 ms
+    /// after it starts, once every writer records for it.
+    ///
+    /// Off, this backend neither records nor offers a feed: turn it off only where no
+    /// other process caches this file, since another process's cache never hears of
+    /// this one's writes. A stack file says `?change_feed=off` after the URL.
     pub fn with_change_feed(mut self, on: bool) -> Self {
         self.feed = (on && self.path.is_some()).then(Arc::default);
         self

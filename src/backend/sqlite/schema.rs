@@ -91,6 +91,15 @@ CREATE TABLE changes (
     id   TEXT NOT NULL
 );
 "#,
+    r#"
+-- Who follows the change feed (see feed.rs): writers record changes only while a row
+-- here has not expired, so a file nobody follows costs its writers nothing. Each
+-- follower's poller keeps its own row alive; expires_at is Unix time in milliseconds.
+CREATE TABLE feed_followers (
+    id         TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 pub(super) const SESSION_COLUMNS: &str =
