@@ -39,6 +39,9 @@ pub(super) fn upsert_session(
             }))
         }
     };
+    // Outside a transaction, the statement commits when it finishes: finished here, a
+    // failed commit is an error, where dropping the rows would reset it and lose one.
+    while rows.next()?.is_some() {}
     drop(rows);
     drop(stmt);
     // A new row already has indexed_at = at; an upserted one may need it moved.
