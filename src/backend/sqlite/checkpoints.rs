@@ -158,6 +158,7 @@ impl CheckpointStorage for SqliteBackend {
         let data = serde_json::to_string(&cp.data)?;
         let metadata = serde_json::to_string(&cp.metadata)?;
         self.write(move |c| {
+            let at = micros(now());
             atomic(c, |tx| {
                 tx.prepare_cached(
                     "INSERT INTO checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
@@ -174,7 +175,7 @@ impl CheckpointStorage for SqliteBackend {
                     cp.parent_checkpoint_id,
                     data,
                     metadata,
-                    micros(now()),
+                    at,
                 ])?;
                 record(tx, Touched::Thread, &cp.thread_id)
             })

@@ -6,21 +6,24 @@
 //!
 //! Recording costs a write 12-27% of its throughput, so writers record only while a
 //! follower is registered in `feed_followers`. A writer connection caches whether one
-//! is, and looks again, inside a write transaction, once the answer is [`FRESH`] old.
-//! A poller registers, then waits until every writer that may still act on an older
-//! "nobody follows" has looked again, and only then reports the feed up:
+//! is, and looks again, under the write lock, once the answer is [`LOOK_EVERY`] old.
+//! A poller registers, then waits until no write can still commit on an older
+//! "nobody follows", and only then reports the feed up:
 //!
-//! - A writer decides whether to record inside a transaction that holds the write lock
-//!   (`BEGIN IMMEDIATE`), using an answer read less than [`FRESH`] before that
-//!   decision, also under the write lock. A registration that answer missed committed
-//!   after it was read.
+//! - No write commits unrecorded on an answer read, under the write lock, [`FRESH`] or
+//!   more before it took the lock. A write transaction (`BEGIN IMMEDIATE`) decides
+//!   under the lock, on an answer younger than [`LOOK_EVERY`]. A write of one statement
+//!   run alone on a "nobody follows" younger than [`LOOK_EVERY`] takes the lock only
+//!   as it runs, so its commit is refused once the answer is [`FRESH`] old, and it runs
+//!   again in a transaction (see [`atomic`]). A registration an answer missed
+//!   committed after that answer was read.
 //! - The poller waits [`FRESH`] and a margin after its registration committed, then
-//!   takes the write lock itself (the fence): any transaction that decided on an answer
-//!   older than the registration decided before the wait ended, held the lock from then
-//!   on, and so has committed before the fence gets the lock. Every transaction after
-//!   the fence records. Time is only ever measured within one process, on the monotonic
-//!   clock, which runs at one rate for every process of a host (and a shared SQLite
-//!   file in WAL mode only works between processes of one host).
+//!   takes the write lock itself (the fence): any write that committed unrecorded on an
+//!   answer older than the registration took the lock before the wait ended, and held
+//!   it until it committed, so before the fence got it. Every write after the fence
+//!   records. Time is only ever measured within one process, on the monotonic clock,
+//!   which runs at one rate for every process of a host (and a shared SQLite file in
+//!   WAL mode only works between processes of one host).
 //! - Writes that committed unrecorded before the feed came up do not matter: a cache
 //!   empties itself when its feed goes down and trusts nothing until it is up again.
 //! - A registration expires unless renewed ([`RENEW_EVERY`]); writers ignore expired
@@ -42,7 +45,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio_rusqlite::Connection;
 
-use super::error::Sql;
+use super::error::{Failure, Sql};
 use crate::feed::{Change, ChangeFeed, FeedHub};
 
 /// How often the poller looks for new changes. A poll that finds none reads one page
@@ -71,10 +74,16 @@ const TRIM_EVERY: i64 = 1_000;
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
-/// How long a writer trusts its answer to "does anyone follow?": one indexed read of a
-/// table of a few rows every 100 ms costs nothing measurable, and a new follower waits
-/// this long (and [`FENCE_MARGIN`]) before its feed is up.
+/// The oldest answer to "does anyone follow?" a write may commit on, from when it took
+/// the write lock; a new follower waits this long (and [`FENCE_MARGIN`]) before its
+/// feed is up.
 pub(super) const FRESH: Duration = Duration::from_millis(100);
+
+/// How often a writer looks again whether anyone follows: one indexed read of a table
+/// of a few rows every 50 ms costs nothing measurable. Half of [`FRESH`]: a write run
+/// alone on an answer younger than this may wait the other half for the lock before
+/// its commit is refused.
+const LOOK_EVERY: Duration = Duration::from_millis(50);
 
 /// Added to [`FRESH`] before the fence, for the instants each side takes around its
 /// SQLite calls.
@@ -131,15 +140,42 @@ thread_local! {
     static RECORDING: Cell<Recording> = const {
         Cell::new(Recording { on: false, followed: false, looked: None })
     };
+    /// Set while [`atomic`] runs a write alone, outside a transaction, on a recent
+    /// "nobody follows": [`late`] then refuses its commits once that answer is
+    /// [`FRESH`] old.
+    static ALONE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Makes the connection of the calling thread record changes while someone follows.
-pub(super) fn set_recording(on: bool) {
+/// Makes `conn`, the writer connection of the calling thread, record changes while
+/// someone follows.
+pub(super) fn start_recording(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     RECORDING.set(Recording {
-        on,
+        on: true,
         followed: false,
         looked: None,
     });
+    conn.commit_hook(Some(late))
+}
+
+/// The writer's commit hook, which SQLite calls under the write lock just before a
+/// commit: `true` turns the commit into a rollback. It refuses a commit of a write run
+/// alone once its "nobody follows" is [`FRESH`] old, since a follower registered
+/// since may have passed its fence (see the module docs).
+fn late() -> bool {
+    ALONE.get()
+        && RECORDING
+            .get()
+            .looked
+            .is_none_or(|looked| looked.elapsed() >= FRESH)
+}
+
+/// Whether a write failed because [`late`] refused its commit.
+fn refused(failure: &Failure) -> bool {
+    matches!(
+        failure,
+        Failure::Sql(rusqlite::Error::SqliteFailure(e, _))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_COMMITHOOK
+    )
 }
 
 /// The wall clock in Unix milliseconds, as `feed_followers.expires_at` counts.
@@ -148,16 +184,17 @@ fn wall_ms() -> i64 {
 }
 
 /// Whether this write records its changes: whether a follower is registered, as last
-/// read under the write lock at most [`FRESH`] ago. Must run inside a transaction that
-/// holds the write lock (see the module docs).
+/// read under the write lock less than [`LOOK_EVERY`] ago. Must run inside a
+/// transaction that holds the write lock (see the module docs), or in a write run
+/// alone by [`atomic`], whose commits [`late`] checks instead.
 fn recording(conn: &rusqlite::Connection) -> Sql<bool> {
     let state = RECORDING.get();
-    if !state.on {
+    if !state.on || ALONE.get() {
         return Ok(false);
     }
     let now = Instant::now();
     if let Some(looked) = state.looked {
-        if now.duration_since(looked) < FRESH {
+        if now.duration_since(looked) < LOOK_EVERY {
             return Ok(state.followed);
         }
     }
@@ -177,27 +214,57 @@ fn recording(conn: &rusqlite::Connection) -> Sql<bool> {
     Ok(followed)
 }
 
-/// Runs a write of one statement in a `BEGIN IMMEDIATE` transaction when the backend
-/// offers a feed, so that it decides whether to record under the write lock and a
-/// change commits with the write; otherwise alone, as a statement commits by itself.
+/// Runs a write of one statement (or of a few, each of which may commit alone) so
+/// that, with a feed, it decides whether to record under the write lock and its change
+/// commits with it: in a `BEGIN IMMEDIATE` transaction (`BEGIN` and `COMMIT` prepared
+/// once, since parsing them each time cost 2% more). Without a feed, alone.
 ///
-/// A transaction even while nobody follows: a statement run alone on a cached "nobody
-/// follows" could wait for the lock (up to the busy timeout) until after a new
-/// follower's fence, and commit unrecorded once that follower's feed is up. The
-/// transaction costs such a write about 5% of its time in SQLite; `BEGIN` and `COMMIT`
-/// are prepared once, since parsing them each time cost another 2%.
+/// With a feed nobody followed at a look less than [`LOOK_EVERY`] ago, alone as well,
+/// which spares the write the transaction: about 5% of a single-statement write's time
+/// in SQLite. Such a write decides before it has the lock, and may wait for the lock
+/// (up to the busy timeout) until after a new follower's fence; so [`late`] refuses its
+/// commit once the look is [`FRESH`] old, and it runs again in a transaction. `write`
+/// must therefore be safe to run twice: a statement of it may have committed before a
+/// later one was refused.
 pub(super) fn atomic<R>(
     conn: &mut rusqlite::Connection,
-    write: impl FnOnce(&rusqlite::Connection) -> Sql<R>,
+    write: impl Fn(&rusqlite::Connection) -> Sql<R>,
 ) -> Sql<R> {
-    if !RECORDING.get().on {
+    let state = RECORDING.get();
+    if !state.on {
         return write(conn);
+    }
+    let recent = |looked: Instant| looked.elapsed() < LOOK_EVERY;
+    if !state.followed && state.looked.is_some_and(recent) {
+        let alone = Alone::start();
+        let done = write(conn);
+        drop(alone);
+        match done {
+            Err(failure) if refused(&failure) => {}
+            done => return done,
+        }
     }
     conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     let open = Open(conn);
     let answer = write(open.0)?;
     open.0.prepare_cached("COMMIT")?.execute([])?;
     Ok(answer)
+}
+
+/// Marks a write run alone by [`atomic`] for as long as it lives.
+struct Alone;
+
+impl Alone {
+    fn start() -> Self {
+        ALONE.set(true);
+        Alone
+    }
+}
+
+impl Drop for Alone {
+    fn drop(&mut self) {
+        ALONE.set(false);
+    }
 }
 
 /// An open transaction of [`atomic`], rolled back unless it committed.
@@ -631,8 +698,8 @@ mod tests {
         // the oldest are trimmed before the poller could read them.
         let written = KEEP + TRIM_EVERY;
         let mut other = rusqlite::Connection::open(&path).unwrap();
-        // As on a writer connection's thread (this test's poller follows).
-        set_recording(true);
+        // As a writer connection (this test's poller follows).
+        start_recording(&other).unwrap();
         let tx = other.transaction().unwrap();
         for i in 1..=written {
             assert!(record(&tx, Touched::Thread, &format!("t{i}")).is_ok());
@@ -747,5 +814,97 @@ mod tests {
             ..fresh
         };
         assert!(stalled.at_risk() && stalled.due());
+    }
+
+    /// A writer connection on `path`, as the backend opens one.
+    fn writer(path: &std::path::Path) -> rusqlite::Connection {
+        let mut c = rusqlite::Connection::open(path).unwrap();
+        c.execute_batch("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;")
+            .unwrap();
+        super::super::schema::migrate(&mut c).unwrap_or_else(|_| panic!("migrate"));
+        start_recording(&c).unwrap();
+        c
+    }
+
+    /// The race a write run alone could lose: it decided on "nobody follows", then
+    /// waited for the lock while a follower registered and fenced. Its commit comes too
+    /// late and is refused, and it runs again in a transaction, which records.
+    #[test]
+    fn a_write_alone_that_got_the_lock_too_late_runs_again_and_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.db");
+        let mut c = writer(&path);
+        // Nobody follows: a write looks, and records nothing.
+        let at = crate::backend::sqlite::rows::micros(crate::model::now());
+        let upsert = |c: &rusqlite::Connection, id: &str| {
+            crate::backend::sqlite::sessions::upsert_session(c, id, "u", "{}", at)
+        };
+        let first = atomic(&mut c, |tx| upsert(tx, "first"));
+        assert!(first.is_ok());
+        assert_eq!(count(&path, "SELECT count(*) FROM changes"), 0);
+
+        // A follower registers and holds the lock past the writer's answer, as its
+        // fence would.
+        let (registered, holding) = std::sync::mpsc::channel();
+        let follower = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut f = rusqlite::Connection::open(path).unwrap();
+                let tx = f
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .unwrap();
+                tx.execute(
+                    "INSERT INTO feed_followers (id, expires_at) VALUES ('f', ?1)",
+                    [wall_ms() + 60_000],
+                )
+                .unwrap();
+                registered.send(()).unwrap();
+                std::thread::sleep(FRESH + Duration::from_millis(20));
+                tx.commit().unwrap();
+            })
+        };
+        holding.recv().unwrap();
+        // The writer's answer is recent: it writes alone, and waits for the lock.
+        RECORDING.set(Recording {
+            looked: Some(Instant::now()),
+            ..RECORDING.get()
+        });
+        let runs = Cell::new(0);
+        let second = atomic(&mut c, |tx| {
+            runs.set(runs.get() + 1);
+            upsert(tx, "second")
+        });
+        follower.join().unwrap();
+        assert!(second.is_ok());
+        assert_eq!(runs.get(), 2, "run alone, refused, run again");
+        assert_eq!(
+            count(&path, "SELECT count(*) FROM changes WHERE id = 'second'"),
+            1
+        );
+        assert_eq!(
+            count(
+                &path,
+                "SELECT count(*) FROM sessions WHERE created_at = updated_at"
+            ),
+            2
+        );
+
+        // While the answer is recent and the lock free, a write alone commits alone.
+        RECORDING.set(Recording {
+            followed: false,
+            looked: Some(Instant::now()),
+            ..RECORDING.get()
+        });
+        let runs = Cell::new(0);
+        let third = atomic(&mut c, |tx| {
+            runs.set(runs.get() + 1);
+            upsert(tx, "third")
+        });
+        assert!(third.is_ok());
+        assert_eq!(runs.get(), 1);
+        assert_eq!(
+            count(&path, "SELECT count(*) FROM changes WHERE id = 'third'"),
+            0
+        );
     }
 }

@@ -255,12 +255,9 @@ impl SqliteBackend {
         call(&writer, migrate).await?;
         if self.feed.is_some() {
             // Only the writer connection writes, on a thread of its own: a flag of that
-            // thread tells `record` to record, at no cost to backends without a feed.
-            call(&writer, |_| {
-                feed::set_recording(true);
-                Ok(())
-            })
-            .await?;
+            // thread and a commit hook make its writes record while someone follows. A
+            // backend without a feed has neither, and its writes pay nothing.
+            call(&writer, |c| Ok(feed::start_recording(c)?)).await?;
         }
         let mut readers = Vec::new();
         if self.path.is_some() {

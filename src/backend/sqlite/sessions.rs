@@ -83,10 +83,14 @@ impl SessionStorage for SqliteBackend {
             user_id.to_owned(),
             serde_json::to_string(metadata)?,
         );
-        // One transaction: the change must commit with the session, or another process's
-        // cache could keep what it read before for good.
-        self.write(move |c| atomic(c, |tx| upsert_session(tx, &id, &user, &meta, micros(now()))))
-            .await
+        // Recorded, the change must commit with the session, or another process's cache
+        // could keep what it read before for good (see `atomic`). The time is read once,
+        // should `atomic` run the write twice.
+        self.write(move |c| {
+            let at = micros(now());
+            atomic(c, |tx| upsert_session(tx, &id, &user, &meta, at))
+        })
+        .await
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {

@@ -47,13 +47,14 @@ impl TaskContextStorage for SqliteBackend {
         validate::task_context(session_id, context)?;
         let (id, text) = (session_id.to_owned(), serde_json::to_string(context)?);
         self.write(move |c| {
+            let at = micros(now());
             atomic(c, |tx| {
                 tx.prepare_cached(
                     "INSERT INTO task_contexts (session_id, context, updated_at) VALUES (?1, ?2, ?3) \
                      ON CONFLICT (session_id) DO UPDATE SET context = excluded.context, \
                      updated_at = excluded.updated_at",
                 )?
-                .execute(params![id, text, micros(now())])?;
+                .execute(params![id, text, at])?;
                 record(tx, Touched::TaskContext, &id)
             })
         })
