@@ -428,6 +428,10 @@ async fn tables_and_indexes_exist_and_hot_queries_use_them() {
     assert_eq!(
         tables,
         [
+            "change_feed",
+            "change_horizons",
+            "changes",
+            "changes_pruned",
             "checkpoint_writes",
             "checkpoints",
             "messages",
@@ -447,6 +451,7 @@ async fn tables_and_indexes_exist_and_hot_queries_use_them() {
         "checkpoints_thread_id_checkpoint_ns_checkpoint_id_key",
         "checkpoint_writes_thread_id_checkpoint_ns_checkpoint_id_tas_key",
         "task_contexts_pkey",
+        "changes_by_xid",
     ] {
         assert!(indexes.iter().any(|i| i == index), "{index} in {indexes:?}");
     }

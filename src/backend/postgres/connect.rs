@@ -51,6 +51,8 @@ pub(super) struct ConnectOptions {
     pub dbname: String,
     /// The schema the URL names with `?schema=`, if any.
     pub schema: Option<String>,
+    /// Whether the URL turns the change feed on or off with `?change_feed=`, if it does.
+    pub change_feed: Option<bool>,
 }
 
 /// The `application_name` set when the URL gives none: shows the pool's connections
@@ -94,9 +96,11 @@ fn decoded_text(what: &str, raw: &str) -> Result<String> {
 ///
 /// Query parameters understood: `sslmode` (`disable`, `prefer`, `require`),
 /// `application_name`, `connect_timeout` (seconds), `host` (a host name or a
-/// Unix-socket directory, overriding the URL's host) and `schema` (where the tables
-/// live, as [`PostgresBackend::with_schema`](super::PostgresBackend::with_schema)). Any other parameter is refused, so
-/// a typo is not silently ignored. No error message contains the password.
+/// Unix-socket directory, overriding the URL's host), `schema` (where the tables
+/// live, as [`PostgresBackend::with_schema`](super::PostgresBackend::with_schema)) and
+/// `change_feed` (`on` or `off`, as
+/// [`PostgresBackend::with_change_feed`](super::PostgresBackend::with_change_feed)). Any
+/// other parameter is refused, so a typo is not silently ignored. No error message contains the password.
 pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
     // A raw `?`, `#` or `/` in the password makes the URL parser split it into host,
     // port, query or fragment: the connection would go elsewhere and a piece of the
@@ -150,6 +154,7 @@ pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
     let mut ssl_mode = SslMode::Prefer;
     let mut application_name = None;
     let mut schema = None;
+    let mut change_feed = None;
     config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
     for (key, value) in url.query_pairs() {
         match key.as_ref() {
@@ -176,11 +181,22 @@ pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
             }
             "host" => host = value.into_owned(),
             "schema" => schema = Some(value.into_owned()),
+            "change_feed" => {
+                change_feed = Some(match value.as_ref() {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    other => {
+                        return Err(bad_url(format!(
+                            "has change_feed `{other}`; expected on or off"
+                        )))
+                    }
+                })
+            }
             // Only the key: the value may be a secret (for example `password=`).
             other => {
                 return Err(bad_url(format!(
                     "has unsupported parameter `{other}`; supported: sslmode, \
-                     application_name, connect_timeout, host, schema"
+                     application_name, connect_timeout, host, schema, change_feed"
                 )))
             }
         }
@@ -207,6 +223,7 @@ pub(super) fn parse_url(input: &str) -> Result<ConnectOptions> {
         host,
         dbname,
         schema,
+        change_feed,
     })
 }
 
@@ -427,6 +444,25 @@ mod tests {
             pool_error(PoolError::Closed, target, limits()),
             StorageError::Closed
         ));
+    }
+
+    #[test]
+    fn change_feed_is_on_or_off() {
+        let feed = |q: &str| parse_url(&format!("postgres://db/x{q}")).map(|o| o.change_feed);
+        assert_eq!(feed("").unwrap(), None);
+        for (q, want) in [
+            ("on", true),
+            ("true", true),
+            ("off", false),
+            ("false", false),
+        ] {
+            assert_eq!(
+                feed(&format!("?change_feed={q}")).unwrap(),
+                Some(want),
+                "{q}"
+            );
+        }
+        assert_eq!(field(parse_url("postgres://db/x?change_feed=no")), "url");
     }
 
     #[test]

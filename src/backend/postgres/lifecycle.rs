@@ -38,10 +38,7 @@ impl StorageBackend for PostgresBackend {
         if !self.feed_enabled {
             return None;
         }
-        Some(
-            self.feed
-                .subscribe(&self.options, &super::schema::channel(&self.schema)),
-        )
+        Some(self.feed.subscribe(&self.options, &self.schema))
     }
 
     async fn initialize(&self) -> Result<()> {

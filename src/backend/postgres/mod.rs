@@ -17,8 +17,8 @@ mod sessions;
 mod sql;
 mod task_context;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::OnceCell;
@@ -36,6 +36,10 @@ pub const DEFAULT_POOL_SIZE: usize = 10;
 pub const DEFAULT_MAX_OVERFLOW: usize = 20;
 /// How long a call waits for a free connection before it fails as unavailable.
 pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a backend prunes its schema's change log, at most.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// How often a backend vacuums its schema's change log, at most.
+const VACUUM_EVERY: Duration = Duration::from_secs(10);
 
 /// Stores everything in a PostgreSQL database, in its own schema (`aiecs` unless
 /// [`with_schema`](PostgresBackend::with_schema) says otherwise), created and migrated on
@@ -50,23 +54,31 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
 ///
 /// The URL is `postgres://user:password@host:port/dbname` (or `postgresql://`) with
 /// optional `sslmode` (`disable`, `prefer` (the default) or `require`),
-/// `application_name`, `connect_timeout` (seconds) and `host` parameters. `require` uses
+/// `application_name`, `connect_timeout` (seconds), `host`, `schema` and `change_feed`
+/// (`on`, the default, or `off`) parameters. `require` uses
 /// TLS (rustls) and verifies the server certificate against the webpki roots and the host
 /// name; `disable` and `prefer` connect in plain text. The password is never shown:
 /// `Debug`, errors and health reports use the URL with the password replaced by `***`.
 ///
-/// With [`with_change_feed`](PostgresBackend::with_change_feed), [`changes`](crate::StorageBackend::changes) is this store's change feed, for a cache that
-/// other processes write behind: triggers on every table `NOTIFY` the schema's channel
-/// (`aiecs_changes_<schema>`) with the session, task context or thread written, which
-/// PostgreSQL delivers exactly when the write commits. The first subscription starts one
-/// listener with a connection of its own, outside the pool (same URL, same TLS); it
-/// reports the feed down while that connection is lost, reconnecting with backoff (50 ms
-/// doubling to 2 s), and stops with the backend or its last subscription. A connection
-/// cut without a word is noticed within 10 s (a check every 5 s, answered within 5 s).
-/// Notifying costs writes: PostgreSQL commits notifying transactions one at a time,
-/// which caps concurrent writers near one commit per WAL flush. Only writers of this
-/// library version notify: a process of an older version still
-/// writing to the schema is not reported.
+/// [`changes`](crate::StorageBackend::changes) is this store's change feed, for caches in
+/// several processes writing one schema (on unless
+/// [`with_change_feed(false)`](PostgresBackend::with_change_feed) or `?change_feed=off`
+/// says otherwise). Every write statement logs the session, task context or thread it
+/// touched to an unlogged `changes` table, in the statement itself, so the log row
+/// commits with the write or not at all; the first subscription starts one follower per
+/// backend that polls the log every 10 ms on a connection of its own, outside the pool
+/// (same URL, same TLS). It compares transaction snapshots rather than keys, so each
+/// write is reported once, by the first poll after it commits (never before), from any
+/// process, this one included: a change reaches another process's cache within about
+/// 10 ms. The feed is reported down while the follower's connection is lost (a poll
+/// unanswered for 5 s counts as lost), reconnecting with backoff (50 ms doubling to 2 s),
+/// and as having missed changes if the follower fell more than 10 s behind the log's
+/// pruning; the follower stops with the backend or its last subscription. Each backend
+/// prunes the log about once a second while it is used. Logging costs concurrent writers
+/// a few per cent of their throughput (see the README's figures), and the follower a
+/// small statement every 10 ms. Only writes made through this library version (or a
+/// later one) are logged: SQL written by hand, or a process of an older version still
+/// running, is not reported.
 ///
 /// Timestamps are `timestamptz` (microseconds, as [`now`](crate::model::now) produces);
 /// JSON is `jsonb`, which keeps values but not the key order of objects (metadata is a
@@ -99,9 +111,15 @@ pub struct PostgresBackend {
     state: OnceCell<State>,
     closed: AtomicBool,
     feed: feed::Feed,
-    /// Whether writes notify and [`changes`](crate::StorageBackend::changes) offers a
-    /// feed; see [`PostgresBackend::with_change_feed`].
+    /// Whether `initialize()` makes the schema log its writes and
+    /// [`changes`](crate::StorageBackend::changes) offers a feed; see
+    /// [`PostgresBackend::with_change_feed`].
     feed_enabled: bool,
+    /// When this backend next prunes the change log, in milliseconds since `born`.
+    next_prune: AtomicU64,
+    /// When this backend next vacuums the change log, in milliseconds since `born`.
+    next_vacuum: AtomicU64,
+    born: Instant,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -134,6 +152,7 @@ impl PostgresBackend {
     pub fn new(url: &str) -> Result<Self> {
         let options = connect::parse_url(url)?;
         let schema = options.schema.clone();
+        let feed_enabled = options.change_feed.unwrap_or(true);
         let backend = PostgresBackend {
             options,
             schema: DEFAULT_SCHEMA.to_owned(),
@@ -143,7 +162,10 @@ impl PostgresBackend {
             state: OnceCell::new(),
             closed: AtomicBool::new(false),
             feed: feed::Feed::default(),
-            feed_enabled: false,
+            feed_enabled,
+            next_prune: AtomicU64::new(0),
+            next_vacuum: AtomicU64::new(0),
+            born: Instant::now(),
         };
         match schema {
             Some(schema) => backend.with_schema(schema),
@@ -151,15 +173,17 @@ impl PostgresBackend {
         }
     }
 
-    /// Makes every write to the schema notify its channel, and offers the notifications
-    /// as a change feed ([`StorageBackend::changes`](crate::StorageBackend::changes)) so
-    /// a cache in each process writing the schema stays coherent (default off).
-    /// `initialize()` adds the triggers, which stay: from then on every writer of the
-    /// schema notifies, whatever its settings.
+    /// Whether this backend offers a change feed
+    /// ([`StorageBackend::changes`](crate::StorageBackend::changes)), so a cache in each
+    /// process writing the schema stays coherent, and turns the schema's feed on at
+    /// `initialize()` (default on; the URL's `?change_feed=off` turns it off too).
     ///
-    /// Off by default: PostgreSQL commits notifying transactions one at a time, so 32
-    /// concurrent writers fell from about 16 000 to 4 500 writes/s here (one writer:
-    /// 7-11%).
+    /// The schema's feed, once on, stays on: every backend of this library writing the
+    /// schema then logs its writes, whatever its own setting, so a process with the feed
+    /// off is still followed by the others (each write checks the schema's flag in its
+    /// own statement; turning the feed on waits for the writes in flight, so none is
+    /// missed). Off, a backend offers no feed and does not turn the schema's on. To stop
+    /// logging, turn it off in every process and empty the schema's `change_feed` table.
     pub fn with_change_feed(mut self, on: bool) -> Self {
         self.feed_enabled = on;
         self
@@ -242,6 +266,7 @@ impl PostgresBackend {
             },
             e => e,
         })?;
+        self.prune_soon(state);
         let client = state
             .pool
             .get()
@@ -252,6 +277,47 @@ impl PostgresBackend {
             sql: &state.sql,
             target: &self.options.redacted,
         })
+    }
+
+    /// Prunes the change log on a task of its own, at most once per [`PRUNE_EVERY`], and
+    /// vacuums it at most once per [`VACUUM_EVERY`] (a server may run without
+    /// autovacuum, and the log's deleted rows would then stay on disk): called on every
+    /// use of the backend, so a schema is pruned while anyone uses it, and a backend
+    /// nobody calls costs nothing. A failed prune is retried next time.
+    fn prune_soon(&self, state: &State) {
+        let now = self.born.elapsed().as_millis() as u64;
+        if !claim(&self.next_prune, now, PRUNE_EVERY) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let vacuum = claim(&self.next_vacuum, now, VACUUM_EVERY);
+        let pool = state.pool.clone();
+        let prune = state.sql.prune_changes.clone();
+        let vacuum_sql = state.sql.vacuum_changes.clone();
+        let target = self.options.redacted.clone();
+        runtime.spawn(async move {
+            let pruned = async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                let keep = feed::KEEP.as_secs_f64();
+                let row = client
+                    .query_one(&prune, &[&keep])
+                    .await
+                    .map_err(|e| connect::describe(&e))?;
+                let deleted: i64 = row.try_get(0).map_err(|e| e.to_string())?;
+                if vacuum && deleted > 0 {
+                    client
+                        .batch_execute(&vacuum_sql)
+                        .await
+                        .map_err(|e| connect::describe(&e))?;
+                }
+                Ok::<_, String>(())
+            };
+            if let Err(e) = pruned.await {
+                tracing::debug!(target = %target, error = %e, "postgres change log: prune failed");
+            }
+        });
     }
 
     fn build_pool(&self) -> Result<Pool> {
@@ -336,6 +402,21 @@ impl PostgresBackend {
     }
 }
 
+/// Moves `next` (milliseconds since the backend was made) `every` past `now` if it is
+/// due, once among concurrent callers: whether this caller did.
+fn claim(next: &AtomicU64, now: u64, every: Duration) -> bool {
+    let due = next.load(Ordering::Relaxed);
+    now >= due
+        && next
+            .compare_exchange(
+                due,
+                now + every.as_millis() as u64,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::sql::SESSION_COLUMNS;
@@ -372,6 +453,43 @@ mod tests {
         assert_eq!(b.max_size(), 5);
         let b = b.with_pool_size(0).with_max_overflow(0);
         assert_eq!(b.max_size(), 1);
+    }
+
+    #[test]
+    fn the_change_feed_is_on_unless_turned_off() {
+        let on = PostgresBackend::new("postgres://db/x").unwrap();
+        assert!(on.feed_enabled);
+        assert!(!on.with_change_feed(false).feed_enabled);
+        let off = PostgresBackend::new("postgres://db/x?change_feed=off").unwrap();
+        assert!(!off.feed_enabled);
+        assert!(off.with_change_feed(true).feed_enabled);
+    }
+
+    #[test]
+    fn every_write_logs_its_change() {
+        let q = Queries::new("aiecs");
+        let logs = "INSERT INTO \"aiecs\".changes (kind, id)";
+        for (name, sql) in [
+            ("create_session", &q.create_session),
+            ("batch_create_sessions", &q.batch_create_sessions),
+            ("update_session", &q.update_session),
+            ("end_session", &q.end_session),
+            ("add_message", &q.add_message),
+            ("batch_add_messages", &q.batch_add_messages),
+            ("restore_sessions", &q.restore_sessions),
+            ("delete_session", &q.delete_session),
+            ("restore_messages", &q.restore_messages),
+            ("restore_checkpoints", &q.restore_checkpoints),
+            ("store_checkpoint", &q.store_checkpoint),
+            ("put_writes", &q.put_writes),
+            ("batch_put_writes", &q.batch_put_writes),
+            ("delete_thread", &q.delete_thread),
+            ("store_task_context", &q.store_task_context),
+            ("cleanup", &q.cleanup),
+        ] {
+            assert!(sql.contains(logs), "{name} does not log: {sql}");
+            assert!(sql.contains("change_feed"), "{name} logs unconditionally");
+        }
     }
 
     #[test]

@@ -102,7 +102,8 @@ ALTER TABLE {s}.messages DROP CONSTRAINT messages_pkey,
     DROP CONSTRAINT messages_session_id_message_id_key,
     ADD PRIMARY KEY (session_id, message_id);
 "#,
-    // The change feed (issue 16). Triggers rather than a pg_notify in each statement of
+    // The change feed's first form (issue 16), replaced by migration 4, which drops
+    // these functions. Triggers rather than a pg_notify in each statement of
     // `sql.rs`: no write can be missed (a restore, a cascade, a statement added later, a
     // hand-written fix), and a row trigger costs a few microseconds per row next to a
     // round trip of a hundred. Row rather than statement triggers: transition tables
@@ -145,25 +146,100 @@ BEGIN
 END
 $$;
 "#,
+    // The change feed, second form (issue 16): each write statement logs what it
+    // touched to an unlogged table, in the statement itself (see `sql.rs`), and each
+    // process's follower reads the log by transaction visibility (see `feed.rs`).
+    // Replaces migration 3's NOTIFY, which made committing writers queue one at a time.
+    //
+    // - `changes`: one row per session, task context or thread a statement wrote, keyed
+    //   by the writing transaction's id (`xid`, as `pg_current_xact_id()` gives it),
+    //   which a follower compares with the snapshots it took. Unlogged: no WAL for it,
+    //   and a crash empties it, which every follower learns by losing its connection.
+    //   Kind `s` (session), `t` (task context), `c` (thread).
+    // - `change_feed`: one row once a backend with the feed on initialized the schema;
+    //   from then on every backend of this library writing the schema logs.
+    // - `change_horizons`: snapshot xmins recorded by `prune_changes` with the time, so
+    //   that rows are pruned only once every transaction running `keep` ago ended.
+    // - `changes_pruned`: one row, the xid below which rows were pruned: a follower whose
+    //   last snapshot is older reports that it may have missed changes. Also the lock
+    //   that makes one pruner at a time do the work.
+    r#"
+DROP TRIGGER IF EXISTS notify_change ON {s}.sessions;
+DROP TRIGGER IF EXISTS notify_change ON {s}.messages;
+DROP TRIGGER IF EXISTS notify_change ON {s}.task_contexts;
+DROP TRIGGER IF EXISTS notify_change ON {s}.checkpoints;
+DROP TRIGGER IF EXISTS notify_change ON {s}.checkpoint_writes;
+DROP FUNCTION {s}.notify_session_change();
+DROP FUNCTION {s}.notify_thread_change();
+
+CREATE UNLOGGED TABLE {s}.changes (
+    xid  xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    kind "char" NOT NULL,
+    id   text COLLATE "C" NOT NULL
+);
+CREATE INDEX changes_by_xid ON {s}.changes (xid);
+CREATE TABLE {s}.change_feed (
+    only_row   boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    enabled_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNLOGGED TABLE {s}.change_horizons (
+    at      timestamptz NOT NULL,
+    horizon xid8 NOT NULL
+);
+CREATE UNLOGGED TABLE {s}.changes_pruned (
+    only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    below    xid8 NOT NULL
+);
+
+-- Records the current xmin as a horizon, then deletes the rows of transactions that
+-- ended before the newest horizon at least `keep` old, and records how far it pruned.
+-- Returns the rows deleted; 0 at once if another call is pruning or the feed is off.
+-- The delete goes through the index whatever the statistics say (none on a server
+-- without autovacuum).
+CREATE FUNCTION {s}.prune_changes(keep interval) RETURNS bigint LANGUAGE plpgsql
+    SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    v_now     xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    v_below   xid8;
+    v_at      timestamptz;
+    v_deleted bigint;
+BEGIN
+    IF NOT EXISTS (SELECT FROM {s}.change_feed) THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO {s}.changes_pruned (below) VALUES ('0') ON CONFLICT DO NOTHING;
+    PERFORM FROM {s}.changes_pruned FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO {s}.change_horizons (at, horizon) VALUES (clock_timestamp(), v_now);
+    SELECT max(h.horizon), max(h.at) INTO v_below, v_at FROM {s}.change_horizons h
+        WHERE h.at <= clock_timestamp() - keep;
+    IF v_below IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM {s}.changes c WHERE c.xid < v_below;
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    -- The newest horizon old enough stays: the next call may prune up to it again.
+    DELETE FROM {s}.change_horizons h WHERE h.at < v_at AND h.horizon <= v_below;
+    UPDATE {s}.changes_pruned p SET below = v_below WHERE p.below < v_below;
+    RETURN v_deleted;
+END
+$$;
+"#,
 ];
 
-/// The triggers that make every write of a schema notify its channel, made by a backend
-/// built with `with_change_feed(true)` (and left in place: every writer of the schema
-/// then notifies). Not a migration: notifying costs concurrent writers most of their
-/// throughput (see the migration that made the functions), so only a schema with
-/// caches in front of it that other processes write behind should pay it.
-pub(super) const FEED_TRIGGERS: &str = r#"
-CREATE OR REPLACE TRIGGER notify_change AFTER INSERT OR UPDATE OR DELETE ON {s}.sessions
-    FOR EACH ROW EXECUTE FUNCTION {s}.notify_session_change('s');
-CREATE OR REPLACE TRIGGER notify_change AFTER INSERT OR UPDATE ON {s}.messages
-    FOR EACH ROW EXECUTE FUNCTION {s}.notify_session_change('s');
-CREATE OR REPLACE TRIGGER notify_change AFTER INSERT OR UPDATE OR DELETE ON {s}.task_contexts
-    FOR EACH ROW EXECUTE FUNCTION {s}.notify_session_change('t');
-CREATE OR REPLACE TRIGGER notify_change AFTER INSERT OR UPDATE OR DELETE ON {s}.checkpoints
-    FOR EACH ROW EXECUTE FUNCTION {s}.notify_thread_change();
-CREATE OR REPLACE TRIGGER notify_change AFTER INSERT OR UPDATE OR DELETE ON {s}.checkpoint_writes
-    FOR EACH ROW EXECUTE FUNCTION {s}.notify_thread_change();
-"#;
+/// Turns the change feed on for a schema, for good: run at `initialize()` by a backend
+/// with the feed on, if the schema's feed is off. From then on every write statement of
+/// this library logs (see `sql::logged`), whatever its backend's settings. The lock waits
+/// for every transaction that wrote to the schema (each write statement locks the log,
+/// logging or not) and holds new ones until the flag commits, so a follower that sees
+/// the flag knows that every write it cannot see yet will be logged.
+pub(super) const ENABLE_FEED: &str = "LOCK TABLE {s}.changes IN SHARE MODE; \
+     INSERT INTO {s}.change_feed (only_row) VALUES (true) ON CONFLICT DO NOTHING";
+
+/// Whether the schema's writes are logged for the change feed.
+pub(super) const FEED_ENABLED: &str = "SELECT EXISTS (SELECT FROM {s}.change_feed)";
 
 /// The schema version this library writes: the number of migrations.
 pub(super) const LATEST_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -205,11 +281,13 @@ pub(super) fn quoted(schema: &str) -> String {
     format!("\"{schema}\"")
 }
 
-/// Where the triggers notify: longest channel name PostgreSQL keeps (NAMEDATALEN - 1).
+/// Where migration 3's functions notify: longest channel name PostgreSQL keeps
+/// (NAMEDATALEN - 1).
 const MAX_CHANNEL_BYTES: usize = 63;
 const CHANNEL_PREFIX: &str = "aiecs_changes_";
 
-/// The `NOTIFY` channel of `schema`'s change feed: `aiecs_changes_<schema>`. A name too
+/// The `NOTIFY` channel of `schema`'s change feed in migration 3 (the feed no longer
+/// notifies): `aiecs_changes_<schema>`. A name too
 /// long for that (over 48 bytes) keeps its first 32 bytes and adds a 64-bit hash, which
 /// makes exactly 63 bytes: no short name's channel (at most 62) can equal it, and two
 /// long names share one only if they share the prefix and the hash.
@@ -330,13 +408,12 @@ pub(super) async fn migrate(
         )
         .await?;
     }
-    if feed {
-        tx.batch_execute(
-            &FEED_TRIGGERS
-                .replace("{s}", &s)
-                .replace("{channel}", &channel(schema)),
-        )
-        .await?;
+    let logged: bool = tx
+        .query_one(&FEED_ENABLED.replace("{s}", &s), &[])
+        .await?
+        .get(0);
+    if feed && !logged {
+        tx.batch_execute(&ENABLE_FEED.replace("{s}", &s)).await?;
     }
     Ok(Migrated {
         from,

@@ -57,11 +57,35 @@ pub(super) struct Queries {
     pub(super) store_task_context: String,
     pub(super) counts: String,
     pub(super) cleanup: String,
+    pub(super) prune_changes: String,
+    pub(super) vacuum_changes: String,
+}
+
+/// Makes `stmt` also log the rows `rows` (a `SELECT` of `kind, id`) to the change log
+/// when the schema's feed is on (`change_feed` has its row), in a data-modifying CTE: the
+/// rows commit with the write, or not at all, and the statement's own answer (its rows,
+/// or the count of rows it changed) stays as it was. The flag is read by the statement
+/// itself, and the statement locks the log whether it logs or not, so the feed cannot be
+/// turned on between a write's check and its commit (see `schema::ENABLE_FEED`). A
+/// logged change of something that was not there (an update of a missing session) only
+/// costs a follower one needless invalidation.
+fn logged(s: &str, rows: &str, stmt: String) -> String {
+    let cte = format!(
+        "log AS (INSERT INTO {s}.changes (kind, id) {rows} \
+         WHERE EXISTS (SELECT FROM {s}.change_feed))"
+    );
+    match stmt.strip_prefix("WITH ") {
+        Some(rest) => format!("WITH {cte}, {rest}"),
+        None => format!("WITH {cte} {stmt}"),
+    }
 }
 
 impl Queries {
+    /// The statements for schema `schema_name`. Every write also logs what it touched
+    /// for the change feed, if the schema's feed is on (see `feed.rs`).
     pub(super) fn new(schema_name: &str) -> Self {
         let s = schema::quoted(schema_name);
+        let log = |rows: &str, stmt: String| logged(&s, rows, stmt);
         let upsert_session = format!(
             "ON CONFLICT (session_id) DO UPDATE SET user_id = EXCLUDED.user_id, \
              metadata = EXCLUDED.metadata, {} \
@@ -78,17 +102,23 @@ impl Queries {
         );
         Queries {
             schema: s.clone(),
-            create_session: format!(
-                "INSERT INTO {s}.sessions \
+            create_session: log(
+                "SELECT 's', $1::text",
+                format!(
+                    "INSERT INTO {s}.sessions \
                  (session_id, user_id, created_at, updated_at, indexed_at, status, metadata) \
                  VALUES ($1, $2, $3, $3, $3, 'active', $4) {upsert_session}"
+                ),
             ),
-            batch_create_sessions: format!(
-                "INSERT INTO {s}.sessions \
+            batch_create_sessions: log(
+                "SELECT DISTINCT 's', unnest($1::text[])",
+                format!(
+                    "INSERT INTO {s}.sessions \
                  (session_id, user_id, created_at, updated_at, indexed_at, status, metadata) \
                  SELECT i.session_id, i.user_id, $3, $3, $3, 'active', i.metadata \
                  FROM unnest($1::text[], $2::text[], $4::jsonb[]) \
                  AS i (session_id, user_id, metadata) {upsert_session}"
+                ),
             ),
             get_session: format!(
                 "SELECT {SESSION_COLUMNS} FROM {s}.sessions WHERE session_id = $1"
@@ -103,8 +133,10 @@ impl Queries {
             // exact: with x the greater and y the lesser term, x + y rounds to infinity
             // exactly when `(x - f64::MAX) + y >= 2^970` (half an ulp of f64::MAX), which
             // is computed without rounding whenever x is close enough to f64::MAX to matter.
-            update_session: format!(
-                "UPDATE {s}.sessions SET request_count = CASE \
+            update_session: log(
+                "SELECT 's', $1::text",
+                format!(
+                    "UPDATE {s}.sessions SET request_count = CASE \
                  WHEN request_count > 9223372036854775807 - $2 THEN 9223372036854775807 \
                  ELSE request_count + $2 END, \
                  total_processing_time = CASE \
@@ -118,29 +150,38 @@ impl Queries {
                  status = COALESCE($5::text, status), \
                  metadata = metadata || $6::jsonb, {} \
                  WHERE session_id = $1",
-                touch("sessions", "$7")
+                    touch("sessions", "$7")
+                ),
             ),
-            end_session: format!(
-                "UPDATE {s}.sessions SET status = $2, {} WHERE session_id = $1",
-                touch("sessions", "$3")
+            end_session: log(
+                "SELECT 's', $1::text",
+                format!(
+                    "UPDATE {s}.sessions SET status = $2, {} WHERE session_id = $1",
+                    touch("sessions", "$3")
+                ),
             ),
             // One statement: the session's updated_at moves and the message is inserted
             // only if the session exists; the count tells a missing session apart.
-            add_message: format!(
-                "WITH touched AS (UPDATE {s}.sessions SET {} \
+            add_message: log(
+                "SELECT 's', $1::text",
+                format!(
+                    "WITH touched AS (UPDATE {s}.sessions SET {} \
                  WHERE session_id = $1 RETURNING session_id), \
                  inserted AS (INSERT INTO {s}.messages \
                  (session_id, message_id, role, content, timestamp, metadata) \
                  SELECT session_id, $2::text, $3::text, $4::text, $6, $5::jsonb FROM touched \
                  ON CONFLICT (session_id, message_id) DO NOTHING) \
                  SELECT count(*) FROM touched",
-                touch("sessions", "$6")
+                    touch("sessions", "$6")
+                ),
             ),
             // Sessions are locked in id order, so concurrent batches touching the same
             // sessions queue instead of deadlocking; messages are inserted in input order
             // (so their seq follows it), only for sessions that exist.
-            batch_add_messages: format!(
-                "WITH input AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], \
+            batch_add_messages: log(
+                "SELECT DISTINCT 's', unnest($1::text[])",
+                format!(
+                    "WITH input AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], \
                  $4::text[], $5::jsonb[]) WITH ORDINALITY \
                  AS i (session_id, message_id, role, content, metadata, ord)), \
                  locked AS MATERIALIZED (SELECT session_id FROM {s}.sessions \
@@ -154,7 +195,8 @@ impl Queries {
                  ORDER BY i.ord \
                  ON CONFLICT (session_id, message_id) DO NOTHING) \
                  SELECT session_id FROM touched",
-                touch("t", "$6")
+                    touch("t", "$6")
+                ),
             ),
             history: format!(
                 "SELECT message_id, role, content, timestamp, metadata FROM \
@@ -162,7 +204,9 @@ impl Queries {
                  FROM {s}.messages WHERE session_id = $1 ORDER BY seq DESC LIMIT $2) m \
                  ORDER BY seq"
             ),
-            restore_sessions: format!(
+            restore_sessions: log(
+                "SELECT DISTINCT 's', unnest($1::text[])",
+                format!(
                 "INSERT INTO {s}.sessions (session_id, user_id, created_at, updated_at, status, \
                  metadata, request_count, total_processing_time, error_count, indexed_at) \
                  SELECT *, r.updated_at FROM unnest($1::text[], $2::text[], \
@@ -177,24 +221,33 @@ impl Queries {
                  total_processing_time = EXCLUDED.total_processing_time, \
                  error_count = EXCLUDED.error_count"
             ),
+            ),
             // One statement: the context and the session (messages cascade) go together;
             // the count is the session's.
-            delete_session: format!(
-                "WITH c AS (DELETE FROM {s}.task_contexts WHERE session_id = $1) \
+            delete_session: log(
+                "SELECT k, $1::text FROM (VALUES ('s'), ('t')) AS v (k)",
+                format!(
+                    "WITH c AS (DELETE FROM {s}.task_contexts WHERE session_id = $1) \
                  DELETE FROM {s}.sessions WHERE session_id = $1"
+                ),
             ),
             session_exists: format!("SELECT 1 FROM {s}.sessions WHERE session_id = $1"),
-            restore_messages: format!(
-                "INSERT INTO {s}.messages (session_id, message_id, role, content, timestamp, \
+            restore_messages: log(
+                "SELECT 's', $1::text",
+                format!(
+                    "INSERT INTO {s}.messages (session_id, message_id, role, content, timestamp, \
                  metadata) \
                  SELECT $1::text, m.message_id, m.role, m.content, m.ts, m.metadata \
                  FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[], \
                  $6::jsonb[]) WITH ORDINALITY AS m (message_id, role, content, ts, metadata, n) \
                  ORDER BY m.n \
                  ON CONFLICT (session_id, message_id) DO NOTHING"
+                ),
             ),
-            restore_checkpoints: format!(
-                "INSERT INTO {s}.checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
+            restore_checkpoints: log(
+                "SELECT DISTINCT 'c', unnest($1::text[])",
+                format!(
+                    "INSERT INTO {s}.checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
                  parent_checkpoint_id, data, metadata, created_at) \
                  SELECT c.thread_id, c.checkpoint_ns, c.checkpoint_id, c.parent, c.data, \
                  c.metadata, c.created_at FROM unnest($1::text[], $2::text[], $3::text[], \
@@ -204,6 +257,7 @@ impl Queries {
                  ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET \
                  parent_checkpoint_id = EXCLUDED.parent_checkpoint_id, data = EXCLUDED.data, \
                  metadata = EXCLUDED.metadata, created_at = EXCLUDED.created_at"
+                ),
             ),
             history_range: format!(
                 "SELECT message_id, role, content, timestamp, metadata FROM {s}.messages \
@@ -227,13 +281,16 @@ impl Queries {
                 "SELECT session_id FROM {s}.task_contexts WHERE session_id > $1 \
                  ORDER BY session_id LIMIT $2"
             ),
-            store_checkpoint: format!(
-                "INSERT INTO {s}.checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
+            store_checkpoint: log(
+                "SELECT 'c', $1::text",
+                format!(
+                    "INSERT INTO {s}.checkpoints (thread_id, checkpoint_ns, checkpoint_id, \
                  parent_checkpoint_id, data, metadata, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7) \
                  ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id) DO UPDATE SET \
                  parent_checkpoint_id = EXCLUDED.parent_checkpoint_id, \
                  data = EXCLUDED.data, metadata = EXCLUDED.metadata"
+                ),
             ),
             get_checkpoint: format!(
                 "SELECT {CHECKPOINT_COLUMNS} FROM {s}.checkpoints \
@@ -253,17 +310,22 @@ impl Queries {
             ),
             // Rows are inserted in index order, so new writes get seq in that order; a
             // replay updates in place and keeps the first seq.
-            put_writes: format!(
-                "INSERT INTO {s}.checkpoint_writes \
+            put_writes: log(
+                "SELECT 'c', $1::text",
+                format!(
+                    "INSERT INTO {s}.checkpoint_writes \
                  (thread_id, checkpoint_ns, checkpoint_id, task_id, idx, channel, value) \
                  SELECT $1::text, $2::text, $3::text, $4::text, w.idx, w.channel, w.value \
                  FROM unnest($5::integer[], $6::text[], $7::jsonb[]) AS w (idx, channel, value) \
                  ORDER BY w.idx \
                  ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) \
                  DO UPDATE SET channel = EXCLUDED.channel, value = EXCLUDED.value"
+                ),
             ),
-            batch_put_writes: format!(
-                "INSERT INTO {s}.checkpoint_writes \
+            batch_put_writes: log(
+                "SELECT DISTINCT 'c', unnest($1::text[])",
+                format!(
+                    "INSERT INTO {s}.checkpoint_writes \
                  (thread_id, checkpoint_ns, checkpoint_id, task_id, idx, channel, value) \
                  SELECT w.thread_id, w.checkpoint_ns, w.checkpoint_id, w.task_id, w.idx, \
                  w.channel, w.value FROM unnest($1::text[], $2::text[], $3::text[], \
@@ -272,23 +334,30 @@ impl Queries {
                  ORDER BY w.n \
                  ON CONFLICT (thread_id, checkpoint_ns, checkpoint_id, task_id, idx) \
                  DO UPDATE SET channel = EXCLUDED.channel, value = EXCLUDED.value"
+                ),
             ),
             get_writes: format!(
                 "SELECT task_id, idx, channel, value FROM {s}.checkpoint_writes \
                  WHERE thread_id = $1 AND checkpoint_ns = $2 AND checkpoint_id = $3 \
                  ORDER BY seq"
             ),
-            delete_thread: format!(
-                "WITH writes AS (DELETE FROM {s}.checkpoint_writes WHERE thread_id = $1) \
+            delete_thread: log(
+                "SELECT 'c', $1::text",
+                format!(
+                    "WITH writes AS (DELETE FROM {s}.checkpoint_writes WHERE thread_id = $1) \
                  DELETE FROM {s}.checkpoints WHERE thread_id = $1"
+                ),
             ),
             get_task_context: format!(
                 "SELECT context FROM {s}.task_contexts WHERE session_id = $1"
             ),
-            store_task_context: format!(
-                "INSERT INTO {s}.task_contexts (session_id, context, updated_at) \
+            store_task_context: log(
+                "SELECT 't', $1::text",
+                format!(
+                    "INSERT INTO {s}.task_contexts (session_id, context, updated_at) \
                  VALUES ($1, $2, $3) ON CONFLICT (session_id) DO UPDATE SET \
                  context = EXCLUDED.context, updated_at = EXCLUDED.updated_at"
+                ),
             ),
             counts: format!(
                 "SELECT (SELECT count(*) FROM {s}.sessions), \
@@ -305,8 +374,20 @@ impl Queries {
                  WHERE indexed_at < $1 AND updated_at < $1 \
                  RETURNING session_id), \
                  contexts AS (DELETE FROM {s}.task_contexts \
-                 WHERE session_id IN (SELECT session_id FROM expired)) \
+                 WHERE session_id IN (SELECT session_id FROM expired) \
+                 RETURNING session_id), \
+                 log AS (INSERT INTO {s}.changes (kind, id) \
+                 SELECT 's', session_id FROM expired \
+                 WHERE EXISTS (SELECT FROM {s}.change_feed) \
+                 UNION ALL SELECT 't', session_id FROM contexts \
+                 WHERE EXISTS (SELECT FROM {s}.change_feed)) \
                  SELECT count(*) FROM expired"
+            ),
+            // `$1` is how long rows are kept, in seconds (see `feed::KEEP`).
+            prune_changes: format!("SELECT {s}.prune_changes(make_interval(secs => $1))"),
+            // SKIP_LOCKED: another process vacuuming it already does the work.
+            vacuum_changes: format!(
+                "VACUUM (SKIP_LOCKED) {s}.changes, {s}.change_horizons, {s}.changes_pruned"
             ),
         }
     }
