@@ -677,10 +677,30 @@ async fn session_updates(
 #[tokio::test]
 async fn touching_a_session_updates_its_row_in_place() {
     let Some(url) = server() else { return };
+    // An update is HOT only if its page has room, and a page makes room only by
+    // pruning, which another session's open snapshot (a concurrent test's
+    // transaction) holds back. So a run may fall short for reasons outside this code;
+    // an update that touches an indexed column falls short in every run.
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let (all, hot) = touch_sessions(&url).await;
+        // The cleanup index moves at most once a minute per session: at most the first
+        // touch of each of the 20 sessions may need a new index entry.
+        if hot >= all - 20 {
+            return;
+        }
+        runs.push(format!("{hot} of {all}"));
+    }
+    panic!("session updates were not HOT (in place): {runs:?}");
+}
+
+/// Makes 301 touches of 20 sessions in a schema of its own; how many of the updates
+/// counted were HOT.
+async fn touch_sessions(url: &str) -> (i64, i64) {
     let schema = common::unique_name("pghot");
-    let b = backend(&url, &schema);
+    let b = backend(url, &schema);
     b.initialize().await.unwrap();
-    let client = raw(&url).await;
+    let client = raw(url).await;
     for s in 0..20 {
         b.create_session(&format!("s{s}"), "u", &Metadata::new())
             .await
@@ -719,13 +739,8 @@ async fn touching_a_session_updates_its_row_in_place() {
     let touches = 20 * 5 * 3 + 1;
     let (all, hot) = session_updates(&client, &schema, touches).await;
     assert!(all >= touches, "{all} updates counted, {touches} made");
-    // The cleanup index moves at most once a minute per session: at most the first
-    // touch of each of the 20 sessions may need a new index entry.
-    assert!(
-        hot >= all - 20,
-        "{hot} of {all} session updates were HOT (in place)"
-    );
-    drop_schema(&url, &schema).await;
+    drop_schema(url, &schema).await;
+    (all, hot)
 }
 
 /// The released version-1 schema, verbatim (released migrations never change): the

@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,12 +19,12 @@ use aiecs_storage::layer::CacheLayer;
 use aiecs_storage::prelude::*;
 use aiecs_storage::{Metadata, NewCheckpoint, PostgresBackend, SessionUpdate};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::Layer;
 
 mod common;
 
 use common::pg::{drop_schema, raw};
+use common::proxy::Proxy;
 
 /// Set in the child process: the URL (schema included) it writes to.
 const CHILD_URL: &str = "AIECS_TEST_COHERENCE_CHILD_URL";
@@ -316,11 +315,6 @@ const FOLLOWER_MARK: &[u8] = b"pg_current_snapshot()::text";
 
 /// A TCP proxy to the server that, when told, cuts every connection that sends
 /// [`FOLLOWER_MARK`]: the feed's connection cannot come back, the pool's are untouched.
-struct Proxy {
-    port: u16,
-    refuse_feed: Arc<AtomicBool>,
-}
-
 async fn proxy(url: &str) -> Proxy {
     let u = url::Url::parse(url).unwrap();
     let target = format!(
@@ -328,61 +322,7 @@ async fn proxy(url: &str) -> Proxy {
         u.host_str().unwrap_or("localhost"),
         u.port().unwrap_or(5432)
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let refuse_feed = Arc::new(AtomicBool::new(false));
-    let refuse = refuse_feed.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let server = match tokio::net::TcpStream::connect(&target).await {
-                Ok(server) => server,
-                Err(e) => {
-                    eprintln!("proxy: cannot reach {target}: {e}");
-                    continue;
-                }
-            };
-            let refuse = refuse.clone();
-            tokio::spawn(async move {
-                let (mut from_client, mut to_client) = client.into_split();
-                let (mut from_server, mut to_server) = server.into_split();
-                let upstream = async {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = from_client.read(&mut buf).await?;
-                        let sent = &buf[..n];
-                        if n == 0
-                            || (refuse.load(Ordering::SeqCst)
-                                && sent
-                                    .windows(FOLLOWER_MARK.len())
-                                    .any(|w| w == FOLLOWER_MARK))
-                        {
-                            return Ok::<(), std::io::Error>(());
-                        }
-                        to_server.write_all(sent).await?;
-                    }
-                };
-                let downstream = async {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = from_server.read(&mut buf).await?;
-                        if n == 0 {
-                            return Ok::<(), std::io::Error>(());
-                        }
-                        to_client.write_all(&buf[..n]).await?;
-                    }
-                };
-                // Either side ending drops both connections.
-                tokio::select! {
-                    _ = upstream => {}
-                    _ = downstream => {}
-                }
-            });
-        }
-    });
-    Proxy { port, refuse_feed }
+    Proxy::start(target, FOLLOWER_MARK).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,7 +346,7 @@ async fn while_the_feed_is_cut_reads_go_to_the_store() {
     assert_eq!(view(&cache).await, before);
 
     // Cut the feed's connection on the server, and keep it from coming back.
-    proxy.refuse_feed.store(true, Ordering::SeqCst);
+    proxy.refuse(true);
     let cut = raw(&base)
         .await
         .execute(
@@ -459,7 +399,7 @@ async fn while_the_feed_is_cut_reads_go_to_the_store() {
     assert!(figure(&cache, "feed_losses").await.as_u64().unwrap() >= 1);
 
     // Let it back: it reconnects, and follows changes again.
-    proxy.refuse_feed.store(false, Ordering::SeqCst);
+    proxy.refuse(false);
     until_feed(&cache, "up").await;
     assert_eq!(view(&cache).await.latest, "c3");
     writer
