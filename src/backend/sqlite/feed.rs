@@ -491,10 +491,17 @@ async fn connect(
     let (lease, registered) = conn
         .call(move |c| {
             c.execute_batch(&format!("PRAGMA busy_timeout = {busy};"))?;
-            register(c, &me, ttl)
+            // A file the backend has not yet made a WAL file is left alone: a write lock
+            // held on it makes the backend's switch to WAL fail at once (SQLite does not
+            // wait for that lock), and its initialize() with it.
+            let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Ok(None);
+            }
+            register(c, &me, ttl).map(Some)
         })
         .await
-        .ok()?;
+        .ok()??;
     Some((conn, lease, registered))
 }
 
