@@ -138,6 +138,16 @@ impl FeedHub {
         self.inner.tx.receiver_count()
     }
 
+    /// The feed's state as a health report shows it: `up`, `down` while a listener runs
+    /// (or reconnects) without being connected, `off` while none runs (nobody subscribes).
+    pub(crate) fn state_name(&self, listening: bool) -> &'static str {
+        match (self.is_up(), listening) {
+            (true, _) => "up",
+            (false, true) => "down",
+            (false, false) => "off",
+        }
+    }
+
     fn set(&self, up: bool, event: FeedEvent) {
         let mut state = self.inner.up.lock().unwrap_or_else(PoisonError::into_inner);
         *state = up;

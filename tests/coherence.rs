@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use aiecs_storage::feed::{Change, FeedHub};
 use aiecs_storage::layer::CacheLayer;
-use aiecs_storage::{prelude::*, MemoryBackend, Metadata, SessionUpdate};
+use aiecs_storage::{prelude::*, HealthStatus, MemoryBackend, Metadata, SessionUpdate};
 use common::fault::Faults;
 use serde_json::{json, Value};
 use tower::Layer;
@@ -184,4 +184,35 @@ async fn a_cache_without_coherence_ignores_the_feed() {
     // Nothing follows the feed, so nothing will ever drop the entry before its TTL.
     assert_eq!(figure(&*storage, "feed").await, json!("none"));
     assert_eq!(requests(&*storage, "s").await, 0);
+}
+
+/// The first call of a new stack is often its health check, and that call starts the
+/// feed: a feed still connecting must not make a healthy store look degraded (CI saw a
+/// PostgreSQL stack reported degraded by the health check that had just subscribed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_that_is_still_connecting_does_not_degrade_the_first_health_check() {
+    let (storage, _store, hub) = stack(CacheLayer::new());
+    let connecting = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        hub.up();
+        hub
+    });
+    let report = storage.health_check().await.unwrap();
+    assert_eq!(report.status, HealthStatus::Healthy, "{report:?}");
+    assert_eq!(report.details["feed"], json!("up"));
+
+    // A feed that goes down later is reported at once.
+    let hub = connecting.await.unwrap();
+    hub.down();
+    until_feed(&*storage, "down").await;
+    let report = storage.health_check().await.unwrap();
+    assert_eq!(report.status, HealthStatus::Degraded, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_that_never_comes_up_degrades_the_health_check() {
+    let (storage, _store, _hub) = stack(CacheLayer::new());
+    let report = storage.health_check().await.unwrap();
+    assert_eq!(report.status, HealthStatus::Degraded, "{report:?}");
+    assert_eq!(report.details["feed"], json!("down"));
 }

@@ -131,6 +131,11 @@ impl Feed {
         feed
     }
 
+    /// The feed's state for a health report: `up`, `down` or `off`.
+    pub(super) fn state_name(&self) -> &'static str {
+        self.hub.state_name(self.running.load(Ordering::SeqCst))
+    }
+
     /// Stops the follower for good: the backend is closed.
     pub(super) fn close(&self) {
         self.stop.send_replace(true);

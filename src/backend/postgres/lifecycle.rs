@@ -77,6 +77,9 @@ impl StorageBackend for PostgresBackend {
         details.insert("pool_size".into(), json!(pool.size));
         details.insert("pool_available".into(), json!(pool.available));
         details.insert("pool_waiting".into(), json!(pool.waiting));
+        if self.feed_enabled {
+            details.insert("feed".into(), json!(self.feed.state_name()));
+        }
         Ok(HealthReport::healthy(self.kind(), latency, details))
     }
 

@@ -92,6 +92,7 @@ impl StorageBackend for RedisBackend {
             "session_ttl_seconds".into(),
             json!(self.session_ttl.map(|t| t.as_secs())),
         );
+        details.insert("feed".into(), json!(self.feed.state_name()));
         Ok(HealthReport::healthy(self.kind(), latency, details))
     }
 

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use super::shared::{Shared, FEED_DOWN, FEED_UP};
 use super::Cached;
@@ -23,13 +24,32 @@ impl<B: StorageBackend> Cached<B> {
             return;
         };
         self.following.get_or_init(|| {
-            if let Some(feed) = self.inner.changes() {
-                self.shared.feed_state(FEED_DOWN);
-                runtime.spawn(consume(feed, Arc::downgrade(&self.shared)));
-            }
+            let feed = self.inner.changes()?;
+            self.shared.feed_state(FEED_DOWN);
+            runtime.spawn(consume(feed, Arc::downgrade(&self.shared)));
+            Some(Instant::now())
         });
     }
+
+    /// Waits, up to [`FEED_SETTLE`] after the subscription, for a feed that has never
+    /// come up: a health check that starts the feed itself (the first call of a new
+    /// stack) should not report a healthy store degraded because its feed is still
+    /// connecting. A feed that was up once, or stays down past that, is reported as it is.
+    pub(super) async fn settle_feed(&self) {
+        let Some(Some(since)) = self.following.get() else {
+            return;
+        };
+        while self.shared.feed_is_down()
+            && !self.shared.feed_was_up.load(Ordering::SeqCst)
+            && since.elapsed() < FEED_SETTLE
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
 }
+
+/// How long after subscribing a health check waits for the feed to come up.
+const FEED_SETTLE: Duration = Duration::from_secs(2);
 
 /// Applies the feed's events to the cache until the feed or the cache is gone.
 async fn consume(mut feed: ChangeFeed, shared: Weak<Shared>) {
@@ -73,6 +93,9 @@ impl Shared {
     /// Sets the feed's state, and its gauge.
     fn feed_state(&self, state: u8) {
         self.feed.store(state, Ordering::SeqCst);
+        if state == FEED_UP {
+            self.feed_was_up.store(true, Ordering::SeqCst);
+        }
         let up = if state == FEED_UP { 1.0 } else { 0.0 };
         self.counters.feed_up.set(names::CACHE_FEED_UP, up);
     }

@@ -270,8 +270,9 @@ impl<B> tower_layer::Layer<B> for CacheLayer {
 pub struct Cached<B> {
     inner: B,
     shared: Arc<Shared>,
-    /// Set once this wrapper subscribed to its backend's change feed (clones share it).
-    following: Arc<OnceLock<()>>,
+    /// Set once this wrapper subscribed to its backend's change feed (clones share it):
+    /// when, or `None` for a backend without a feed.
+    following: Arc<OnceLock<Option<std::time::Instant>>>,
 }
 
 impl<B: Clone> Clone for Cached<B> {

@@ -2,7 +2,7 @@
 //! that outdates entries a write touches.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,6 +59,8 @@ pub(super) struct Shared {
     pub(super) origin: Instant,
     /// The change feed's state: [`FEED_NONE`], [`FEED_DOWN`] or [`FEED_UP`].
     pub(super) feed: AtomicU8,
+    /// Whether the feed has been up since it was followed.
+    pub(super) feed_was_up: AtomicBool,
     pub(super) counters: Arc<Counters>,
     pub(super) config: CacheConfig,
 }
@@ -108,6 +110,7 @@ impl Shared {
             unsettled_all: AtomicU64::new(0),
             origin: Instant::now(),
             feed: AtomicU8::new(FEED_NONE),
+            feed_was_up: AtomicBool::new(false),
             counters,
             config: config.clone(),
         }

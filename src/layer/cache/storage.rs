@@ -385,6 +385,7 @@ impl<B: StorageBackend> StorageBackend for Cached<B> {
     async fn health_check(&self) -> Result<HealthReport> {
         self.follow();
         let started = Instant::now();
+        self.settle_feed().await;
         let inner = self.inner.health_check().await?;
         let s = self.shared.stats();
         let mut details = Metadata::new();
