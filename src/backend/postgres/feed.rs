@@ -50,18 +50,16 @@
 //!
 //! [`FeedEvent::Missed`]: crate::feed::FeedEvent::Missed
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Socket};
 
 use super::connect::{self, ConnectOptions, SslMode};
 use super::schema;
-use crate::feed::{Change, ChangeFeed, FeedHub};
+use crate::feed::listener::{Backoff, Ended, Follow, Listener, Listening};
+use crate::feed::{Change, ChangeFeed};
 
 /// How often the follower polls: well inside the 50 ms issue 16 aims at for a change to
 /// reach another process's cache, for a hundred small statements a second per process.
@@ -81,64 +79,32 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How often the follower checks that someone still subscribes.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// The backend's side of its feed: the hub subscriptions come from, and whether a
-/// follower runs.
-#[derive(Debug)]
-pub(super) struct Feed {
-    hub: FeedHub,
-    running: Arc<AtomicBool>,
-    /// Set when the backend closes; dropped with it. Either stops the follower.
-    stop: watch::Sender<bool>,
-}
-
-impl Default for Feed {
-    fn default() -> Self {
-        Feed {
-            hub: FeedHub::new(),
-            running: Arc::new(AtomicBool::new(false)),
-            stop: watch::channel(false).0,
-        }
-    }
-}
+/// The backend's side of its feed.
+#[derive(Debug, Default)]
+pub(super) struct Feed(Listener);
 
 impl Feed {
-    /// A subscription, starting the follower of `schema` if none runs. Without a tokio
-    /// runtime the subscription stays down until a later call starts the follower.
+    /// A subscription, starting the follower of `schema` if none runs.
     pub(super) fn subscribe(&self, options: &ConnectOptions, schema: &str) -> ChangeFeed {
-        // Subscribe before looking at `running`: a follower that is stopping for want of
-        // subscribers then either sees this one or has cleared `running` for us.
-        let feed = self.hub.subscribe();
-        if *self.stop.borrow() || self.running.swap(true, Ordering::SeqCst) {
-            return feed;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let follower = Follower {
-                    hub: self.hub.clone(),
-                    running: self.running.clone(),
-                    stop: self.stop.subscribe(),
-                    config: options.config.clone(),
-                    ssl_mode: options.ssl_mode,
-                    target: options.redacted.clone(),
-                    schema: schema.to_owned(),
-                    start: start_sql(schema),
-                    poll: poll_sql(schema),
-                };
-                runtime.spawn(follower.run());
-            }
-            Err(_) => self.running.store(false, Ordering::SeqCst),
-        }
-        feed
+        self.0.subscribe(|on| Follower {
+            on,
+            config: options.config.clone(),
+            ssl_mode: options.ssl_mode,
+            target: options.redacted.clone(),
+            schema: schema.to_owned(),
+            start: start_sql(schema),
+            poll: poll_sql(schema),
+        })
     }
 
     /// The feed's state for a health report: `up`, `down` or `off`.
     pub(super) fn state_name(&self) -> &'static str {
-        self.hub.state_name(self.running.load(Ordering::SeqCst))
+        self.0.state_name()
     }
 
     /// Stops the follower for good: the backend is closed.
     pub(super) fn close(&self) {
-        self.stop.send_replace(true);
+        self.0.close();
     }
 }
 
@@ -169,19 +135,15 @@ fn poll_sql(schema: &str) -> String {
 }
 
 /// How one connection's session ended.
-enum Ended {
-    /// The backend closed or was dropped.
-    Stopped,
-    /// No subscription is left.
-    Unwatched,
+enum Session {
+    /// The backend closed, or nobody subscribes any more.
+    Ended(Ended),
     /// The connection failed or was lost; whether it had been up.
     Lost { was_up: bool },
 }
 
 struct Follower {
-    hub: FeedHub,
-    running: Arc<AtomicBool>,
-    stop: watch::Receiver<bool>,
+    on: Listening,
     /// The pool's settings, password included; never printed.
     config: tokio_postgres::Config,
     ssl_mode: SslMode,
@@ -192,63 +154,41 @@ struct Follower {
     poll: String,
 }
 
-impl Follower {
-    fn stopped(&self) -> bool {
-        *self.stop.borrow() || self.stop.has_changed().is_err()
-    }
-
-    async fn run(mut self) {
-        loop {
-            let ended = self.follow().await;
-            self.down();
-            self.running.store(false, Ordering::SeqCst);
-            // A subscription made since the last check found `running` set and started
-            // no follower: carry on for it, unless another follower has started since.
-            if matches!(ended, Ended::Stopped)
-                || self.stopped()
-                || self.hub.subscribers() == 0
-                || self.running.swap(true, Ordering::SeqCst)
-            {
-                return;
-            }
-        }
-    }
-
+impl Follow for Follower {
     /// Connects, and reconnects with backoff after each loss, until stopped or
     /// unwatched.
     async fn follow(&mut self) -> Ended {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         loop {
-            if self.stopped() {
+            if self.on.stopped() {
                 return Ended::Stopped;
             }
-            if self.hub.subscribers() == 0 {
+            if self.on.unwatched() {
                 return Ended::Unwatched;
             }
-            let ended = match self.ssl_mode {
+            let session = match self.ssl_mode {
                 SslMode::Require => self.session(connect::rustls_connector()).await,
                 SslMode::Disable | SslMode::Prefer => self.session(tokio_postgres::NoTls).await,
             };
-            match ended {
-                Ended::Lost { was_up } => {
+            match session {
+                Session::Lost { was_up } => {
                     if was_up {
-                        self.down();
-                        backoff = FIRST_BACKOFF;
+                        self.on.down();
+                        backoff.reset();
                     }
                 }
-                ended => return ended,
+                Session::Ended(ended) => return ended,
             }
-            let mut stop = self.stop.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = stop.changed() => return Ended::Stopped,
+            if !self.on.pause(backoff.next()).await {
+                return Ended::Stopped;
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
+}
 
+impl Follower {
     /// One connection: take the first snapshot, report the feed up, poll.
-    async fn session<T>(&mut self, tls: T) -> Ended
+    async fn session<T>(&mut self, tls: T) -> Session
     where
         T: MakeTlsConnect<Socket>,
         T::Stream: Send + 'static,
@@ -263,7 +203,7 @@ impl Follower {
                     error = %connect::describe(&e),
                     "postgres change feed: cannot connect"
                 );
-                return Ended::Lost { was_up: false };
+                return Session::Lost { was_up: false };
             }
         };
         // The connection is driven by a task of its own while the client's statements
@@ -273,7 +213,7 @@ impl Follower {
         // Left to itself, the driver says goodbye to the server once the client is gone;
         // a lost connection cannot, and its socket could linger until the OS gives up.
         drop(client);
-        if let Ended::Lost { .. } = ended {
+        if let Session::Lost { .. } = ended {
             driver.abort();
         } else {
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut driver).await;
@@ -283,7 +223,7 @@ impl Follower {
 
     /// Takes the first snapshot, checking that the schema logs its writes, reports the
     /// feed up, and polls until the session ends.
-    async fn follow_on(&mut self, client: &Client) -> Ended {
+    async fn follow_on(&mut self, client: &Client) -> Session {
         let start = async {
             // The poll must read the log through its index whatever the table's
             // statistics say (a server without autovacuum may have none, and then
@@ -307,7 +247,7 @@ impl Follower {
                     schema = %self.schema,
                     "postgres change feed: the schema does not log its writes (yet)"
                 );
-                return Ended::Lost { was_up: false };
+                return Session::Lost { was_up: false };
             }
             Ok(Err(e)) => {
                 tracing::debug!(
@@ -315,21 +255,20 @@ impl Follower {
                     error = %connect::describe(&e),
                     "postgres change feed: cannot start following"
                 );
-                return Ended::Lost { was_up: false };
+                return Session::Lost { was_up: false };
             }
-            Err(_) => return Ended::Lost { was_up: false },
+            Err(_) => return Session::Lost { was_up: false },
         };
-        self.hub.up();
+        self.on.hub.up();
         tracing::debug!(target = %self.target, schema = %self.schema, "postgres change feed up");
 
         let mut ticks = tokio::time::interval(POLL_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeat = tokio::time::Instant::now() + HEARTBEAT;
-        let mut stop = self.stop.clone();
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
-                _ = stop.changed() => return Ended::Stopped,
+                _ = self.on.stop_signal() => return Session::Ended(Ended::Stopped),
             }
             let limit = MAX_CHANGES + 1;
             let params: [&(dyn ToSql + Sync); 2] = [&snapshot, &limit];
@@ -338,17 +277,17 @@ impl Follower {
                 Ok(Ok(row)) => row,
                 Ok(Err(e)) => {
                     self.lost(&connect::describe(&e));
-                    return Ended::Lost { was_up: true };
+                    return Session::Lost { was_up: true };
                 }
                 Err(_) => {
                     self.lost("the connection stopped answering");
-                    return Ended::Lost { was_up: true };
+                    return Session::Lost { was_up: true };
                 }
             };
             match decode(&row) {
                 Ok(Poll { logged: false, .. }) => {
                     self.lost("the schema's change feed was turned off");
-                    return Ended::Lost { was_up: true };
+                    return Session::Lost { was_up: true };
                 }
                 Ok(poll) => {
                     snapshot = poll.snapshot;
@@ -356,22 +295,15 @@ impl Follower {
                 }
                 Err(e) => {
                     self.lost(&format!("a poll's answer did not decode: {e}"));
-                    return Ended::Lost { was_up: true };
+                    return Session::Lost { was_up: true };
                 }
             }
             if tokio::time::Instant::now() >= heartbeat {
                 heartbeat = tokio::time::Instant::now() + HEARTBEAT;
-                if self.hub.subscribers() == 0 {
-                    return Ended::Unwatched;
+                if self.on.unwatched() {
+                    return Session::Ended(Ended::Unwatched);
                 }
             }
-        }
-    }
-
-    /// Reports the feed down, once: every `Down` empties the caches that follow it.
-    fn down(&self) {
-        if self.hub.is_up() {
-            self.hub.down();
         }
     }
 
@@ -387,18 +319,18 @@ impl Follower {
     /// (a truncated table) is reported as missed changes.
     fn publish(&self, pruned: bool, changes: &[String]) {
         if pruned || changes.len() as i64 > MAX_CHANGES {
-            self.hub.missed();
+            self.on.hub.missed();
             return;
         }
         let mut missed = false;
         for payload in changes {
             match change(payload) {
-                Some(change) => self.hub.changed(change),
+                Some(change) => self.on.hub.changed(change),
                 None => missed = true,
             }
         }
         if missed {
-            self.hub.missed();
+            self.on.hub.missed();
         }
     }
 }

@@ -28,15 +28,15 @@
 //! loss with backoff, the feed reported down meanwhile.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{AsyncConnectionConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 use redis::{ProtocolVersion, PushInfo, PushKind, Value};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, Notify};
 
 use super::keys;
+use crate::feed::listener::{Backoff, Ended, Follow, Listener, Listening};
 use crate::feed::{ChangeFeed, FeedHub};
 
 /// The first wait before reconnecting; it doubles after each failed attempt.
@@ -52,25 +52,9 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 /// that someone still subscribes.
 const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
 
-/// The backend's side of its feed: the hub subscriptions come from, and whether a
-/// follower runs.
-#[derive(Debug)]
-pub(super) struct Feed {
-    hub: FeedHub,
-    running: Arc<AtomicBool>,
-    /// Set when the backend closes; dropped with it. Either stops the follower.
-    stop: watch::Sender<bool>,
-}
-
-impl Default for Feed {
-    fn default() -> Self {
-        Feed {
-            hub: FeedHub::new(),
-            running: Arc::new(AtomicBool::new(false)),
-            stop: watch::channel(false).0,
-        }
-    }
-}
+/// The backend's side of its feed.
+#[derive(Debug, Default)]
+pub(super) struct Feed(Listener);
 
 /// What the follower connects to: the backend's settings, secrets included; never
 /// printed.
@@ -87,53 +71,27 @@ pub(super) struct Source {
 }
 
 impl Feed {
-    /// A subscription, starting the follower if none runs. Without a tokio runtime the
-    /// subscription stays down until a later call starts the follower.
+    /// A subscription, starting the follower if none runs.
     pub(super) fn subscribe(&self, source: impl FnOnce() -> Source) -> ChangeFeed {
-        // Subscribe before looking at `running`: a follower that is stopping for want of
-        // subscribers then either sees this one or has cleared `running` for us.
-        let feed = self.hub.subscribe();
-        if *self.stop.borrow() || self.running.swap(true, Ordering::SeqCst) {
-            return feed;
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                let follower = Follower {
-                    hub: self.hub.clone(),
-                    running: self.running.clone(),
-                    stop: self.stop.subscribe(),
-                    source: source(),
-                };
-                runtime.spawn(follower.run());
-            }
-            Err(_) => self.running.store(false, Ordering::SeqCst),
-        }
-        feed
+        self.0.subscribe(|on| Follower {
+            on,
+            source: source(),
+        })
     }
 
     /// The feed's state for a health report: `up`, `down` or `off`.
     pub(super) fn state_name(&self) -> &'static str {
-        self.hub.state_name(self.running.load(Ordering::SeqCst))
+        self.0.state_name()
     }
 
     /// Stops the follower for good: the backend is closed.
     pub(super) fn close(&self) {
-        self.stop.send_replace(true);
+        self.0.close();
     }
 }
 
-/// Why the follower stopped following.
-enum Ended {
-    /// The backend closed or was dropped.
-    Stopped,
-    /// No subscription is left.
-    Unwatched,
-}
-
 struct Follower {
-    hub: FeedHub,
-    running: Arc<AtomicBool>,
-    stop: watch::Receiver<bool>,
+    on: Listening,
     source: Source,
 }
 
@@ -154,30 +112,7 @@ impl Drop for Node {
 /// A node task's report: its address, its generation, whether tracking is on.
 type Report = (String, u64, bool);
 
-impl Follower {
-    fn stopped(&self) -> bool {
-        *self.stop.borrow() || self.stop.has_changed().is_err()
-    }
-
-    async fn run(mut self) {
-        loop {
-            let ended = self.follow().await;
-            if self.hub.is_up() {
-                self.hub.down();
-            }
-            self.running.store(false, Ordering::SeqCst);
-            // A subscription made since the last check found `running` set and started
-            // no follower: carry on for it, unless another follower has started since.
-            if matches!(ended, Ended::Stopped)
-                || self.stopped()
-                || self.hub.subscribers() == 0
-                || self.running.swap(true, Ordering::SeqCst)
-            {
-                return;
-            }
-        }
-    }
-
+impl Follow for Follower {
     /// Follows every node until stopped or unwatched, keeping the node set in step with
     /// the cluster's and the hub's state in step with the nodes'.
     async fn follow(&mut self) -> Ended {
@@ -187,7 +122,6 @@ impl Follower {
         let mut topology = Topology::new(&self.source);
         let mut tick = tokio::time::interval(TOPOLOGY_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stop = self.stop.clone();
         loop {
             tokio::select! {
                 Some((address, from, up)) = reports.recv() => {
@@ -198,7 +132,7 @@ impl Follower {
                     }
                 }
                 _ = tick.tick() => {
-                    if self.hub.subscribers() == 0 {
+                    if self.on.unwatched() {
                         return Ended::Unwatched;
                     }
                     if let Some(found) = topology.nodes().await {
@@ -211,7 +145,7 @@ impl Follower {
                             let task = tokio::spawn(track(
                                 info,
                                 self.source.clone(),
-                                self.hub.clone(),
+                                self.on.hub.clone(),
                                 reports_tx.clone(),
                                 (address.clone(), generation),
                             ));
@@ -219,15 +153,15 @@ impl Follower {
                         }
                     }
                 }
-                _ = stop.changed() => return Ended::Stopped,
+                _ = self.on.stop_signal() => return Ended::Stopped,
             }
             let up = !nodes.is_empty() && nodes.values().all(|n| n.up);
-            if up != self.hub.is_up() {
+            if up != self.on.hub.is_up() {
                 if up {
                     tracing::debug!(target = %self.source.redacted, nodes = nodes.len(), "redis change feed up");
-                    self.hub.up();
+                    self.on.hub.up();
                 } else {
-                    self.hub.down();
+                    self.on.hub.down();
                 }
             }
         }
@@ -387,7 +321,7 @@ async fn track(
             .set_protocol(ProtocolVersion::RESP3);
         info.set_redis_settings(settings)
     };
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     loop {
         let was_up = match session(&info, &source, &hub, || {
             let _ = reports.send((address.clone(), generation, true));
@@ -405,10 +339,9 @@ async fn track(
             }
         };
         if was_up {
-            backoff = FIRST_BACKOFF;
+            backoff.reset();
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(backoff.next()).await;
     }
 }
 

@@ -10,6 +10,8 @@
 //! into it, and every subscriber gets a [`ChangeFeed`] that starts with the hub's current
 //! state.
 
+pub(crate) mod listener;
+
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::broadcast;
