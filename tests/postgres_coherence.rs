@@ -9,27 +9,22 @@
 #![cfg(feature = "postgres")]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aiecs_storage::feed::{Change, ChangeFeed, FeedEvent};
 use aiecs_storage::layer::CacheLayer;
 use aiecs_storage::prelude::*;
-use aiecs_storage::{Metadata, NewCheckpoint, PostgresBackend, SessionUpdate};
-use serde_json::{json, Value};
+use aiecs_storage::PostgresBackend;
+use serde_json::json;
 use tower::Layer;
 
 mod common;
 
+use common::coherence::{self, figure, seed, until_feed, until_fresh, view};
 use common::pg::{drop_schema, raw};
 use common::proxy::Proxy;
 
-/// Set in the child process: the URL (schema included) it writes to.
-const CHILD_URL: &str = "AIECS_TEST_COHERENCE_CHILD_URL";
-/// How long a change may take to reach the cache: issue 16's bound on loopback.
-const FRESH_WITHIN: Duration = Duration::from_millis(50);
 /// How long the tests wait for what is not about freshness (a reconnection, an event).
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -60,231 +55,22 @@ fn backend(url: &str) -> Arc<PostgresBackend> {
     )
 }
 
-/// The cache's figure `name` (its layer is the outermost).
-async fn figure(storage: &dyn StorageBackend, name: &str) -> Value {
-    storage.get_metrics().await.unwrap().values[name].clone()
-}
-
-async fn until_feed(storage: &dyn StorageBackend, state: &str) {
-    let deadline = Instant::now() + DEADLINE;
-    while figure(storage, "feed").await != json!(state) {
-        assert!(Instant::now() < deadline, "the feed never read {state}");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// What the test reads through a cache: a session's request count, the thread's latest
-/// checkpoint id and the task context (`None`: the session is gone).
-#[derive(Debug, Clone, PartialEq)]
-struct View {
-    requests: Option<u64>,
-    latest: String,
-    context: Option<Value>,
-}
-
-async fn view(storage: &dyn StorageBackend) -> View {
-    View {
-        requests: storage
-            .get_session("s")
-            .await
-            .unwrap()
-            .map(|s| s.metrics.request_count),
-        latest: storage
-            .get_checkpoint("t", "", None)
-            .await
-            .unwrap()
-            .unwrap()
-            .checkpoint_id,
-        context: storage.get_task_context("s").await.unwrap(),
-    }
-}
-
-async fn seed(storage: &dyn StorageBackend) {
-    storage
-        .create_session("s", "u", &Metadata::new())
-        .await
-        .unwrap();
-    storage
-        .store_checkpoint(&NewCheckpoint::new("t", "c0", json!({"n": 0})))
-        .await
-        .unwrap();
-    storage
-        .store_task_context("s", &json!({"step": 0}))
-        .await
-        .unwrap();
-}
-
-/// The writer process: one write per line read ("session", "checkpoint N",
-/// "context N", "delete"), a line `CHILD done ...` once it committed. Runs only when the parent
-/// test starts it; otherwise it passes at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_writer() {
-    let Ok(url) = std::env::var(CHILD_URL) else {
-        return;
-    };
-    let store = backend(&url);
-    store.initialize().await.unwrap();
-    let mut out = std::io::stdout();
-    writeln!(out, "CHILD ready").unwrap();
-    out.flush().unwrap();
-    let lines = BufReader::new(std::io::stdin()).lines();
-    for line in lines {
-        let line = line.unwrap();
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("session"), _) => {
-                let inc = SessionUpdate::new().increment_requests();
-                assert!(store.update_session("s", &inc).await.unwrap());
-            }
-            (Some("checkpoint"), Some(n)) => store
-                .store_checkpoint(&NewCheckpoint::new("t", format!("c{n}"), json!({"n": n})))
-                .await
-                .unwrap(),
-            (Some("context"), Some(n)) => store
-                .store_task_context("s", &json!({"step": n.parse::<u64>().unwrap()}))
-                .await
-                .unwrap(),
-            (Some("delete"), _) => assert!(store.delete_session("s").await.unwrap()),
-            (Some("quit"), _) => break,
-            other => panic!("unknown command {other:?}"),
-        }
-        writeln!(out, "CHILD done {line}").unwrap();
-        out.flush().unwrap();
-    }
-    store.close().await.unwrap();
-}
-
-/// The child process and its pipes.
-struct Child {
-    process: std::process::Child,
-    input: std::process::ChildStdin,
-    output: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
-impl Child {
-    fn start(url: &str) -> Child {
-        let mut process = Command::new(std::env::current_exe().unwrap())
-            .args(["child_writer", "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_URL, url)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the test binary runs again as the writer");
-        let input = process.stdin.take().unwrap();
-        let output = BufReader::new(process.stdout.take().unwrap()).lines();
-        let mut child = Child {
-            process,
-            input,
-            output,
-        };
-        child.expect("CHILD ready");
-        child
-    }
-
-    fn expect(&mut self, wanted: &str) {
-        for line in &mut self.output {
-            let line = line.unwrap();
-            // libtest may print `test child_writer ... ` on the same line first.
-            if line.ends_with(wanted) {
-                return;
-            }
-        }
-        panic!("the writer ended before printing {wanted:?}");
-    }
-
-    /// Sends a command and waits until the child reports it committed.
-    fn write(&mut self, command: &str) {
-        writeln!(self.input, "{command}").unwrap();
-        self.input.flush().unwrap();
-        self.expect(&format!("CHILD done {command}"));
-    }
-
-    fn finish(mut self) {
-        writeln!(self.input, "quit").unwrap();
-        drop(self.input);
-        assert!(self.process.wait().unwrap().success(), "the writer failed");
-    }
-}
-
-/// Whether a view shows a write.
-type Fresh = dyn Fn(&View) -> bool;
-
-/// Reads through `storage` until `fresh` holds for what it sees; the time it took.
-async fn until_fresh(storage: &dyn StorageBackend, fresh: impl Fn(&View) -> bool) -> Duration {
-    let started = Instant::now();
-    loop {
-        let seen = view(storage).await;
-        if fresh(&seen) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the cache still served {seen:?} {DEADLINE:?} after another process wrote"
-        );
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
+    coherence::child_writer(|url| backend(url)).await
 }
 
 /// Another process writes through a backend made from `child_url` (the parent's schema);
-/// a coherent cache here reads each write within [`FRESH_WITHIN`], a blind one never.
+/// a coherent cache here reads each write, a blind one never.
 async fn a_cache_follows_the_writes_of(base: &str, schema: &str, child_url: &str) {
     let _timed = TIMED.lock().await;
     let url = with_params(base, &[("schema", schema)]);
     let store = backend(&url);
-    seed(&*store).await;
-
     let coherent = CacheLayer::new().layer(store.clone());
     // The same store with a cache that ignores the feed: what the test would see
     // without it.
     let blind = CacheLayer::new().with_coherence(false).layer(store.clone());
-    view(&coherent).await;
-    until_feed(&coherent, "up").await;
-    let before = view(&coherent).await;
-    assert_eq!(view(&blind).await, before);
-    let hits = figure(&coherent, "hits").await;
-    assert_eq!(view(&coherent).await, before);
-    assert_ne!(
-        figure(&coherent, "hits").await,
-        hits,
-        "the reads are cached"
-    );
-
-    let mut child = Child::start(child_url);
-    let steps: [(&str, &Fresh); 4] = [
-        ("session", &|v| v.requests == Some(1)),
-        ("checkpoint 1", &|v| v.latest == "c1"),
-        ("context 1", &|v| v.context == Some(json!({"step": 1}))),
-        ("delete", &|v| v.requests.is_none() && v.context.is_none()),
-    ];
-    let mut delays = Vec::new();
-    for (command, fresh) in steps {
-        // Cached before the write: the read that follows it must not be served from
-        // the cache unless the feed dropped it.
-        view(&coherent).await;
-        child.write(command);
-        let delay = until_fresh(&coherent, fresh).await;
-        println!("feed delay after `{command}`: {delay:?}");
-        delays.push((command, delay));
-    }
-    child.finish();
-    // Speed is not asserted (a loaded machine would fail it); the delays are printed
-    // and README quotes them. `until_fresh` fails past its deadline.
-    let slowest = delays.iter().map(|(_, d)| *d).max().unwrap_or_default();
-    println!("slowest change to reach the cache: {slowest:?} (issue 16 aims at {FRESH_WITHIN:?})");
-
-    // The blind cache still serves what it read first.
-    assert_eq!(view(&blind).await, before);
-    let after = view(&*store).await;
-    assert_eq!(
-        after,
-        View {
-            requests: None,
-            latest: "c1".into(),
-            context: None,
-        }
-    );
-    assert_eq!(view(&coherent).await, after);
-    assert!(figure(&coherent, "remote_changes").await.as_u64().unwrap() >= 4);
+    coherence::another_process_writes(child_url, &*store, &coherent, &blind).await;
     // A feed that starts down has lost nothing, and nothing was missed since.
     assert_eq!(figure(&coherent, "feed_losses").await, json!(0));
     store.close().await.unwrap();
@@ -360,41 +146,13 @@ async fn while_the_feed_is_cut_reads_go_to_the_store() {
     until_feed(&cache, "down").await;
 
     // Writes the feed cannot report: every read right after sees them.
-    let hits = figure(&cache, "hits").await;
-    for n in 1..=3u64 {
-        let inc = SessionUpdate::new().increment_requests();
-        assert!(writer.update_session("s", &inc).await.unwrap());
-        writer
-            .store_checkpoint(&NewCheckpoint::new("t", format!("c{n}"), json!({"n": n})))
-            .await
-            .unwrap();
-        writer
-            .store_task_context("s", &json!({"step": n}))
-            .await
-            .unwrap();
-        let seen = view(&cache).await;
-        assert_eq!(
-            seen,
-            View {
-                requests: Some(n),
-                latest: format!("c{n}"),
-                context: Some(json!({"step": n})),
-            },
-            "a stale read while the feed is down"
-        );
-    }
+    coherence::reads_while_down_are_fresh(&*writer, &cache, 0).await;
     assert!(writer.delete_session("s").await.unwrap());
     let seen = view(&cache).await;
     assert_eq!(
         (seen.requests, seen.context),
         (None, None),
         "a deleted session read while the feed is down"
-    );
-    assert_eq!(figure(&cache, "feed").await, json!("down"));
-    assert_eq!(
-        figure(&cache, "hits").await,
-        hits,
-        "nothing served from cache"
     );
     assert!(figure(&cache, "feed_losses").await.as_u64().unwrap() >= 1);
 

@@ -241,7 +241,12 @@ pub async fn another_process_writes(
         ("delete", &|v| v.requests.is_none() && v.context.is_none()),
     ];
     for (command, fresh) in steps {
+        // Cached before the write: the read that follows it must not be served from the
+        // cache unless the feed dropped it.
+        view(coherent).await;
         child.write(command);
+        // Speed is not asserted (a loaded machine would fail it); `until_fresh` fails
+        // past its deadline, and README quotes the printed delays.
         let delay = until_fresh(coherent, fresh).await;
         println!("feed delay after `{command}`: {delay:?} (the issue aims at 50 ms)");
     }
