@@ -93,5 +93,46 @@ fn layers(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, layers);
+/// A cache hit while the cache follows a change feed that is up, against one that does
+/// not follow: over a SQLite file, whose feed is on by default (the hit never reaches
+/// the file). Issue 16 asks that coherence leave a hit's cost unchanged.
+#[cfg(feature = "sqlite")]
+fn coherent_hit(c: &mut Criterion) {
+    use aiecs_storage::SqliteBackend;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut group = c.benchmark_group("cache_hit_over_sqlite");
+    for (name, coherent) in [("coherent", true), ("not_coherent", false)] {
+        let layer = CacheLayer::new().with_coherence(coherent);
+        let storage = StackBuilder::new()
+            .layer(layer)
+            .build(Arc::new(SqliteBackend::new(
+                dir.path().join(format!("{name}.db")),
+            )));
+        rt.block_on(async {
+            storage
+                .create_session("bench", "user", &Metadata::new())
+                .await
+                .expect("create");
+            let want = if coherent { "up" } else { "none" };
+            while storage.get_metrics().await.expect("metrics").values["feed"] != want {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            storage.get_session("bench").await.expect("warm");
+        });
+        group.bench_function(name, |b| {
+            b.to_async(&rt)
+                .iter(|| async { storage.get_session("bench").await.expect("get").is_some() })
+        });
+    }
+    group.finish();
+}
+
+#[cfg(not(feature = "sqlite"))]
+fn coherent_hit(_: &mut Criterion) {}
+
+criterion_group!(benches, layers, coherent_hit);
 criterion_main!(benches);

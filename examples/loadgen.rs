@@ -36,13 +36,15 @@
 //! messages), then exactly N calls are handed out to C tasks by an atomic counter. Each
 //! call's latency is recorded in microseconds; p50 and p99 are nearest-rank percentiles
 //! of all N calls; `ops_per_s` is N divided by the wall time of the measured phase
-//! (setup excluded). Every id starts with a run id (`lg-` and 8 random hex digits of a
+//! (setup excluded). `cpu_us` is the CPU time the whole machine used in that phase per
+//! call (every process: the server, followers, this one), `own_cpu_us` this process's;
+//! both count in clock ticks of 10 ms, so they need phases of a second or more. Every id starts with a run id (`lg-` and 8 random hex digits of a
 //! UUID v7), so runs never collide.
 //!
 //! Output, one line per operation, then the checks, then the peak RSS:
 //!
 //! ```text
-//! op=<name> backend=<kind> layers=<list or none> n=<N> conc=<C> ops_per_s=<x> p50_us=<x> p99_us=<x>
+//! op=<name> backend=<kind> layers=<list or none> n=<N> conc=<C> ops_per_s=<x> p50_us=<x> p99_us=<x> cpu_us=<x> own_cpu_us=<x>
 //! op=<name> errors=<n>                          (only when n > 0)
 //! check=lost_update expected=<C*100> actual=<request_count>
 //! check=history_order expected=m150..m199 actual=<first id>..<last id> ok=<true|false>
@@ -703,6 +705,22 @@ fn cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// The CPU time every process of the machine used (all CPUs, idle and I/O wait left
+/// out), in seconds, from /proc/stat (Linux; clock ticks taken as 100 per second): on a
+/// machine that runs the server too, what a call costs the server and the client
+/// together, which throughput hides once the cores are busy.
+fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is counted in user).
+    let busy: f64 = ticks.iter().take(8).sum::<f64>() - ticks.get(3)? - ticks.get(4)?;
+    Some(busy / 100.0)
+}
+
 /// Starts `k` follower processes over `url` and waits until each reports its feed up;
 /// they end when the returned handles (their stdin) are dropped.
 fn start_followers(url: &str, k: usize) -> Result<Vec<std::process::Child>, String> {
@@ -807,12 +825,19 @@ async fn run() -> Result<bool, Box<dyn std::error::Error>> {
         if let Some(e) = &setup.first_error {
             eprintln!("op={op} setup first_error={e}");
         }
+        let (machine_before, own_before) = (machine_busy_seconds(), cpu_seconds());
         let phase = run_phase(&ctx, Step::Run(op), n, c).await;
+        let per_call = |before: Option<f64>, after: Option<f64>| match (before, after) {
+            (Some(b), Some(a)) => format!("{:.1}", (a - b) * 1e6 / n as f64),
+            _ => "unknown".to_owned(),
+        };
         println!(
-            "op={op} backend={kind} layers={layers} n={n} conc={c} ops_per_s={:.0} p50_us={} p99_us={}",
+            "op={op} backend={kind} layers={layers} n={n} conc={c} ops_per_s={:.0} p50_us={} p99_us={} cpu_us={} own_cpu_us={}",
             n as f64 / phase.wall.as_secs_f64().max(1e-9),
             phase.percentile(50.0),
             phase.percentile(99.0),
+            per_call(machine_before, machine_busy_seconds()),
+            per_call(own_before, cpu_seconds()),
         );
         if args.layers.iter().any(|l| l == "batch") {
             let stats = batch.stats();
