@@ -44,6 +44,16 @@ impl RedisBackend {
     pub(super) fn command_error(&self, e: redis::RedisError, sent_once: bool) -> StorageError {
         use redis::ErrorKind;
         let text = self.text(&e);
+        if self.is_cluster()
+            && (e.is_timeout()
+                || e.is_io_error()
+                || e.is_connection_dropped()
+                || e.is_connection_refusal())
+        {
+            // The node may be gone or hung while the cluster fails it over: the client
+            // keeps its slot map until told otherwise, and a hung master tells nothing.
+            self.conn.stale();
+        }
         if sent_once && failed_to_connect(&e, &text) {
             // A `ConnectionManager` waits for its reconnection before it sends a
             // command, and fails the command with the reconnection's error.
@@ -101,7 +111,7 @@ impl RedisBackend {
         let conn = match &self.target {
             Target::Node(url) => {
                 let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(5)))
+                    .set_connection_timeout(Some(self.connect_timeout))
                     .set_response_timeout(Some(self.response_timeout))
                     .set_number_of_retries(3);
                 let client = match self.certificates() {
@@ -117,9 +127,17 @@ impl RedisBackend {
             }
             Target::Cluster(nodes) => {
                 let client = |retries: Option<u32>| {
+                    // redis-rs waits 1.28 s at least before sending a refused command
+                    // (TRYAGAIN while a slot migrates, CLUSTERDOWN during a failover)
+                    // again; 10 ms, doubling up to 250 ms, keeps a migration's cost to
+                    // milliseconds and still gives a failover its seconds within the
+                    // retries.
                     let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
-                        .connection_timeout(Duration::from_secs(5))
-                        .response_timeout(self.response_timeout);
+                        .connection_timeout(self.connect_timeout)
+                        .response_timeout(self.response_timeout)
+                        .min_retry_wait(RETRY_WAIT_MIN_MS)
+                        .max_retry_wait(RETRY_WAIT_MAX_MS)
+                        .retry_wait_formula(RETRY_WAIT_MIN_MS, 2);
                     if let Some(certs) = self.certificates() {
                         builder = builder.certs(certs);
                     }
@@ -154,7 +172,6 @@ impl RedisBackend {
         load_scripts(&mut c)
             .await
             .map_err(|e| self.connect_error(e))?;
-        self.upgrade_indexes(&mut c).await?;
         Ok(conn)
     }
 
@@ -179,7 +196,32 @@ impl RedisBackend {
         if self.closed.load(Ordering::Acquire) {
             return Err(StorageError::Closed);
         }
-        self.conn.get_or_try_init(|| self.connect()).await.cloned()
+        if let Some(conn) = self.conn.current() {
+            return Ok(conn);
+        }
+        let _opening = self.conn.opening.lock().await;
+        let old = self.conn.get();
+        if let Some(conn) = self.conn.current() {
+            return Ok(conn);
+        }
+        let fresh = match self.connect().await {
+            Ok(mut conn) => {
+                if old.is_none() {
+                    self.upgrade_indexes(&mut conn).await?;
+                }
+                conn
+            }
+            // Keep what there is, and try again a second later.
+            Err(e) => match old {
+                Some(old) => {
+                    self.conn.set(old.clone());
+                    return Ok(old);
+                }
+                None => return Err(e),
+            },
+        };
+        self.conn.set(fresh.clone());
+        Ok(fresh)
     }
 
     /// Runs one command; reloads the scripts once if the server lost them (a restart or
@@ -291,6 +333,58 @@ impl RedisBackend {
             other => other.map_err(|e| self.error_sent_once(e)),
         }?;
         from_value(reply)
+    }
+}
+
+/// The cluster client's waits before sending a refused command again, in ms.
+const RETRY_WAIT_MIN_MS: u64 = 10;
+const RETRY_WAIT_MAX_MS: u64 = 250;
+
+/// How often at most a cluster's connection is opened anew after errors that say a node
+/// may be gone.
+const REFRESH_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+
+/// The backend's connection: opened on first use; on a cluster, opened again (reading
+/// the slots anew) on the first call after an error that says a node may be gone, at
+/// most every [`REFRESH_AT_MOST_EVERY`]. Calls in flight keep the connection they
+/// started on.
+#[derive(Default)]
+pub(super) struct Link {
+    conn: std::sync::RwLock<Option<Conn>>,
+    /// One opening at a time.
+    opening: tokio::sync::Mutex<()>,
+    /// Set by an error that says a node may be gone.
+    stale: std::sync::atomic::AtomicBool,
+    /// When the connection was last opened.
+    opened: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Link {
+    /// The connection, unless there is none or it should be opened again.
+    fn current(&self) -> Option<Conn> {
+        let conn = self.get()?;
+        if self.stale.load(Ordering::Acquire) {
+            let opened = *self.opened.lock().unwrap_or_else(|e| e.into_inner());
+            if opened.is_none_or(|at| at.elapsed() >= REFRESH_AT_MOST_EVERY) {
+                return None;
+            }
+        }
+        Some(conn)
+    }
+
+    fn get(&self) -> Option<Conn> {
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, conn: Conn) {
+        *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+        *self.opened.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.stale.store(false, Ordering::Release);
+    }
+
+    /// Asks for the connection to be opened again.
+    pub(super) fn stale(&self) {
+        self.stale.store(true, Ordering::Release);
     }
 }
 

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
-use tokio::sync::OnceCell;
 
 use crate::error::{Result, StorageError};
 use crate::redact::{redact_url, url_secrets};
@@ -32,6 +31,10 @@ use crate::redact::{redact_url, url_secrets};
 /// [`IDLE_INDEX_GRANULARITY_SECS`](crate::backend::IDLE_INDEX_GRANULARITY_SECS) in the unit of
 /// the index's scores.
 const INDEX_GRANULARITY_MICROS: i64 = crate::backend::IDLE_INDEX_GRANULARITY_SECS * 1_000_000;
+/// A cluster's default response and connection timeouts: a failover takes a few
+/// seconds (the cluster's node timeout and an election), and a call waiting 10 s on a
+/// master that hangs would outlast it.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(1);
 /// Candidates examined per cleanup round trip.
 const CLEANUP_PAGE: usize = 256;
 
@@ -82,7 +85,8 @@ pub struct RedisBackend {
     checkpoint_ttl: Option<Duration>,
     root_certificate: Option<Vec<u8>>,
     response_timeout: Duration,
-    conn: OnceCell<Conn>,
+    connect_timeout: Duration,
+    conn: connection::Link,
     closed: AtomicBool,
     feed: feed::Feed,
 }
@@ -189,6 +193,7 @@ impl RedisBackend {
                  rediss+cluster:// URL"
             )));
         };
+        let cluster = matches!(target, Target::Cluster(_));
         Ok(RedisBackend {
             target,
             redacted,
@@ -197,8 +202,17 @@ impl RedisBackend {
             session_ttl: Some(Duration::from_secs(24 * 3600)),
             checkpoint_ttl: None,
             root_certificate: None,
-            response_timeout: Duration::from_secs(10),
-            conn: OnceCell::new(),
+            response_timeout: if cluster {
+                CLUSTER_TIMEOUT
+            } else {
+                Duration::from_secs(10)
+            },
+            connect_timeout: if cluster {
+                CLUSTER_TIMEOUT
+            } else {
+                Duration::from_secs(5)
+            },
+            conn: connection::Link::default(),
             closed: AtomicBool::new(false),
             feed: feed::Feed::default(),
         })
@@ -226,10 +240,21 @@ impl RedisBackend {
     }
 
     /// Sets how long a command may wait for its reply before it fails with
-    /// [`StorageError::Timeout`] (default 10 s). A safety net against a hung server; put a
-    /// timeout layer in the stack for per-operation deadlines.
+    /// [`StorageError::Timeout`] (default 10 s on a node, 1 s on a cluster). A safety net
+    /// against a hung server; put a timeout layer in the stack for per-operation
+    /// deadlines. On a cluster it is also how soon a master that hangs with its
+    /// connections open is noticed: a timeout makes the client read the cluster's slots
+    /// again and connect anew (at most once a second), so once a replica is promoted in
+    /// its place, calls go to the replica.
     pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
+        self
+    }
+
+    /// Sets how long opening a connection to a node may take (default 5 s on a node, 1 s
+    /// on a cluster, where a node that does not answer is skipped for the next).
+    pub fn with_connection_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 
