@@ -1242,3 +1242,101 @@ async fn a_store_of_the_older_index_layout_lists_everything_after_connecting() {
         reader.delete_thread(id).await.unwrap();
     }
 }
+
+/// Polls `call` `polls` times, a moment apart (without polling it in between, so a step
+/// whose answer came is not followed by the next), then drops it: a caller that gave up
+/// (a timeout, a `select!`) somewhere between the steps of a write.
+async fn give_up_after<F: std::future::Future>(call: F, polls: usize) {
+    let mut call = std::pin::pin!(call);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    for _ in 0..polls {
+        if call.as_mut().poll(&mut cx).is_ready() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// Issue 23: a record and its listing-index entry live in different slots, written by
+/// separate steps. Whichever step the caller gives up after, a record that is stored is
+/// listed (the listings migration, export and cleanup rely on).
+async fn a_write_given_up_between_its_steps_is_listed_if_stored(server: &str, url: &str) {
+    let storage = RedisBackend::new(url).unwrap().with_prefix(prefix());
+    storage.initialize().await.unwrap();
+    let mut ctx_ids = Vec::new();
+    for polls in 1..=4 {
+        let s = format!("s{polls}");
+        give_up_after(storage.create_session(&s, "u", &Metadata::new()), polls).await;
+        let t = format!("t{polls}");
+        let cp = aiecs_storage::NewCheckpoint::new(t.as_str(), "c1", serde_json::json!({}));
+        give_up_after(storage.store_checkpoint(&cp), polls).await;
+        let w = format!("w{polls}");
+        let writes = [aiecs_storage::WriteInput::new("ch", serde_json::json!(1))];
+        give_up_after(storage.put_writes(&w, "", "c1", "task", &writes), polls).await;
+        let c = format!("c{polls}");
+        give_up_after(
+            storage.store_task_context(&c, &serde_json::json!({"n": polls})),
+            polls,
+        )
+        .await;
+        ctx_ids.push((s, t, w, c));
+    }
+    // What was sent before the caller gave up has landed by now.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let query = aiecs_storage::SessionQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    let sessions: Vec<String> = storage
+        .list_sessions(&query)
+        .await
+        .unwrap()
+        .sessions
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    let threads = storage.list_threads(None, 100).await.unwrap().ids;
+    let contexts = storage.list_task_contexts(None, 100).await.unwrap().ids;
+    let mut stored = 0;
+    for (s, t, w, c) in &ctx_ids {
+        if storage.get_session(s).await.unwrap().is_some() {
+            stored += 1;
+            assert!(
+                sessions.contains(s),
+                "{server}: session {s} stored, not listed"
+            );
+        }
+        if storage.get_checkpoint(t, "", None).await.unwrap().is_some() {
+            stored += 1;
+            assert!(
+                threads.contains(t),
+                "{server}: thread {t} stored, not listed"
+            );
+        }
+        if !storage.get_writes(w, "", "c1").await.unwrap().is_empty() {
+            stored += 1;
+            assert!(
+                threads.contains(w),
+                "{server}: thread {w} stored, not listed"
+            );
+        }
+        if storage.get_task_context(c).await.unwrap().is_some() {
+            stored += 1;
+            assert!(
+                contexts.contains(c),
+                "{server}: context {c} stored, not listed"
+            );
+        }
+    }
+    // Given up at every step, some writes landed (the later ones) and some did not.
+    assert!(stored > 0, "{server}: nothing stored at all");
+    println!("{server}: {stored} of 16 writes given up midway were stored, each listed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_given_up_between_its_steps_is_listed_if_stored_everywhere() {
+    for (server, url) in servers() {
+        a_write_given_up_between_its_steps_is_listed_if_stored(server, &url).await;
+    }
+}

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use redis::Value as RedisValue;
 
-use super::connection::evalsha;
+use super::connection::{evalsha, made_anew};
 use super::decode::{from_value, CheckpointRecord, StoredWrite};
 use super::RedisBackend;
 use crate::error::{Result, StorageError};
@@ -74,32 +74,33 @@ impl CheckpointStorage for RedisBackend {
             now().timestamp_micros(),
             false,
         )?;
-        // Stored, then indexed: see `in_order_each` and `delete_thread`.
         let index = self.thread_index_cmd("ZADD", &checkpoint.thread_id);
-        self.in_order(&[vec![c], vec![index]]).await.map(|_| ())
+        self.write_one_indexed(index, c, made_anew).await
     }
 
     async fn restore_checkpoints(&self, checkpoints: &[Checkpoint]) -> Result<()> {
         validate::restored_checkpoints(checkpoints)?;
-        let mut writes = Vec::with_capacity(checkpoints.len());
-        let mut indexes = Vec::with_capacity(checkpoints.len());
+        let mut items = Vec::with_capacity(checkpoints.len());
         for cp in checkpoints {
             let record = CheckpointRecord {
                 parent: cp.parent_checkpoint_id.clone(),
                 data: cp.data.clone(),
                 metadata: cp.metadata.clone(),
             };
-            writes.push(self.checkpoint_cmd(
+            let write = self.checkpoint_cmd(
                 &cp.thread_id,
                 &cp.checkpoint_ns,
                 &cp.checkpoint_id,
                 &record,
                 cp.created_at.timestamp_micros(),
                 true,
-            )?);
-            indexes.push(self.thread_index_cmd("ZADD", &cp.thread_id));
+            )?;
+            items.push((self.thread_index_cmd("ZADD", &cp.thread_id), write));
         }
-        self.in_order(&[writes, indexes]).await.map(|_| ())
+        for reply in self.write_indexed(items, made_anew).await? {
+            reply?;
+        }
+        Ok(())
     }
 
     async fn get_checkpoint(
@@ -213,13 +214,13 @@ impl CheckpointStorage for RedisBackend {
         }
         let c = self.put_writes_cmd(thread_id, checkpoint_ns, checkpoint_id, task_id, writes)?;
         let index = self.thread_index_cmd("ZADD", thread_id);
-        self.in_order(&[vec![c], vec![index]]).await.map(|_| ())
+        self.write_one_indexed(index, c, made_anew).await
     }
 
     async fn batch_put_writes(&self, items: &[TaskWrites]) -> Result<Vec<Result<()>>> {
         validate::batch("items", items.len())?;
         let mut out = Vec::with_capacity(items.len());
-        let (mut cmds, mut indexes, mut sent) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut pairs, mut sent) = (Vec::new(), Vec::new());
         for (i, w) in items.iter().enumerate() {
             let checked = validate::writes(
                 &w.thread_id,
@@ -229,32 +230,23 @@ impl CheckpointStorage for RedisBackend {
                 &w.writes,
             );
             if checked.is_ok() && !w.writes.is_empty() {
-                cmds.push(self.put_writes_cmd(
+                let write = self.put_writes_cmd(
                     &w.thread_id,
                     &w.checkpoint_ns,
                     &w.checkpoint_id,
                     &w.task_id,
                     &w.writes,
-                )?);
-                indexes.push(self.thread_index_cmd("ZADD", &w.thread_id));
+                )?;
+                pairs.push((self.thread_index_cmd("ZADD", &w.thread_id), write));
                 sent.push(i);
             }
             out.push(checked);
         }
-        // Two commands an item, the writes then the thread index; either failing fails
-        // only its item.
-        let replies = self.in_order_each(&[cmds, indexes]).await?;
-        let mut replies = replies.into_iter();
-        let (writes, indexes) = (replies.next(), replies.next());
-        let pairs = writes
-            .into_iter()
-            .flatten()
-            .zip(indexes.into_iter().flatten());
-        for (i, (write, index)) in sent.into_iter().zip(pairs) {
-            for reply in [write, index] {
-                if let (Err(e), Ok(())) = (reply, &out[i]) {
-                    out[i] = Err(e);
-                }
+        // A failed item fails alone.
+        let replies = self.write_indexed(pairs, made_anew).await?;
+        for (i, reply) in sent.into_iter().zip(replies) {
+            if let Err(e) = reply {
+                out[i] = Err(e);
             }
         }
         Ok(out)

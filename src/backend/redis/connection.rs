@@ -286,9 +286,10 @@ impl RedisBackend {
     /// than the last's (a session or a thread).
     ///
     /// Why order matters: a write and its index entry live in different slots, so no
-    /// script covers both. Writers store the record before indexing it, and deleters
-    /// remove the record before its entry and then look again; whatever two processes
-    /// interleave, a record that exists at the end has its entry (see `delete_session`).
+    /// script covers both. Writers index before they store (see
+    /// [`Self::write_indexed`]), and deleters remove the record before its entry and
+    /// then look again; whatever two processes interleave, a record that exists at the
+    /// end has its entry (see `delete_session`).
     pub(super) async fn in_order_each(
         &self,
         stages: &[Vec<Cmd>],
@@ -306,6 +307,62 @@ impl RedisBackend {
             out.push(replies.by_ref().take(stage.len()).collect());
         }
         Ok(out)
+    }
+
+    /// Writes records together with their listing-index entries (`(index, write)` per
+    /// item) so that no listing loses a stored record, whatever fails or is dropped
+    /// between them. A record and its entry live in different slots, so no script covers
+    /// both; the entry goes first, as a hint that listings verify (they skip ids whose
+    /// record is missing, and cleanup removes such entries). Only then the record: a
+    /// write that lands is indexed already, even if the call times out or the caller
+    /// gives up before the answer. A delete from another process between the two could
+    /// remove the hint (it removes the record, then the entry, then looks again for a
+    /// record to index); so when the write made its record anew (`fresh` says so from
+    /// its reply) or its entry failed, the entry is written again after it, which the
+    /// delete's second look or this third step always covers (on a node too: another
+    /// client's pipelined delete can run between the two commands of ours). Answers
+    /// each item's write reply, or its error.
+    pub(super) async fn write_indexed(
+        &self,
+        items: Vec<(Cmd, Cmd)>,
+        fresh: impl Fn(&RedisValue) -> bool,
+    ) -> Result<Vec<Result<RedisValue>>> {
+        let (indexes, writes): (Vec<Cmd>, Vec<Cmd>) = items.into_iter().unzip();
+        let mut replies = self.in_order_each(&[indexes.clone(), writes]).await?;
+        let (written, indexed) = (
+            replies.pop().unwrap_or_default(),
+            replies.pop().unwrap_or_default(),
+        );
+        let mut out = Vec::with_capacity(written.len());
+        let mut again = Vec::new();
+        for (i, (write, index)) in written.into_iter().zip(indexed).enumerate() {
+            if let Ok(reply) = &write {
+                if index.is_err() || fresh(reply) {
+                    again.push(i);
+                }
+            }
+            out.push(write);
+        }
+        if !again.is_empty() {
+            let cmds: Vec<Cmd> = again.iter().map(|&i| indexes[i].clone()).collect();
+            for (i, reply) in again.into_iter().zip(self.many_each(&cmds).await?) {
+                if let Err(e) = reply {
+                    out[i] = Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Self::write_indexed`] for one write.
+    pub(super) async fn write_one_indexed(
+        &self,
+        index: Cmd,
+        write: Cmd,
+        fresh: impl Fn(&RedisValue) -> bool,
+    ) -> Result<()> {
+        let reply = self.write_indexed(vec![(index, write)], fresh).await?;
+        reply.into_iter().next().transpose().map(|_| ())
     }
 
     /// [`Self::in_order_each`], failing on the first failed command.
@@ -335,6 +392,16 @@ impl RedisBackend {
         from_value(reply)
     }
 }
+
+/// Whether a write script made its record anew: `STORE_CHECKPOINT`, `PUT_WRITES` (a new
+/// thread) and `STORE_CONTEXT` answer 2 then, 1 otherwise. See
+/// [`RedisBackend::write_indexed`].
+pub(super) fn made_anew(reply: &RedisValue) -> bool {
+    matches!(reply, RedisValue::Int(2))
+}
+
+/// Commands [`Conn::many`] sends to a cluster at once.
+const CLUSTER_CHUNK: usize = 256;
 
 /// The cluster client's waits before sending a refused command again, in ms.
 const RETRY_WAIT_MIN_MS: u64 = 10;
@@ -482,11 +549,18 @@ impl Conn {
                 pipe.query_async(c).await
             }
             Conn::Cluster { shared: c, .. } => {
-                let calls = cmds.iter().map(|cmd| {
-                    let mut c = c.clone();
-                    async move { cmd.query_async::<RedisValue>(&mut c).await }
-                });
-                Ok(futures_util::future::join_all(calls).await)
+                // A command's response timeout runs from when it is queued: 10 000 sent
+                // at once would wait behind each other past a second. A chunk at a time
+                // keeps each one's wait short.
+                let mut replies = Vec::with_capacity(cmds.len());
+                for chunk in cmds.chunks(CLUSTER_CHUNK) {
+                    let calls = chunk.iter().map(|cmd| {
+                        let mut c = c.clone();
+                        async move { cmd.query_async::<RedisValue>(&mut c).await }
+                    });
+                    replies.extend(futures_util::future::join_all(calls).await);
+                }
+                Ok(replies)
             }
         }
     }

@@ -198,7 +198,8 @@ return tonumber(updated)
 
 /// Stores or updates a checkpoint. KEYS: seq, order, checkpoints, registry. ARGV: id,
 /// record JSON, created_at (µs), ttl ms, and '1' to overwrite created_at of an existing
-/// id (a restore) rather than keep it (a store).
+/// id (a restore) rather than keep it (a store). Returns 2 when the thread is new (its
+/// registry did not exist), else 1.
 pub static STORE_CHECKPOINT: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
@@ -209,10 +210,12 @@ if redis.call('ZSCORE', KEYS[2], ARGV[1]) == false then
 end
 redis.call('HSET', KEYS[3], 'r:' .. ARGV[1], ARGV[2])
 if ARGV[5] == '1' then redis.call('HSET', KEYS[3], 'c:' .. ARGV[1], ARGV[3]) end
+local fresh = redis.call('EXISTS', KEYS[4]) == 0
 redis.call('SADD', KEYS[4], KEYS[2], KEYS[3])
 if tonumber(ARGV[4]) > 0 then
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
 end
+if fresh then return 2 end
 return 1
 "#,
     )
@@ -237,7 +240,7 @@ return {id, v[1], v[2]}
 });
 
 /// Stores pending writes, keeping each one's first sequence. KEYS: seq, order, values,
-/// registry. ARGV: ttl ms, then field/JSON pairs.
+/// registry. ARGV: ttl ms, then field/JSON pairs. Returns 2 when the thread is new, else 1.
 pub static PUT_WRITES: LazyLock<Lua> = LazyLock::new(|| {
     Lua::new(
         r#"
@@ -247,10 +250,29 @@ for i = 2, #ARGV, 2 do
   end
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
 end
+local fresh = redis.call('EXISTS', KEYS[4]) == 0
 redis.call('SADD', KEYS[4], KEYS[2], KEYS[3])
 if tonumber(ARGV[1]) > 0 then
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
 end
+if fresh then return 2 end
+return 1
+"#,
+    )
+});
+
+/// Stores a task context. KEYS: context. ARGV: JSON, ttl ms ('0': none). Returns 2 when
+/// the context is new, else 1.
+pub static STORE_CONTEXT: LazyLock<Lua> = LazyLock::new(|| {
+    Lua::new(
+        r#"
+local fresh = redis.call('EXISTS', KEYS[1]) == 0
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+if fresh then return 2 end
 return 1
 "#,
     )
@@ -392,7 +414,7 @@ return #ids
 });
 
 /// Every script, for loading them at `initialize()` and after a server lost its cache.
-pub fn all() -> [&'static Lua; 17] {
+pub fn all() -> [&'static Lua; 18] {
     [
         &CREATE_SESSION,
         &UPDATE_SESSION,
@@ -411,5 +433,6 @@ pub fn all() -> [&'static Lua; 17] {
         &UNINDEX_SESSION,
         &DELETE_SESSION,
         &UPGRADE_INDEX,
+        &STORE_CONTEXT,
     ]
 }

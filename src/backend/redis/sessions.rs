@@ -25,12 +25,13 @@ impl SessionStorage for RedisBackend {
         validate::create_session(session_id, user_id, metadata)?;
         let time = now();
         let at = time.timestamp_micros();
-        let stages = [
-            vec![self.create_cmd(session_id, user_id, metadata, at)?],
-            vec![self.index_cmd(session_id, at)],
-        ];
-        let replies = self.in_order(&stages).await?;
-        self.created(session_id, user_id, metadata, time, replies[0].first())
+        let item = (
+            self.index_cmd(session_id, at),
+            self.create_cmd(session_id, user_id, metadata, at)?,
+        );
+        let reply = self.write_indexed(vec![item], is_new_session).await?;
+        let reply = reply.into_iter().next().transpose()?;
+        self.created(session_id, user_id, metadata, time, reply.as_ref())
     }
 
     async fn delete_session(&self, session_id: &str) -> Result<bool> {
@@ -39,8 +40,9 @@ impl SessionStorage for RedisBackend {
         // The keys first, then the index entries, then a second look: a create from
         // another process between the two (its keys written after ours went, its entry
         // before ours went) would otherwise be left live and unindexed, hidden from
-        // listing, export, migration and cleanup. Creates write before they index, so
-        // if the look finds nothing, any such create indexes after our removal.
+        // listing, export, migration and cleanup. If the look finds nothing, such a
+        // create wrote its keys anew after ours went, and indexes again after its
+        // write (see `write_indexed`).
         let (index, ids) = (
             Index::Sessions.key_of(&self.prefix, session_id),
             Index::SessionIds.key_of(&self.prefix, session_id),
@@ -74,8 +76,7 @@ impl SessionStorage for RedisBackend {
 
     async fn restore_sessions(&self, sessions: &[Session]) -> Result<()> {
         validate::restored_sessions(sessions)?;
-        let mut writes = Vec::with_capacity(sessions.len());
-        let mut indexes = Vec::with_capacity(sessions.len());
+        let mut items = Vec::with_capacity(sessions.len());
         for s in sessions {
             let keys = self.session_keys(&s.session_id);
             let mut c = evalsha(&scripts::RESTORE_SESSION, &keys.all());
@@ -88,15 +89,16 @@ impl SessionStorage for RedisBackend {
                 .arg(s.metrics.error_count)
                 .arg(Self::ttl_ms(self.session_ttl));
             metadata_args(&mut c, &s.metadata)?;
-            writes.push(c);
             // The exact score, not GT: a restored session may be older than a stale entry.
-            indexes.push(self.index_session_cmd(
-                &s.session_id,
-                s.updated_at.timestamp_micros(),
-                true,
-            ));
+            let index =
+                self.index_session_cmd(&s.session_id, s.updated_at.timestamp_micros(), true);
+            items.push((index, c));
         }
-        self.in_order(&[writes, indexes]).await.map(|_| ())
+        // A restore replaces what was there: index again after each, as after a create.
+        for reply in self.write_indexed(items, |_| true).await? {
+            reply?;
+        }
+        Ok(())
     }
 
     async fn get_session(&self, session_id: &str) -> Result<Option<Session>> {
@@ -141,18 +143,19 @@ impl SessionStorage for RedisBackend {
         validate::new_sessions(sessions)?;
         let time = now();
         let at = time.timestamp_micros();
-        let mut writes = Vec::with_capacity(sessions.len());
-        let mut indexes = Vec::with_capacity(sessions.len());
+        let mut items = Vec::with_capacity(sessions.len());
         for s in sessions {
-            writes.push(self.create_cmd(&s.session_id, &s.user_id, &s.metadata, at)?);
-            indexes.push(self.index_cmd(&s.session_id, at));
+            items.push((
+                self.index_cmd(&s.session_id, at),
+                self.create_cmd(&s.session_id, &s.user_id, &s.metadata, at)?,
+            ));
         }
-        let mut replies = self.in_order(&[writes, indexes]).await?;
+        let replies = self.write_indexed(items, is_new_session).await?;
         sessions
             .iter()
-            .zip(replies.swap_remove(0))
+            .zip(replies)
             .map(|(s, reply)| {
-                self.created(&s.session_id, &s.user_id, &s.metadata, time, Some(&reply))
+                self.created(&s.session_id, &s.user_id, &s.metadata, time, Some(&reply?))
             })
             .collect()
     }
@@ -219,4 +222,10 @@ impl SessionStorage for RedisBackend {
             next_cursor,
         })
     }
+}
+
+/// Whether `CREATE_SESSION` made the session anew (it answers 0; an upsert answers the
+/// hash).
+fn is_new_session(reply: &RedisValue) -> bool {
+    matches!(reply, RedisValue::Int(0))
 }

@@ -3,6 +3,8 @@
 use async_trait::async_trait;
 use serde_json::Value;
 
+use super::connection::{evalsha, made_anew};
+use super::scripts;
 use super::RedisBackend;
 use crate::error::{Result, StorageError};
 use crate::model::IdPage;
@@ -34,14 +36,12 @@ impl TaskContextStorage for RedisBackend {
 
     async fn store_task_context(&self, session_id: &str, context: &Value) -> Result<()> {
         validate::task_context(session_id, context)?;
-        let mut c = redis::cmd("SET");
-        c.arg(self.session_keys(session_id).context)
-            .arg(serde_json::to_string(context)?);
-        if let Some(ttl) = self.session_ttl {
-            c.arg("PX").arg(Self::ttl_ms(Some(ttl)));
-        }
-        // Stored, then indexed: see `delete_session`.
+        let key = self.session_keys(session_id).context;
+        // A script, to know whether the context is new (see `write_indexed`).
+        let mut c = evalsha(&scripts::STORE_CONTEXT, &[&key]);
+        c.arg(serde_json::to_string(context)?)
+            .arg(Self::ttl_ms(self.session_ttl));
         let index = self.id_index_cmd("ZADD", Index::Contexts, session_id);
-        self.in_order(&[vec![c], vec![index]]).await.map(|_| ())
+        self.write_one_indexed(index, c, made_anew).await
     }
 }
