@@ -1284,18 +1284,7 @@ async fn a_write_given_up_between_its_steps_is_listed_if_stored(server: &str, ur
     }
     // What was sent before the caller gave up has landed by now.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let query = aiecs_storage::SessionQuery {
-        limit: 100,
-        ..Default::default()
-    };
-    let sessions: Vec<String> = storage
-        .list_sessions(&query)
-        .await
-        .unwrap()
-        .sessions
-        .into_iter()
-        .map(|s| s.session_id)
-        .collect();
+    let sessions = common::listed_session_ids(&storage).await;
     let threads = storage.list_threads(None, 100).await.unwrap().ids;
     let contexts = storage.list_task_contexts(None, 100).await.unwrap().ids;
     let mut stored = 0;

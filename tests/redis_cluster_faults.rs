@@ -366,18 +366,7 @@ async fn served_again(run: &Run, since: Duration) -> Option<Duration> {
 
 /// Every session and thread the writers used is listed.
 async fn listed(storage: &RedisBackend, prefix: &str, what: &str) {
-    let query = aiecs_storage::SessionQuery {
-        limit: 10_000,
-        ..Default::default()
-    };
-    let sessions: HashSet<String> = storage
-        .list_sessions(&query)
-        .await
-        .unwrap()
-        .sessions
-        .into_iter()
-        .map(|s| s.session_id)
-        .collect();
+    let sessions = common::listed_session_ids(storage).await;
     let threads: HashSet<String> = storage
         .list_threads(None, 10_000)
         .await

@@ -2670,14 +2670,7 @@ impl Run {
             "{}: namespaces of the isolation thread",
             self.name
         );
-        let listed: BTreeSet<String> = b
-            .list_sessions(&SessionQuery::new().limit(MAX_LIMIT))
-            .await
-            .unwrap()
-            .sessions
-            .into_iter()
-            .map(|s| s.session_id)
-            .collect();
+        let listed = common::listed_session_ids(&*b).await;
         for id in &sorted {
             assert!(
                 listed.contains(id),

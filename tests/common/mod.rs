@@ -22,6 +22,22 @@ pub fn unique_name(kind: &str) -> String {
     format!("aiecs_test_{kind}_{}", uuid::Uuid::now_v7().simple())
 }
 
+/// The ids of the first page (up to 10 000) of `storage`'s sessions, unfiltered.
+#[allow(dead_code)]
+pub async fn listed_session_ids(
+    storage: &dyn aiecs_storage::StorageBackend,
+) -> std::collections::BTreeSet<String> {
+    let query = aiecs_storage::SessionQuery::new().limit(10_000);
+    storage
+        .list_sessions(&query)
+        .await
+        .unwrap()
+        .sessions
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect()
+}
+
 pub mod capture;
 #[allow(dead_code)]
 pub mod coherence;
