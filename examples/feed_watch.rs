@@ -16,6 +16,10 @@
 //!
 //! With `-v` before the URL it also prints each event as it arrives. Exits with status 2
 //! if the URL cannot be opened or the backend offers no feed.
+//!
+//! A Redis feed reports only keys its own process read while following (tracking in its
+//! default mode), and this program reads nothing: over Redis it shows the feed's state
+//! and missed changes, not other processes' writes.
 
 use std::time::Duration;
 

@@ -19,7 +19,9 @@
 //!   `add_conversation_message` (about 110 bytes), `get_conversation_history` (limit 50
 //!   on a session holding 200 messages), `store_checkpoint` (1 KiB of JSON, threads of
 //!   20 checkpoints), `get_checkpoint` (latest), `list_checkpoints` (limit 10),
-//!   `put_writes` (2 writes), `get_writes`, `store_task_context`, `get_task_context`.
+//!   `put_writes` (2 writes), `get_writes`, `store_task_context`, `get_task_context`,
+//!   `read_update_session` (`get_session` then one increment of the same session, as an
+//!   agent's step reads its session and records the call; one call is both).
 //! - `--n`: calls per operation (default 10 000); `--concurrency`: tokio tasks sharing
 //!   them (default 32); `--cache-bytes`: bound the `cache` layer to B bytes of heap
 //!   (default: 10 000 entries); `--keep`: leave the data behind.
@@ -28,8 +30,8 @@
 //! - `--followers K`: starts K more processes (this program with `--follow URL`) that
 //!   each subscribe to the backend's change feed and take every event, as K other
 //!   replicas with coherent caches would; the run starts once each reports its feed up.
-//!   What writes cost with coherence on against off is a run with `--followers` against
-//!   one without (README's Performance section).
+//!   On PostgreSQL and SQLite every follower is sent every change; on Redis a follower
+//!   is sent only keys it read, and these read nothing, so there they cost nothing.
 //!
 //! Each operation is measured on its own: what it reads is written first (up to 1 000
 //! sessions or task contexts, 50 threads of 20 checkpoints, one session of 200
@@ -83,7 +85,7 @@ use aiecs_storage::{
 use serde_json::{json, Value};
 
 /// The operations, in their default order.
-const OPS: [&str; 12] = [
+const OPS: [&str; 13] = [
     "create_session",
     "get_session",
     "update_session",
@@ -96,6 +98,7 @@ const OPS: [&str; 12] = [
     "get_writes",
     "store_task_context",
     "get_task_context",
+    "read_update_session",
 ];
 
 const LAYERS: [&str; 6] = ["cache", "retry", "timeout", "batch", "metrics", "logging"];
@@ -356,7 +359,11 @@ impl Ctx {
                 self.note_sessions("cs", self.n);
                 0
             }
-            "get_session" | "update_session" | "add_conversation_message" | "get_task_context" => {
+            "get_session"
+            | "update_session"
+            | "add_conversation_message"
+            | "get_task_context"
+            | "read_update_session" => {
                 self.note_sessions(tag(op), self.sessions);
                 self.sessions
             }
@@ -385,7 +392,10 @@ impl Ctx {
         let s = &self.storage;
         let meta = Metadata::new();
         match op {
-            "get_session" | "update_session" | "add_conversation_message" => s
+            "get_session"
+            | "update_session"
+            | "add_conversation_message"
+            | "read_update_session" => s
                 .create_session(&self.sid(tag(op), i), "loadgen", &meta)
                 .await
                 .map(drop)
@@ -450,6 +460,16 @@ impl Ctx {
                         &self.sid("us", i % self.sessions),
                         &SessionUpdate::new().increment_requests(),
                     )
+                    .await
+                    .map_err(fail)?;
+                expect(found, || "update_session found no session".into())
+            }
+            "read_update_session" => {
+                let id = self.sid("ru", i % self.sessions);
+                let found = s.get_session(&id).await.map_err(fail)?;
+                expect(found.is_some(), || "session not found".into())?;
+                let found = s
+                    .update_session(&id, &SessionUpdate::new().increment_requests())
                     .await
                     .map_err(fail)?;
                 expect(found, || "update_session found no session".into())
@@ -574,6 +594,7 @@ fn tag(op: &str) -> &'static str {
         "get_writes" => "gw",
         "store_task_context" => "tc",
         "get_task_context" => "gt",
+        "read_update_session" => "ru",
         _ => "xx",
     }
 }

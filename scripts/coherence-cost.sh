@@ -9,7 +9,8 @@
 #
 # FOLLOWERS (default 0) more processes follow the feed in the `on` runs, as other
 # replicas would. Needs AIECS_TEST_REDIS_URL and AIECS_TEST_POSTGRES_URL (either may be
-# unset to leave that backend out).
+# unset to leave that backend out). OPS=a,b,... measures other operations (default: the
+# five writes, and `read_update_session`, a read and a write of one session per call).
 #
 # PINNED=1 gives the server CPU 1 and loadgen (with its followers) CPU 0, as if each had
 # a host of its own, instead of sharing both cores (Linux, local servers; restored at
@@ -21,7 +22,7 @@ n=${2:-20000}
 followers=${3:-0}
 bin=${LOADGEN:-target/release/examples/loadgen}
 [ -x "$bin" ] || cargo build --release --example loadgen --all-features
-ops=create_session,update_session,store_checkpoint,put_writes,store_task_context
+ops=${OPS:-create_session,update_session,store_checkpoint,put_writes,store_task_context,read_update_session}
 out=$(mktemp)
 server_pids() {
     case $1 in

@@ -3,7 +3,10 @@
 //! (SIGKILL), and slots resharded. Afterwards every acknowledged append is there once,
 //! every counter holds its acknowledged increments (and no more than were tried), every
 //! acknowledged checkpoint is there, and the client served the hung master's slots from
-//! the promoted replica while the old master was still hung.
+//! the promoted replica while the old master was still hung. Meanwhile a coherent cache
+//! over a client of its own (as another replica's) reads a session on the faulty master
+//! and a thread after each write a writer of its own acknowledges: no read begun a
+//! second after an acknowledgement shows less.
 //!
 //! Needs the 3-master, 3-replica cluster of `scripts/redis-cluster.sh start replicas`:
 //! `AIECS_TEST_REDIS_REPLICAS_URL=redis+cluster://127.0.0.1:7201,...`, and the
@@ -21,11 +24,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aiecs_storage::layer::CacheLayer;
 use aiecs_storage::prelude::*;
 use aiecs_storage::{
     CheckpointFilter, Metadata, NewCheckpoint, NewMessage, RedisBackend, SessionUpdate,
 };
 use serde_json::json;
+use tower::Layer;
 
 const TASKS: usize = 32;
 
@@ -145,6 +150,211 @@ fn master_of_session(via: &[u16], id: &str) -> u16 {
         }
     }
     panic!("no master owns slot {slot}");
+}
+
+/// How long after an acknowledged write a read through a coherent cache may still miss
+/// it: the feed's push takes milliseconds; a lost node is found within a heartbeat.
+const FRESH_WITHIN: Duration = Duration::from_secs(1);
+
+/// A coherent cache over a client of its own reading session and thread `id` after each
+/// increment and checkpoint that a writer of its own acknowledges.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    /// While set, the probe only reads: what its cache holds then was read before the
+    /// fault.
+    quiet: Arc<AtomicBool>,
+    /// Reads so far.
+    reads: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<ProbeReport>,
+}
+
+#[derive(Debug, Default)]
+struct ProbeReport {
+    reads: u64,
+    acked: u64,
+    /// Reads begun [`FRESH_WITHIN`] after an acknowledged write that did not show it.
+    stale: Vec<String>,
+    /// The cache's hits, to show it cached at all.
+    hits: u64,
+}
+
+/// A probe's acknowledged writes of one kind: how many, and when the recent ones were.
+#[derive(Default)]
+struct Acks {
+    count: u64,
+    /// What was acknowledged more than [`FRESH_WITHIN`] ago, as of the last `due`.
+    floor: u64,
+    recent: std::collections::VecDeque<(u64, Instant)>,
+}
+
+impl Acks {
+    fn ack(&mut self) {
+        self.count += 1;
+        self.recent.push_back((self.count, Instant::now()));
+    }
+
+    /// What a read begun at `began` must show: what was acknowledged
+    /// [`FRESH_WITHIN`] before.
+    fn due(&mut self, began: Instant) -> u64 {
+        while let Some(&(n, at)) = self.recent.front() {
+            if at + FRESH_WITHIN > began {
+                break;
+            }
+            self.floor = n;
+            self.recent.pop_front();
+        }
+        self.floor
+    }
+}
+
+/// Starts a probe on a session whose slot `master` serves, and a thread of the same id.
+async fn start_probe(
+    url: &str,
+    writer: Arc<RedisBackend>,
+    prefix: &str,
+    via: &[u16],
+    master: u16,
+) -> Probe {
+    let id = (0..)
+        .map(|n| format!("{prefix}-probe{n}"))
+        .find(|id| master_of_session(via, id) == master)
+        .unwrap();
+    writer
+        .create_session(&id, "u", &Metadata::new())
+        .await
+        .unwrap();
+    writer
+        .store_checkpoint(&NewCheckpoint::new(id.as_str(), "c0000000", json!({})))
+        .await
+        .unwrap();
+    // Figures from the layer, not the stack's `get_metrics`, which asks the cluster.
+    let layer = CacheLayer::new();
+    let cache = layer.layer(RedisBackend::new(url).unwrap());
+    cache.get_session(&id).await.unwrap();
+    common::coherence::until_feed(&cache, "up").await;
+    let (stop, quiet) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let reads = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn({
+        let (stop, quiet, reads) = (stop.clone(), quiet.clone(), reads.clone());
+        async move {
+            let mut report = ProbeReport::default();
+            let (mut increments, mut checkpoints) = (Acks::default(), Acks::default());
+            while !stop.load(Ordering::Relaxed) {
+                // Twice: the second read is the cache's to answer.
+                for _ in 0..2 {
+                    let began = Instant::now();
+                    let want = increments.due(began);
+                    if let Ok(Some(s)) = cache.get_session(&id).await {
+                        report.reads += 1;
+                        if s.metrics.request_count < want {
+                            report.stale.push(format!(
+                                "{} requests, {want} acknowledged",
+                                s.metrics.request_count
+                            ));
+                        }
+                    }
+                    let want = checkpoints.due(began);
+                    if let Ok(Some(c)) = cache.get_checkpoint(&id, "", None).await {
+                        report.reads += 1;
+                        let n: u64 = c.checkpoint_id[1..].parse().unwrap();
+                        if n < want {
+                            report.stale.push(format!(
+                                "latest {}, c{want:07} acknowledged",
+                                c.checkpoint_id
+                            ));
+                        }
+                    }
+                }
+                reads.store(report.reads, Ordering::Relaxed);
+                if quiet.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                let inc = SessionUpdate::new().increment_requests();
+                if let Ok(true) = writer.update_session(&id, &inc).await {
+                    increments.ack();
+                    report.acked += 1;
+                }
+                let n = checkpoints.count + 1;
+                let checkpoint =
+                    NewCheckpoint::new(id.as_str(), format!("c{n:07}").as_str(), json!({}));
+                if writer.store_checkpoint(&checkpoint).await.is_ok() {
+                    checkpoints.ack();
+                    report.acked += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            report.hits = layer.stats().hits;
+            report
+        }
+    });
+    Probe {
+        stop,
+        quiet,
+        reads,
+        task,
+    }
+}
+
+impl Probe {
+    /// Stops writing, and lets the probe read what it wrote into its cache.
+    async fn hush(&self) {
+        self.quiet.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    fn speak(&self) {
+        self.quiet.store(false, Ordering::Relaxed);
+    }
+
+    /// Lets the probe go on for three times [`FRESH_WITHIN`] and 200 reads at least (10 s
+    /// at most) on the cluster as the fault left it, then stops it.
+    async fn stop(self) -> ProbeReport {
+        let from = self.reads.load(Ordering::Relaxed);
+        let (least, most) = (
+            Instant::now() + 3 * FRESH_WITHIN,
+            Instant::now() + Duration::from_secs(10),
+        );
+        while (self.reads.load(Ordering::Relaxed) < from + 200 || Instant::now() < least)
+            && Instant::now() < most
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+impl ProbeReport {
+    /// Prints the figures; fails if the cache never hit or a read was stale.
+    fn check(&self, what: &str) {
+        println!(
+            "{what}: the coherent cache made {} reads, {} cache hits, of {} acknowledged writes; {} stale",
+            self.reads,
+            self.hits,
+            self.acked,
+            self.stale.len()
+        );
+        assert!(self.hits > 0, "{what}: the probe's cache never hit");
+        assert!(
+            self.stale.is_empty(),
+            "{what}: reads through a coherent cache missed acknowledged writes: {:?}",
+            self.stale
+        );
+    }
+}
+
+/// Sends SIGCONT to a stopped node when dropped, so a failing test leaves no node hung
+/// for the tests after it.
+struct Resume(u16);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
 }
 
 /// What the writers were told: acknowledged and unknown (failed) calls per task.
@@ -418,15 +628,22 @@ impl Scenario {
 /// the old master is still hung (it resumes 20 s later at the earliest).
 async fn hung_master(base: &str, via: &[u16]) {
     let sc = Scenario::new(base, "hang");
+    let hung = master_of_session(via, &session(&sc.prefix, 0));
+    let probe = start_probe(&sc.url, sc.storage.clone(), &sc.prefix, via, hung).await;
     let run = start_writers(sc.storage.clone(), &sc.prefix).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let hung = master_of_session(via, &session(&sc.prefix, 0));
+    probe.hush().await;
     signal(hung, "-STOP");
+    let resume = Resume(hung);
     let stopped_at = run.began.elapsed();
     let promoted_at = promoted(&run, via, hung).await;
+    probe.speak();
     let served_at = served_again(&run, promoted_at).await;
-    signal(hung, "-CONT");
+    // While the old master is still hung: what the cache had read there is stale now.
+    let probed = probe.stop().await;
+    drop(resume);
     let ledgers = finish(run).await;
+    probed.check("hung master");
     println!(
         "hung master on {hung}: stopped at {stopped_at:?}, replica promoted at \
          {promoted_at:?}, every task served again at {served_at:?}"
@@ -445,15 +662,19 @@ async fn hung_master(base: &str, via: &[u16]) {
 /// figure is printed.
 async fn killed_master(base: &str, via: &[u16]) {
     let sc = Scenario::new(base, "kill");
+    let killed = master_of_session(via, &session(&sc.prefix, 0));
+    let probe = start_probe(&sc.url, sc.storage.clone(), &sc.prefix, via, killed).await;
     let run = start_writers(sc.storage.clone(), &sc.prefix).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let killed = master_of_session(via, &session(&sc.prefix, 0));
+    probe.hush().await;
     signal(killed, "-KILL");
     let killed_at = run.began.elapsed();
     let promoted_at = promoted(&run, via, killed).await;
+    probe.speak();
     let served_at = served_again(&run, promoted_at).await;
     script(&["node-start", &killed.to_string(), "replicas"]);
     let ledgers = finish(run).await;
+    probe.stop().await.check("killed master");
     println!(
         "killed master on {killed}: killed at {killed_at:?}, replica promoted at \
          {promoted_at:?}, every task served again at {served_at:?}"
@@ -470,6 +691,11 @@ async fn killed_master(base: &str, via: &[u16]) {
 async fn resharding(base: &str, via: &[u16]) {
     let sc = Scenario::new(base, "reshard");
     let run = start_writers(sc.storage.clone(), &sc.prefix).await;
+    let first = nodes(via)
+        .into_iter()
+        .find(|n| n.master && !n.failed)
+        .unwrap();
+    let probe = start_probe(&sc.url, sc.storage.clone(), &sc.prefix, via, first.port).await;
     for round in 0..2 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let masters: Vec<Node> = nodes(via)
@@ -510,6 +736,7 @@ async fn resharding(base: &str, via: &[u16]) {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let ledgers = finish(run).await;
+    probe.stop().await.check("resharding");
     script(&["wait", "replicas"]);
     let lost = sc.verify(&ledgers, "resharding").await;
     assert_eq!(lost, 0, "acknowledged writes lost while slots moved");

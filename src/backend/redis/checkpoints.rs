@@ -116,7 +116,7 @@ impl CheckpointStorage for RedisBackend {
             &[&keys.order(), &keys.checkpoints()],
         );
         c.arg(checkpoint_id.unwrap_or(""));
-        let found: Option<(String, String, String)> = self.run(&c).await?;
+        let found: Option<(String, String, String)> = self.run_tracked(&c).await?;
         found
             .map(|(id, record, created)| {
                 self.checkpoint_from_parts(thread_id, checkpoint_ns, id, &record, &created)

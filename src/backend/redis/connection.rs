@@ -127,20 +127,12 @@ impl RedisBackend {
             }
             Target::Cluster(nodes) => {
                 let client = |retries: Option<u32>| {
-                    // redis-rs waits 1.28 s at least before sending a refused command
-                    // (TRYAGAIN while a slot migrates, CLUSTERDOWN during a failover)
-                    // again; 10 ms, doubling up to 250 ms, keeps a migration's cost to
-                    // milliseconds and still gives a failover its seconds within the
-                    // retries.
-                    let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
-                        .connection_timeout(self.connect_timeout)
-                        .response_timeout(self.response_timeout)
-                        .min_retry_wait(RETRY_WAIT_MIN_MS)
-                        .max_retry_wait(RETRY_WAIT_MAX_MS)
-                        .retry_wait_formula(RETRY_WAIT_MIN_MS, 2);
-                    if let Some(certs) = self.certificates() {
-                        builder = builder.certs(certs);
-                    }
+                    let mut builder = cluster_builder(
+                        nodes,
+                        self.certificates(),
+                        self.connect_timeout,
+                        self.response_timeout,
+                    );
                     if let Some(retries) = retries {
                         builder = builder.retries(retries);
                     }
@@ -240,6 +232,34 @@ impl RedisBackend {
             other => other.map_err(|e| self.error(e)),
         }?;
         from_value(reply)
+    }
+
+    /// [`Self::run`] for a read whose answer a cache may keep: while a cache follows the
+    /// change feed, the read goes on the feed's reader, which tracks what it reads (see
+    /// `feed`); otherwise as any other command.
+    pub(super) async fn run_tracked<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        let mut replies = self.many_tracked(std::slice::from_ref(cmd)).await?;
+        from_value(replies.pop().unwrap_or(RedisValue::Nil))
+    }
+
+    /// [`Self::many`] for reads whose answers a cache may keep, as [`Self::run_tracked`].
+    pub(super) async fn many_tracked(&self, cmds: &[Cmd]) -> Result<Vec<RedisValue>> {
+        let reader = match self.feed.reader() {
+            Some(reader) if !cmds.is_empty() => reader,
+            _ => return self.many(cmds).await,
+        };
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        match reader.query(cmds).await {
+            Err(e) if is_noscript(&e) => {
+                // The server's script cache is the same for every connection.
+                let mut conn = self.conn().await?;
+                load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
+                reader.query(cmds).await.map_err(|e| self.error(e))
+            }
+            other => other.map_err(|e| self.error(e)),
+        }
     }
 
     /// Runs many commands in one round trip: one pipeline on a node; on a cluster,
@@ -406,6 +426,29 @@ const CLUSTER_CHUNK: usize = 256;
 /// The cluster client's waits before sending a refused command again, in ms.
 const RETRY_WAIT_MIN_MS: u64 = 10;
 const RETRY_WAIT_MAX_MS: u64 = 250;
+
+/// A cluster client's settings as the backend uses them: its seeds, TLS roots and
+/// timeouts, and refused commands sent again after 10-250 ms. redis-rs waits 1.28 s at
+/// least before sending a refused command (TRYAGAIN while a slot migrates, CLUSTERDOWN
+/// during a failover) again; 10 ms, doubling up to 250 ms, keeps a migration's cost to
+/// milliseconds and still gives a failover its seconds within the retries.
+pub(super) fn cluster_builder(
+    nodes: &[String],
+    certificates: Option<redis::TlsCertificates>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> redis::cluster::ClusterClientBuilder {
+    let mut builder = redis::cluster::ClusterClient::builder(nodes.to_vec())
+        .connection_timeout(connect_timeout)
+        .response_timeout(response_timeout)
+        .min_retry_wait(RETRY_WAIT_MIN_MS)
+        .max_retry_wait(RETRY_WAIT_MAX_MS)
+        .retry_wait_formula(RETRY_WAIT_MIN_MS, 2);
+    if let Some(certs) = certificates {
+        builder = builder.certs(certs);
+    }
+    builder
+}
 
 /// How often at most a cluster's connection is opened anew after errors that say a node
 /// may be gone.

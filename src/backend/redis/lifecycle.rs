@@ -64,6 +64,8 @@ impl StorageBackend for RedisBackend {
             root_certificate: self.root_certificate.clone(),
             prefix: self.prefix.clone(),
             redacted: self.redacted.clone(),
+            connect_timeout: self.connect_timeout,
+            response_timeout: self.response_timeout,
         }))
     }
 

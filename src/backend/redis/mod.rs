@@ -59,11 +59,12 @@ const CLEANUP_PAGE: usize = 256;
 /// never `KEYS` or `SCAN`.
 ///
 /// It offers a change feed ([`StorageBackend::changes`](crate::StorageBackend::changes)),
-/// so a cache in each of several processes stays coherent: one connection per node
-/// asks the server to report every key under the prefix that changes (`CLIENT TRACKING
-/// ON BCAST`, RESP3), whoever wrote it, and a cluster's nodes are found with `CLUSTER
-/// NODES` every second. Writers pay nothing for it; the server sends each follower one
-/// message per pass of its event loop.
+/// so a cache in each of several processes stays coherent: while a cache follows it, the
+/// reads a cache may keep go on a connection of the feed's own with client tracking on
+/// (`CLIENT TRACKING ON`, RESP3), and the server reports each key this process read
+/// once when anyone changes it. Writes pay nothing for keys nobody read; a cluster's
+/// masters and slots are read every second, a change of them counted as missed
+/// changes.
 ///
 /// The password never appears in errors or `Debug` output.
 ///

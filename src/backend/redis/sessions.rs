@@ -105,7 +105,7 @@ impl SessionStorage for RedisBackend {
         validate::id("session_id", session_id)?;
         let mut c = redis::cmd("HGETALL");
         c.arg(SessionKeys::session_key(&self.prefix, session_id));
-        let reply: RedisValue = self.run(&c).await?;
+        let reply: RedisValue = self.run_tracked(&c).await?;
         self.session_from_hash(session_id, &reply)
     }
 
@@ -170,7 +170,7 @@ impl SessionStorage for RedisBackend {
                 c
             })
             .collect();
-        let replies = self.many(&cmds).await?;
+        let replies = self.many_tracked(&cmds).await?;
         session_ids
             .iter()
             .zip(replies)

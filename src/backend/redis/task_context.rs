@@ -26,7 +26,7 @@ impl TaskContextStorage for RedisBackend {
         validate::id("session_id", session_id)?;
         let mut c = redis::cmd("GET");
         c.arg(self.session_keys(session_id).context);
-        let text: Option<String> = self.run(&c).await?;
+        let text: Option<String> = self.run_tracked(&c).await?;
         text.map(|t| {
             serde_json::from_str(&t)
                 .map_err(|e| StorageError::serialization("stored task context is not JSON", e))
