@@ -248,13 +248,14 @@ impl RedisBackend {
             Some(reader) if !cmds.is_empty() => reader,
             _ => return self.many(cmds).await,
         };
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StorageError::Closed);
-        }
+        // The backend's own connection first: where it cannot connect or is refused, so
+        // is this read, as every other call (the reader speaks RESP3, whose `HELLO`
+        // passes credentials a server without a password takes, where RESP2's `AUTH`
+        // is refused).
+        let mut conn = self.conn().await?;
         match reader.query(cmds).await {
             Err(e) if is_noscript(&e) => {
                 // The server's script cache is the same for every connection.
-                let mut conn = self.conn().await?;
                 load_scripts(&mut conn).await.map_err(|e| self.error(e))?;
                 reader.query(cmds).await.map_err(|e| self.error(e))
             }
