@@ -118,7 +118,9 @@ fn start_sql(schema: &str) -> String {
 /// The poll: `$1` is the previous snapshot, `$2` the most changes to return. Answers the
 /// current snapshot, whether the schema still logs its writes, whether rows the previous
 /// snapshot could not see were pruned, and the changes visible now but not then, each
-/// `kind:id`, deduplicated. The two parts of the union are index ranges on `xid`.
+/// `kind:id`, deduplicated. The two parts of the union are index ranges on `xid`. The
+/// current snapshot is the statement's own, the same at every call; taken once in a
+/// subquery rather than once per row, where each call copies and sorts it.
 fn poll_sql(schema: &str) -> String {
     let s = schema::quoted(schema);
     format!(
@@ -130,7 +132,7 @@ fn poll_sql(schema: &str) -> String {
          WHERE xid >= pg_snapshot_xmax($1::text::pg_snapshot) \
          UNION ALL SELECT xid, kind, id FROM {s}.changes \
          WHERE xid = ANY(ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))) c \
-         WHERE pg_visible_in_snapshot(c.xid, pg_current_snapshot()) LIMIT $2)"
+         WHERE pg_visible_in_snapshot(c.xid, (SELECT pg_current_snapshot())) LIMIT $2)"
     )
 }
 

@@ -18,6 +18,7 @@ mod sql;
 mod task_context;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -115,11 +116,55 @@ pub struct PostgresBackend {
     /// [`changes`](crate::StorageBackend::changes) offers a feed; see
     /// [`PostgresBackend::with_change_feed`].
     feed_enabled: bool,
-    /// When this backend next prunes the change log, in milliseconds since `born`.
+    /// When this backend prunes and vacuums the change log; shared with the task that
+    /// does it.
+    upkeep: Arc<Upkeep>,
+}
+
+/// The change log's upkeep by one backend (see [`PostgresBackend::prune_soon`]).
+#[derive(Debug)]
+struct Upkeep {
+    /// When this backend next prunes the log, in milliseconds since `born`.
     next_prune: AtomicU64,
-    /// When this backend next vacuums the change log, in milliseconds since `born`.
+    /// When this backend next vacuums the log, in milliseconds since `born`.
     next_vacuum: AtomicU64,
+    /// Rows this backend pruned since it last vacuumed the log.
+    unvacuumed: AtomicU64,
     born: Instant,
+}
+
+impl Upkeep {
+    fn new() -> Self {
+        Upkeep {
+            next_prune: AtomicU64::new(0),
+            next_vacuum: AtomicU64::new(0),
+            unvacuumed: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Counts the rows a prune deleted at `now`; the rows to vacuum if this backend's
+    /// turn to vacuum has come, which it then takes. The turn is taken only when there is
+    /// something to vacuum: a prune that deleted nothing (another process prunes, or
+    /// nothing is old enough yet) must not use up the turn of the next one that does.
+    fn pruned(&self, deleted: u64, now: u64) -> Option<u64> {
+        self.unvacuumed.fetch_add(deleted, Ordering::Relaxed);
+        if self.unvacuumed.load(Ordering::Relaxed) == 0
+            || !claim(&self.next_vacuum, now, VACUUM_EVERY)
+        {
+            return None;
+        }
+        Some(self.unvacuumed.swap(0, Ordering::Relaxed))
+    }
+
+    /// A vacuum of `rows` pruned rows failed: the next turn vacuums them.
+    fn vacuum_failed(&self, rows: u64) {
+        self.unvacuumed.fetch_add(rows, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -163,9 +208,7 @@ impl PostgresBackend {
             closed: AtomicBool::new(false),
             feed: feed::Feed::default(),
             feed_enabled,
-            next_prune: AtomicU64::new(0),
-            next_vacuum: AtomicU64::new(0),
-            born: Instant::now(),
+            upkeep: Arc::new(Upkeep::new()),
         };
         match schema {
             Some(schema) => backend.with_schema(schema),
@@ -280,19 +323,21 @@ impl PostgresBackend {
     }
 
     /// Prunes the change log on a task of its own, at most once per [`PRUNE_EVERY`], and
-    /// vacuums it at most once per [`VACUUM_EVERY`] (a server may run without
-    /// autovacuum, and the log's deleted rows would then stay on disk): called on every
-    /// use of the backend, so a schema is pruned while anyone uses it, and a backend
-    /// nobody calls costs nothing. A failed prune is retried next time.
+    /// vacuums it at most once per [`VACUUM_EVERY`] once this backend pruned rows since
+    /// its last vacuum (a server may run without autovacuum, and the log's deleted rows
+    /// would then stay on disk, growing the table and its index for good): called on
+    /// every use of the backend, so a schema is pruned while anyone uses it, and a
+    /// backend nobody calls costs nothing. Of several processes, the one whose prune
+    /// did the work vacuums. A failed prune or vacuum is retried next time.
     fn prune_soon(&self, state: &State) {
-        let now = self.born.elapsed().as_millis() as u64;
-        if !claim(&self.next_prune, now, PRUNE_EVERY) {
+        let upkeep = &self.upkeep;
+        if !claim(&upkeep.next_prune, upkeep.now(), PRUNE_EVERY) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let vacuum = claim(&self.next_vacuum, now, VACUUM_EVERY);
+        let upkeep = Arc::clone(upkeep);
         let pool = state.pool.clone();
         let prune = state.sql.prune_changes.clone();
         let vacuum_sql = state.sql.vacuum_changes.clone();
@@ -306,11 +351,11 @@ impl PostgresBackend {
                     .await
                     .map_err(|e| connect::describe(&e))?;
                 let deleted: i64 = row.try_get(0).map_err(|e| e.to_string())?;
-                if vacuum && deleted > 0 {
-                    client
-                        .batch_execute(&vacuum_sql)
-                        .await
-                        .map_err(|e| connect::describe(&e))?;
+                if let Some(rows) = upkeep.pruned(deleted.max(0) as u64, upkeep.now()) {
+                    if let Err(e) = client.batch_execute(&vacuum_sql).await {
+                        upkeep.vacuum_failed(rows);
+                        return Err(connect::describe(&e));
+                    }
                 }
                 Ok::<_, String>(())
             };
@@ -396,7 +441,7 @@ impl PostgresBackend {
 
         Ok(State {
             pool,
-            sql: Queries::new(&self.schema),
+            sql: Queries::new(&self.schema, migrated.logged),
             schema_version: migrated.to,
         })
     }
@@ -421,6 +466,25 @@ fn claim(next: &AtomicU64, now: u64, every: Duration) -> bool {
 mod tests {
     use super::sql::SESSION_COLUMNS;
     use super::*;
+
+    #[test]
+    fn a_prune_that_deleted_nothing_leaves_the_vacuum_turn_to_the_next() {
+        let upkeep = Upkeep::new();
+        let every = VACUUM_EVERY.as_millis() as u64;
+        // Nothing old enough yet: no vacuum, and the turn stays.
+        assert_eq!(upkeep.pruned(0, 0), None);
+        assert_eq!(upkeep.pruned(5, 1_000), Some(5));
+        // Not this backend's turn for another `every`.
+        assert_eq!(upkeep.pruned(3, 2_000), None);
+        // The turn comes while this prune deletes nothing: the rows pruned before still
+        // need the vacuum.
+        assert_eq!(upkeep.pruned(0, 1_000 + every), Some(3));
+        assert_eq!(upkeep.pruned(0, 1_000 + 3 * every), None);
+        // A failed vacuum leaves its rows to the next turn.
+        assert_eq!(upkeep.pruned(4, 1_000 + 4 * every), Some(4));
+        upkeep.vacuum_failed(4);
+        assert_eq!(upkeep.pruned(0, 1_000 + 5 * every), Some(4));
+    }
 
     #[test]
     fn debug_hides_the_password() {
@@ -467,8 +531,20 @@ mod tests {
 
     #[test]
     fn every_write_logs_its_change() {
-        let q = Queries::new("aiecs");
+        // A schema whose feed was off at open: each statement checks the flag itself.
+        let checked = Queries::new("aiecs", false);
+        // A schema that logged at open: the statements log without looking.
+        let known = Queries::new("aiecs", true);
         let logs = "INSERT INTO \"aiecs\".changes (kind, id)";
+        for (q, conditional) in [(&checked, true), (&known, false)] {
+            every_write(q, |name, sql| {
+                assert!(sql.contains(logs), "{name} does not log: {sql}");
+                assert_eq!(sql.contains("change_feed"), conditional, "{name}: {sql}");
+            });
+        }
+    }
+
+    fn every_write(q: &Queries, check: impl Fn(&str, &str)) {
         for (name, sql) in [
             ("create_session", &q.create_session),
             ("batch_create_sessions", &q.batch_create_sessions),
@@ -487,14 +563,13 @@ mod tests {
             ("store_task_context", &q.store_task_context),
             ("cleanup", &q.cleanup),
         ] {
-            assert!(sql.contains(logs), "{name} does not log: {sql}");
-            assert!(sql.contains("change_feed"), "{name} logs unconditionally");
+            check(name, sql);
         }
     }
 
     #[test]
     fn list_sessions_uses_only_the_filters_given() {
-        let q = Queries::new("aiecs");
+        let q = Queries::new("aiecs", true);
         assert_eq!(
             q.list_sessions(false, false, false),
             format!(

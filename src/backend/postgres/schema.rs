@@ -227,6 +227,42 @@ BEGIN
 END
 $$;
 "#,
+    // 5: the log is pruned while it holds rows, even with the feed turned off by hand:
+    // a backend that opened while the schema logged keeps logging without reading the
+    // flag (see `sql::logged`), until it opens again.
+    r#"
+CREATE OR REPLACE FUNCTION {s}.prune_changes(keep interval) RETURNS bigint LANGUAGE plpgsql
+    SET enable_seqscan = off SET jit = off AS $$
+DECLARE
+    v_now     xid8 := pg_snapshot_xmin(pg_current_snapshot());
+    v_below   xid8;
+    v_at      timestamptz;
+    v_deleted bigint;
+BEGIN
+    IF NOT EXISTS (SELECT FROM {s}.change_feed)
+        AND NOT EXISTS (SELECT FROM {s}.changes) THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO {s}.changes_pruned (below) VALUES ('0') ON CONFLICT DO NOTHING;
+    PERFORM FROM {s}.changes_pruned FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    INSERT INTO {s}.change_horizons (at, horizon) VALUES (clock_timestamp(), v_now);
+    SELECT max(h.horizon), max(h.at) INTO v_below, v_at FROM {s}.change_horizons h
+        WHERE h.at <= clock_timestamp() - keep;
+    IF v_below IS NULL THEN
+        RETURN 0;
+    END IF;
+    DELETE FROM {s}.changes c WHERE c.xid < v_below;
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    -- The newest horizon old enough stays: the next call may prune up to it again.
+    DELETE FROM {s}.change_horizons h WHERE h.at < v_at AND h.horizon <= v_below;
+    UPDATE {s}.changes_pruned p SET below = v_below WHERE p.below < v_below;
+    RETURN v_deleted;
+END
+$$;
+"#,
 ];
 
 /// Turns the change feed on for a schema, for good: run at `initialize()` by a backend
@@ -321,6 +357,9 @@ pub(super) struct Migrated {
     pub from: i32,
     /// The version now.
     pub to: i32,
+    /// Whether the schema logs its writes for the change feed (turned on by this call
+    /// or earlier): from then on it does for good, unless turned off by hand.
+    pub logged: bool,
 }
 
 /// Why [`migrate`] failed: PostgreSQL's error, or a schema it refuses.
@@ -418,6 +457,7 @@ pub(super) async fn migrate(
     Ok(Migrated {
         from,
         to: LATEST_VERSION.max(from),
+        logged: logged || feed,
     })
 }
 

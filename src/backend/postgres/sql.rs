@@ -61,18 +61,23 @@ pub(super) struct Queries {
     pub(super) vacuum_changes: String,
 }
 
-/// Makes `stmt` also log the rows `rows` (a `SELECT` of `kind, id`) to the change log
-/// when the schema's feed is on (`change_feed` has its row), in a data-modifying CTE: the
-/// rows commit with the write, or not at all, and the statement's own answer (its rows,
-/// or the count of rows it changed) stays as it was. The flag is read by the statement
-/// itself, and the statement locks the log whether it logs or not, so the feed cannot be
-/// turned on between a write's check and its commit (see `schema::ENABLE_FEED`). A
-/// logged change of something that was not there (an update of a missing session) only
-/// costs a follower one needless invalidation.
-fn logged(s: &str, rows: &str, stmt: String) -> String {
+/// Makes `stmt` also log the rows `rows` (a `SELECT` of `kind, id`) to the change log,
+/// in a data-modifying CTE: the rows commit with the write, or not at all, and the
+/// statement's own answer (its rows, or the count of rows it changed) stays as it was.
+/// A logged change of something that was not there (an update of a missing session)
+/// only costs a follower one needless invalidation.
+///
+/// `known_on`: whether the schema logged its writes when this backend opened. The feed
+/// is turned on for good, so such a backend logs without looking. Otherwise the
+/// statement reads the flag (`change_feed` has its row) itself, and locks the log whether
+/// it logs or not, so the feed cannot be turned on between a write's check and its
+/// commit (see `schema::ENABLE_FEED`). Reading the flag in every statement costs writers
+/// at 32 connections about 4% of their throughput (pgbench: every statement reads the
+/// flag's one page), which a backend of a logging schema need not pay.
+fn logged(s: &str, rows: &str, stmt: String, known_on: bool) -> String {
     let cte = format!(
-        "log AS (INSERT INTO {s}.changes (kind, id) {rows} \
-         WHERE EXISTS (SELECT FROM {s}.change_feed))"
+        "log AS (INSERT INTO {s}.changes (kind, id) {rows}{})",
+        if_logging(s, known_on)
     );
     match stmt.strip_prefix("WITH ") {
         Some(rest) => format!("WITH {cte}, {rest}"),
@@ -80,12 +85,24 @@ fn logged(s: &str, rows: &str, stmt: String) -> String {
     }
 }
 
+/// The condition a `SELECT` of rows to log ends with (see [`logged`]): none once the
+/// schema is known to log.
+fn if_logging(s: &str, known_on: bool) -> String {
+    if known_on {
+        String::new()
+    } else {
+        format!(" WHERE EXISTS (SELECT FROM {s}.change_feed)")
+    }
+}
+
 impl Queries {
     /// The statements for schema `schema_name`. Every write also logs what it touched
-    /// for the change feed, if the schema's feed is on (see `feed.rs`).
-    pub(super) fn new(schema_name: &str) -> Self {
+    /// for the change feed, if the schema's feed is on (see `feed.rs`); `feed_on`: it
+    /// was when the backend opened.
+    pub(super) fn new(schema_name: &str, feed_on: bool) -> Self {
         let s = schema::quoted(schema_name);
-        let log = |rows: &str, stmt: String| logged(&s, rows, stmt);
+        let log = |rows: &str, stmt: String| logged(&s, rows, stmt, feed_on);
+        let logging = if_logging(&s, feed_on);
         let upsert_session = format!(
             "ON CONFLICT (session_id) DO UPDATE SET user_id = EXCLUDED.user_id, \
              metadata = EXCLUDED.metadata, {} \
@@ -377,10 +394,8 @@ impl Queries {
                  WHERE session_id IN (SELECT session_id FROM expired) \
                  RETURNING session_id), \
                  log AS (INSERT INTO {s}.changes (kind, id) \
-                 SELECT 's', session_id FROM expired \
-                 WHERE EXISTS (SELECT FROM {s}.change_feed) \
-                 UNION ALL SELECT 't', session_id FROM contexts \
-                 WHERE EXISTS (SELECT FROM {s}.change_feed)) \
+                 SELECT 's', session_id FROM expired{logging} \
+                 UNION ALL SELECT 't', session_id FROM contexts{logging}) \
                  SELECT count(*) FROM expired"
             ),
             // `$1` is how long rows are kept, in seconds (see `feed::KEEP`).
