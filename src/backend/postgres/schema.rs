@@ -229,7 +229,8 @@ $$;
 "#,
     // 5: the log is pruned while it holds rows, even with the feed turned off by hand:
     // a backend that opened while the schema logged keeps logging without reading the
-    // flag (see `sql::logged`), until it opens again.
+    // flag (see `sql::logged`), until it opens again. Migration 4's function again
+    // with one condition changed: released migrations stay as they were applied.
     r#"
 CREATE OR REPLACE FUNCTION {s}.prune_changes(keep interval) RETURNS bigint LANGUAGE plpgsql
     SET enable_seqscan = off SET jit = off AS $$
