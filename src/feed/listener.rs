@@ -65,10 +65,26 @@ impl Listening {
     }
 }
 
-/// A backend's listener: follows until the backend stops or nobody subscribes.
+/// How one connection of a listener ended.
+pub(crate) enum Session {
+    /// The backend closed, or nobody subscribes any more.
+    Ended(Ended),
+    /// The connection failed or was lost; whether the feed had been reported up on it.
+    Lost {
+        /// Whether the feed was up on it: the next attempt then waits the first backoff.
+        was_up: bool,
+    },
+}
+
+/// A backend's listener: one connection at a time, reconnected by [`run`] with backoff
+/// until the backend stops or nobody subscribes.
 pub(crate) trait Follow: Send + 'static {
-    /// Follows, reconnecting after losses, until stopped or unwatched.
-    fn follow(&mut self) -> impl Future<Output = Ended> + Send;
+    /// The first wait before reconnecting, and the longest (see [`Backoff`]).
+    const BACKOFF: (Duration, Duration);
+
+    /// Connects, reports the feed up, and follows until the connection is lost or the
+    /// listener should end.
+    fn session(&mut self) -> impl Future<Output = Session> + Send;
 }
 
 /// The backend's side of its feed: the hub subscriptions come from, and whether a
@@ -128,7 +144,7 @@ impl Listener {
 
 async fn run<F: Follow>(mut follower: F, on: Listening, running: Arc<AtomicBool>) {
     loop {
-        let ended = follower.follow().await;
+        let ended = follow(&mut follower, &on).await;
         on.down();
         running.store(false, Ordering::SeqCst);
         // A subscription made since the last check found `running` set and started no
@@ -143,16 +159,43 @@ async fn run<F: Follow>(mut follower: F, on: Listening, running: Arc<AtomicBool>
     }
 }
 
+/// Follows one connection after another, reporting the feed down after each that was
+/// up and waiting with backoff between them, until stopped or unwatched.
+async fn follow<F: Follow>(follower: &mut F, on: &Listening) -> Ended {
+    let (first, most) = F::BACKOFF;
+    let mut backoff = Backoff::new(first, most);
+    loop {
+        if on.stopped() {
+            return Ended::Stopped;
+        }
+        if on.unwatched() {
+            return Ended::Unwatched;
+        }
+        match follower.session().await {
+            Session::Ended(ended) => return ended,
+            Session::Lost { was_up } => {
+                if was_up {
+                    on.down();
+                    backoff.reset();
+                }
+            }
+        }
+        if !on.pause(backoff.next()).await {
+            return Ended::Stopped;
+        }
+    }
+}
+
 /// Waits between reconnection attempts: from `first`, doubling after each failure up to
 /// `most`, back to `first` once a connection was up.
-pub(crate) struct Backoff {
+struct Backoff {
     first: Duration,
     most: Duration,
     next: Duration,
 }
 
 impl Backoff {
-    pub(crate) fn new(first: Duration, most: Duration) -> Backoff {
+    fn new(first: Duration, most: Duration) -> Backoff {
         Backoff {
             first,
             most,
@@ -161,14 +204,14 @@ impl Backoff {
     }
 
     /// The wait before the next attempt; the one after will be twice as long.
-    pub(crate) fn next(&mut self) -> Duration {
+    fn next(&mut self) -> Duration {
         let wait = self.next;
         self.next = (self.next * 2).min(self.most);
         wait
     }
 
     /// After a connection that was up: the next wait is the first again.
-    pub(crate) fn reset(&mut self) {
+    fn reset(&mut self) {
         self.next = self.first;
     }
 }

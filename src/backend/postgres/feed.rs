@@ -58,7 +58,7 @@ use tokio_postgres::{Client, Socket};
 
 use super::connect::{self, ConnectOptions, SslMode};
 use super::schema;
-use crate::feed::listener::{Backoff, Ended, Follow, Listener, Listening};
+use crate::feed::listener::{Ended, Follow, Listener, Listening, Session};
 use crate::feed::{Change, ChangeFeed};
 
 /// How often the follower polls: well inside the 50 ms issue 16 aims at for a change to
@@ -136,14 +136,6 @@ fn poll_sql(schema: &str) -> String {
     )
 }
 
-/// How one connection's session ended.
-enum Session {
-    /// The backend closed, or nobody subscribes any more.
-    Ended(Ended),
-    /// The connection failed or was lost; whether it had been up.
-    Lost { was_up: bool },
-}
-
 struct Follower {
     on: Listening,
     /// The pool's settings, password included; never printed.
@@ -157,40 +149,19 @@ struct Follower {
 }
 
 impl Follow for Follower {
-    /// Connects, and reconnects with backoff after each loss, until stopped or
-    /// unwatched.
-    async fn follow(&mut self) -> Ended {
-        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
-        loop {
-            if self.on.stopped() {
-                return Ended::Stopped;
-            }
-            if self.on.unwatched() {
-                return Ended::Unwatched;
-            }
-            let session = match self.ssl_mode {
-                SslMode::Require => self.session(connect::rustls_connector()).await,
-                SslMode::Disable | SslMode::Prefer => self.session(tokio_postgres::NoTls).await,
-            };
-            match session {
-                Session::Lost { was_up } => {
-                    if was_up {
-                        self.on.down();
-                        backoff.reset();
-                    }
-                }
-                Session::Ended(ended) => return ended,
-            }
-            if !self.on.pause(backoff.next()).await {
-                return Ended::Stopped;
-            }
+    const BACKOFF: (Duration, Duration) = (FIRST_BACKOFF, MAX_BACKOFF);
+
+    async fn session(&mut self) -> Session {
+        match self.ssl_mode {
+            SslMode::Require => self.connected(connect::rustls_connector()).await,
+            SslMode::Disable | SslMode::Prefer => self.connected(tokio_postgres::NoTls).await,
         }
     }
 }
 
 impl Follower {
     /// One connection: take the first snapshot, report the feed up, poll.
-    async fn session<T>(&mut self, tls: T) -> Session
+    async fn connected<T>(&mut self, tls: T) -> Session
     where
         T: MakeTlsConnect<Socket>,
         T::Stream: Send + 'static,

@@ -41,7 +41,7 @@ use redis::{FromRedisValue, PushKind, RedisResult, Value};
 use tokio::sync::Notify;
 
 use super::keys;
-use crate::feed::listener::{Backoff, Ended, Follow, Listener, Listening};
+use crate::feed::listener::{Ended, Follow, Listener, Listening, Session};
 use crate::feed::{ChangeFeed, FeedHub};
 
 /// The first wait before reconnecting; it doubles after each failed attempt.
@@ -297,39 +297,32 @@ enum Watch {
 }
 
 impl Follow for Follower {
+    const BACKOFF: (Duration, Duration) = (FIRST_BACKOFF, MAX_BACKOFF);
+
     /// Opens the reader, publishes it and reports the feed up, watches it; after a loss
-    /// reports the feed down, drops the reader and opens another with backoff.
-    async fn follow(&mut self) -> Ended {
-        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
-        loop {
-            if self.on.unwatched() {
-                return Ended::Unwatched;
+    /// reports the feed down and drops the reader.
+    async fn session(&mut self) -> Session {
+        let lost = Arc::new(Notify::new());
+        let (reader, shape) = match self.open(lost.clone()).await {
+            Ok(opened) => opened,
+            Err(why) => {
+                tracing::debug!(target = %self.source.redacted, error = %why, "redis change feed: cannot connect");
+                return Session::Lost { was_up: false };
             }
-            let lost = Arc::new(Notify::new());
-            match self.open(lost.clone()).await {
-                Ok((reader, shape)) => {
-                    self.slot.set(Some(reader.clone()));
-                    tracing::debug!(target = %self.source.redacted, "redis change feed up");
-                    self.on.hub.up();
-                    let watched = self.watch(&reader, &lost, shape).await;
-                    // Down first: a read made meanwhile goes to the backend's own
-                    // connection, and no cache keeps it.
-                    self.on.down();
-                    self.slot.set(None);
-                    match watched {
-                        Watch::Ended(ended) => return ended,
-                        Watch::Lost(why) => {
-                            tracing::warn!(target = %self.source.redacted, error = %why, "redis change feed lost its connection; reconnecting");
-                            backoff.reset();
-                        }
-                    }
-                }
-                Err(why) => {
-                    tracing::debug!(target = %self.source.redacted, error = %why, "redis change feed: cannot connect");
-                }
-            }
-            if !self.on.pause(backoff.next()).await {
-                return Ended::Stopped;
+        };
+        self.slot.set(Some(reader.clone()));
+        tracing::debug!(target = %self.source.redacted, "redis change feed up");
+        self.on.hub.up();
+        let watched = self.watch(&reader, &lost, shape).await;
+        // Down first: a read made meanwhile goes to the backend's own connection, and no
+        // cache keeps it.
+        self.on.down();
+        self.slot.set(None);
+        match watched {
+            Watch::Ended(ended) => Session::Ended(ended),
+            Watch::Lost(why) => {
+                tracing::warn!(target = %self.source.redacted, error = %why, "redis change feed lost its connection; reconnecting");
+                Session::Lost { was_up: true }
             }
         }
     }
