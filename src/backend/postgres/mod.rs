@@ -152,10 +152,8 @@ impl Upkeep {
     /// something to vacuum: a prune that deleted nothing (another process prunes, or
     /// nothing is old enough yet) must not use up the turn of the next one that does.
     fn pruned(&self, deleted: u64, now: u64) -> Option<u64> {
-        self.unvacuumed.fetch_add(deleted, Ordering::Relaxed);
-        if self.unvacuumed.load(Ordering::Relaxed) == 0
-            || !claim(&self.next_vacuum, now, VACUUM_EVERY)
-        {
+        let unvacuumed = self.unvacuumed.fetch_add(deleted, Ordering::Relaxed) + deleted;
+        if unvacuumed == 0 || !claim(&self.next_vacuum, now, VACUUM_EVERY) {
             return None;
         }
         Some(self.unvacuumed.swap(0, Ordering::Relaxed))
