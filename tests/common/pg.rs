@@ -12,11 +12,7 @@ pub async fn raw(url: &str) -> tokio_postgres::Client {
 
 /// Drops `schema` and everything in it.
 pub async fn drop_schema(url: &str, schema: &str) {
-    raw(url)
-        .await
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
+    drop_schema_on(&raw(url).await, schema).await;
 }
 
 /// [`drop_schema`], then waits until the connection is closed, for a test that counts
@@ -26,10 +22,29 @@ pub async fn drop_schema_and_disconnect(url: &str, schema: &str) {
         .await
         .expect("raw connection to the test server");
     let task = tokio::spawn(connection);
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
+    drop_schema_on(&client, schema).await;
     drop(client);
     let _ = task.await;
+}
+
+/// Drops `schema` over `client`, again if PostgreSQL broke a deadlock by failing the
+/// drop: a backend that used the schema may still be pruning its change log on a task
+/// of its own, locking the log's tables in another order than `DROP SCHEMA` does.
+async fn drop_schema_on(client: &tokio_postgres::Client, schema: &str) {
+    let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+    let mut attempts = 0;
+    loop {
+        match client.batch_execute(&sql).await {
+            Ok(()) => return,
+            Err(e)
+                if attempts < 5
+                    && e.code()
+                        == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+            {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("drop the test schema {schema}: {e}"),
+        }
+    }
 }

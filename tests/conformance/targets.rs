@@ -106,16 +106,7 @@ pub async fn postgres() -> Option<Target> {
         .unwrap();
     let target = Target::ready(Arc::new(backend), None).await?;
     Some(target.with_cleanup(async move {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("connect to drop the test schema");
-        let driver = tokio::spawn(connection);
-        client
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-            .await
-            .expect("drop the test schema");
-        drop(client);
-        let _ = driver.await;
+        crate::common::pg::drop_schema_and_disconnect(&url, &schema).await;
     }))
 }
 

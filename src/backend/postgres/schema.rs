@@ -240,9 +240,13 @@ DECLARE
     v_at      timestamptz;
     v_deleted bigint;
 BEGIN
-    IF NOT EXISTS (SELECT FROM {s}.change_feed)
-        AND NOT EXISTS (SELECT FROM {s}.changes) THEN
-        RETURN 0;
+    -- Nested, not one condition: a single expression is planned whole, locking the log
+    -- before `changes_pruned`, where the function otherwise locks it last (a DROP
+    -- SCHEMA meanwhile deadlocked with it).
+    IF NOT EXISTS (SELECT FROM {s}.change_feed) THEN
+        IF NOT EXISTS (SELECT FROM {s}.changes) THEN
+            RETURN 0;
+        END IF;
     END IF;
     INSERT INTO {s}.changes_pruned (below) VALUES ('0') ON CONFLICT DO NOTHING;
     PERFORM FROM {s}.changes_pruned FOR UPDATE SKIP LOCKED;
